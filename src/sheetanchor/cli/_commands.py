@@ -1,0 +1,3 @@
+"""Registers every command module on the CLI app (one import per command group)."""
+
+from __future__ import annotations
