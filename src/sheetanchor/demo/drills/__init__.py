@@ -1,0 +1,13 @@
+"""The registered drills, in incident order. Add one line per new drill module."""
+
+from __future__ import annotations
+
+from sheetanchor.demo._drill import Drill
+
+__all__ = ["all_drills"]
+
+
+def all_drills() -> list[Drill]:
+    """Every drill, in incident order (imported lazily: drills pull in the clients)."""
+    drills: list[Drill] = []
+    return drills
