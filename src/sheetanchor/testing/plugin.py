@@ -76,3 +76,6 @@ def redis_url(sheetanchor_redis_server_url: str) -> str:
     finally:
         client.close()
     return sheetanchor_redis_server_url
+
+
+from sheetanchor.testing._pgbouncer import pgbouncer_url, sheetanchor_pgbouncer  # noqa: E402, F401
