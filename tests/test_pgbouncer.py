@@ -10,7 +10,9 @@ dialect does the same with its own cache.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -18,6 +20,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from sheetanchor.config import parse_url, to_asyncpg_dsn, to_sqlalchemy_url
+from sheetanchor.errors import EmbeddedServerError
+from sheetanchor.testing._pgbouncer import ENV_REQUIRE_PGBOUNCER, PgBouncer, binary_or_skip
 
 CLIENTS = 8
 ROUNDS = 25
@@ -37,6 +41,31 @@ async def _workload(run: Callable[[int, int], Awaitable[list[str]]]) -> list[str
     """Run ``run(client, round)`` for CLIENTS concurrent clients; return every error message."""
     results = await asyncio.gather(*(run(client, ROUNDS) for client in range(CLIENTS)))
     return [message for errors in results for message in errors]
+
+
+def test_missing_binary_skips_or_fails_when_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_REQUIRE_PGBOUNCER, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install pgbouncer"):
+        binary_or_skip(None)
+    monkeypatch.setenv(ENV_REQUIRE_PGBOUNCER, "1")
+    with pytest.raises(pytest.fail.Exception, match=f"{ENV_REQUIRE_PGBOUNCER}=1 but"):
+        binary_or_skip(None)
+    assert binary_or_skip("/usr/sbin/pgbouncer") == "/usr/sbin/pgbouncer"
+
+
+def test_url_for_keeps_credentials_and_database(tmp_path: Path) -> None:
+    bouncer = PgBouncer("pgbouncer", "postgresql://postgres@127.0.0.1:5432/postgres", tmp_path)
+    bouncer.port = 6432
+    url = bouncer.url_for("postgresql://app:p%40ss@db.example:5432/orders?sslmode=disable")
+    assert url == "postgresql://app:p%40ss@127.0.0.1:6432/orders?sslmode=disable"
+    assert parse_url(url).password == "p@ss"
+
+
+def test_a_pgbouncer_that_exits_at_once_is_reported_with_its_log(tmp_path: Path) -> None:
+    # Python cannot run an ini file: the "server" exits at once, like a broken pgbouncer.
+    bouncer = PgBouncer(sys.executable, "postgresql://postgres@127.0.0.1:5432/postgres", tmp_path)
+    with pytest.raises(EmbeddedServerError, match="did not listen"), bouncer:
+        pass
 
 
 async def test_fixture_is_a_transaction_mode_pgbouncer_in_front_of_pg_url(

@@ -30,6 +30,7 @@ from sheetanchor.errors import EmbeddedServerError
 __all__ = [
     "ENV_REQUIRE_PGBOUNCER",
     "PgBouncer",
+    "binary_or_skip",
     "find_pgbouncer",
     "pgbouncer_url",
     "sheetanchor_pgbouncer",
@@ -216,8 +217,17 @@ class PgBouncer:
         self.stop()
 
 
-def _require() -> bool:
-    return env(ENV_REQUIRE_PGBOUNCER) == "1"
+def binary_or_skip(binary: str | None) -> str:
+    """``binary``, or skip the test (fail it when ``SHEETANCHOR_REQUIRE_PGBOUNCER=1``)."""
+    if binary is not None:
+        return binary
+    reason = (
+        "pgbouncer is not installed (Debian: apt-get install pgbouncer); "
+        f"{ENV_REQUIRE_PGBOUNCER}=1 makes this a failure"
+    )
+    if env(ENV_REQUIRE_PGBOUNCER) == "1":
+        pytest.fail(f"{ENV_REQUIRE_PGBOUNCER}=1 but {reason}")
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
@@ -225,15 +235,7 @@ def sheetanchor_pgbouncer(
     sheetanchor_pg_server_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[PgBouncer]:
     """A PgBouncer (transaction mode, trust auth) in front of the test PostgreSQL server."""
-    binary = find_pgbouncer()
-    if binary is None:
-        reason = (
-            "pgbouncer is not installed (Debian: apt-get install pgbouncer); "
-            f"{ENV_REQUIRE_PGBOUNCER}=1 makes this a failure"
-        )
-        if _require():
-            pytest.fail(f"{ENV_REQUIRE_PGBOUNCER}=1 but {reason}")
-        pytest.skip(reason)
+    binary = binary_or_skip(find_pgbouncer())
     with PgBouncer(
         binary, sheetanchor_pg_server_url, tmp_path_factory.mktemp("pgbouncer")
     ) as bouncer:
