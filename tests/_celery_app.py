@@ -7,7 +7,7 @@ configured through the environment the test gives the worker:
     SHEETANCHOR_TEST_CELERY_QUEUE   queue name, unique per test run
     SHEETANCHOR_PG_URL              the test module's database
     SHEETANCHOR_REDIS_URL           Redis for the tasks' own data
-    SHEETANCHOR_TEST_POOL_SIZE      pool_size per process for the sheetanchor Database
+    SHEETANCHOR_TEST_POOL_SIZE      pool size per process for the sheetanchor Database
     SHEETANCHOR_TEST_MAX_OVERFLOW   max_overflow per process for the sheetanchor Database
 """
 
@@ -21,14 +21,21 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from sheetanchor.config import to_sqlalchemy_url
+from sheetanchor.integrations.celery import install, run_async
+from sheetanchor.postgres import Database, PoolSettings
+from sheetanchor.redis import RedisClient
 
 BROKER = os.environ["SHEETANCHOR_TEST_CELERY_BROKER"]
 QUEUE = os.environ["SHEETANCHOR_TEST_CELERY_QUEUE"]
 PG_URL = os.environ["SHEETANCHOR_PG_URL"]
 REDIS_URL = os.environ["SHEETANCHOR_REDIS_URL"]
 
+POOL_SIZE = int(os.environ.get("SHEETANCHOR_TEST_POOL_SIZE", "2"))
+MAX_OVERFLOW = int(os.environ.get("SHEETANCHOR_TEST_MAX_OVERFLOW", "1"))
+
 NAIVE_TASK = "sheetanchor_test.naive_engine"
-OURS_TASK = "sheetanchor_test.sheetanchor_clients"
+OURS_TASK = "sheetanchor_test.sheetanchor_asyncio_run"
+OURS_RUN_ASYNC_TASK = "sheetanchor_test.sheetanchor_run_async"
 
 app = Celery("sheetanchor_test", broker=BROKER, backend=BROKER)
 app.conf.update(
@@ -60,3 +67,33 @@ async def _naive(number: int) -> int:
 def naive_engine_task(number: int) -> int:
     """The incident's pattern: ``asyncio.run`` around a module-level ``AsyncEngine``."""
     return asyncio.run(_naive(number))
+
+
+# The sheetanchor way: the same module-level globals, but loop-aware and fork-safe.
+install()
+db = Database(PG_URL, pool=PoolSettings(size=POOL_SIZE, max_overflow=MAX_OVERFLOW), role="celery")
+rc = RedisClient(REDIS_URL)
+
+
+async def _ours(number: int) -> int:
+    value = await db.fetchval("SELECT $1::int", number)
+    async with db.session() as session:
+        await session.execute(text("SELECT pg_catalog.txid_current()"))
+    key = f"sheetanchor-test:{QUEUE}:{number % 10}"
+    async with rc.client().pipeline(transaction=True) as pipe:
+        pipe.incr(key)
+        pipe.expire(key, 600)
+        await pipe.execute()
+    return int(value)
+
+
+@app.task(name=OURS_TASK)
+def sheetanchor_asyncio_run_task(number: int) -> int:
+    """The incident's task shape, ``asyncio.run`` per task, over sheetanchor's clients."""
+    return asyncio.run(_ours(number))
+
+
+@app.task(name=OURS_RUN_ASYNC_TASK)
+def sheetanchor_run_async_task(number: int) -> int:
+    """``run_async``: one loop per worker process, so pools are reused across tasks."""
+    return run_async(_ours(number))

@@ -8,6 +8,7 @@ connections they hold on the server stay within the pool budget.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -23,13 +24,18 @@ import pytest
 from celery import Celery
 from celery.result import AsyncResult, ResultSet
 
+from sheetanchor.postgres import PoolBudget
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 BROKER_DB = 15  # dedicated Redis db for broker and results
 DATA_DB = 14  # dedicated Redis db for the tasks' own keys
 NAIVE_TASK = "sheetanchor_test.naive_engine"
-OURS_TASK = "sheetanchor_test.sheetanchor_clients"
+OURS_TASK = "sheetanchor_test.sheetanchor_asyncio_run"
+OURS_RUN_ASYNC_TASK = "sheetanchor_test.sheetanchor_run_async"
+TASKS = 200
+POOL_SIZE, MAX_OVERFLOW = 2, 1
 CONCURRENCY = 2
 RESULT_TIMEOUT = 40.0
 
@@ -50,6 +56,7 @@ class Worker:
     queue: str
     log: Path
     pg_url: str
+    budget: PoolBudget
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -109,6 +116,15 @@ def worker(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Worker]:
     pool: str = request.param
+    # The sizes every worker process uses, checked against the real server's limits first.
+    budget = asyncio.run(
+        PoolBudget.from_server(
+            pg_url,
+            processes=CONCURRENCY if pool == "prefork" else 1,
+            pool_size=POOL_SIZE,
+            max_overflow=MAX_OVERFLOW,
+        )
+    )
     broker = _redis_db(sheetanchor_redis_server_url, BROKER_DB)
     queue = f"sheetanchor-test-{uuid.uuid4().hex[:12]}"
     log = tmp_path_factory.mktemp(f"celery-{pool}") / "worker.log"
@@ -118,6 +134,8 @@ def worker(
         "SHEETANCHOR_TEST_CELERY_QUEUE": queue,
         "SHEETANCHOR_PG_URL": pg_url,
         "SHEETANCHOR_REDIS_URL": _redis_db(sheetanchor_redis_server_url, DATA_DB),
+        "SHEETANCHOR_TEST_POOL_SIZE": str(budget.pool_size),
+        "SHEETANCHOR_TEST_MAX_OVERFLOW": str(budget.max_overflow),
     }
     command = [
         sys.executable,
@@ -149,7 +167,7 @@ def worker(
             start_new_session=True,  # its own process group, so teardown can reap children
         )
     try:
-        yield Worker(pool, process, client, queue, log, pg_url)
+        yield Worker(pool, process, client, queue, log, pg_url, budget)
     finally:
         _stop(process)
         client.close()
@@ -163,3 +181,16 @@ def test_naive_module_level_engine_fails_across_task_loops(worker: Worker) -> No
         "attached to a different loop" in e or "another operation is in progress" in e
         for e in errors
     ), errors[:3]
+
+
+@pytest.mark.parametrize("task", [OURS_TASK, OURS_RUN_ASYNC_TASK])
+def test_module_level_database_and_redis_survive_every_task_loop(worker: Worker, task: str) -> None:
+    values, peak = worker.run(task, TASKS)
+    errors = [f"{type(v).__name__}: {v}" for v in values if isinstance(v, BaseException)]
+    assert errors == [], f"{len(errors)} of {TASKS} tasks failed on the {worker.pool} worker"
+    assert values == list(range(TASKS))
+    if task == OURS_RUN_ASYNC_TASK:
+        assert peak > 0  # its pools outlive each task, so the monitor must have seen them
+    assert peak <= worker.budget.worst_case, (
+        f"{peak} sheetanchor connections on the server; budget {worker.budget.formula()}"
+    )

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from sheetanchor.config import parse_url, to_asyncpg_dsn, to_sqlalchemy_url
 from sheetanchor.errors import EmbeddedServerError
+from sheetanchor.postgres import Database, PoolSettings
 from sheetanchor.testing._pgbouncer import ENV_REQUIRE_PGBOUNCER, PgBouncer, binary_or_skip
 
 CLIENTS = 8
@@ -125,8 +126,27 @@ async def test_naive_sqlalchemy_asyncpg_engine_fails_behind_pgbouncer(pgbouncer_
     )
 
 
-@pytest.mark.skip(reason="waiting for sheetanchor.postgres.Database (branch database)")
 async def test_database_in_pgbouncer_mode_runs_the_same_workload_without_errors(
     pgbouncer_url: str,
 ) -> None:
-    raise NotImplementedError
+    db = Database(pgbouncer_url, pgbouncer=True, pool=PoolSettings(size=CLIENTS, max_overflow=0))
+
+    async def client(number: int, rounds: int) -> list[str]:
+        errors: list[str] = []
+        for round_ in range(rounds):
+            try:
+                for sql, arg in _queries(number, round_):
+                    assert await db.fetchval(sql, arg) is not None
+                async with db.session() as session:
+                    await session.execute(text("SELECT CAST(:x AS int) + 1"), {"x": number})
+                async with db.connection() as conn:  # raw asyncpg, same pool
+                    assert await conn.fetchval("SELECT $1::int * 2", round_) == round_ * 2
+            except Exception as exc:  # the test counts every failure, whatever its type
+                errors.append(f"{type(exc).__name__}: {exc}")
+        return errors
+
+    try:
+        errors = await _workload(client)
+    finally:
+        await db.close()
+    assert errors == []
