@@ -87,6 +87,14 @@ class Worker:
             result.forget()
         return values, peak
 
+    def connections_after_idle(self, limit: float = 10.0) -> int:
+        """sheetanchor connections left on the server, waiting up to ``limit`` s for zero."""
+        deadline = time.monotonic() + limit
+        with psycopg.connect(self.pg_url, autocommit=True) as monitor:
+            while (count := _sheetanchor_connections(monitor)) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        return count
+
 
 def _sheetanchor_connections(monitor: psycopg.Connection[tuple[object, ...]]) -> int:
     row = monitor.execute(
@@ -191,6 +199,9 @@ def test_module_level_database_and_redis_survive_every_task_loop(worker: Worker,
     assert values == list(range(TASKS))
     if task == OURS_RUN_ASYNC_TASK:
         assert peak > 0  # its pools outlive each task, so the monitor must have seen them
+    else:
+        # Each task's engine was disposed inside its loop when asyncio.run ended.
+        assert worker.connections_after_idle() == 0
     assert peak <= worker.budget.worst_case, (
         f"{peak} sheetanchor connections on the server; budget {worker.budget.formula()}"
     )
