@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
+import psutil
 import pytest
 import redis
 
@@ -202,3 +203,30 @@ def test_two_processes_initialising_at_once_share_one_server(scratch: Path) -> N
         assert len(pids) == 1
     finally:
         EmbeddedPostgres(data_dir, private=True).remove()
+
+
+def test_orphaned_private_instance_is_reaped() -> None:
+    # A run killed with SIGKILL never tears down; the next private instance cleans up.
+    code = textwrap.dedent(
+        """
+        import os, signal
+        from sheetanchor.embedded import EmbeddedRedis
+        r = EmbeddedRedis(private=True)
+        r.start()
+        print(r.data_dir, r.pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == -9, out.stderr
+    data_dir, pid = out.stdout.split()
+    orphan = psutil.Process(int(pid))
+    assert Path(data_dir).is_dir()
+    with EmbeddedRedis(private=True) as fresh:
+        assert Path(data_dir) != fresh.data_dir
+        assert not Path(data_dir).exists()
+        assert psutil.wait_procs([orphan], timeout=10)[1] == [] or (
+            orphan.status() == psutil.STATUS_ZOMBIE
+        )
