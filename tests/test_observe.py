@@ -56,9 +56,10 @@ def test_json_lines_parse_with_extras(capsys: pytest.CaptureFixture[str]) -> Non
 
 def test_plain_format_is_the_default(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("INFO")
-    get_logger("test").warning("pool %s is %d%% full", "main", 90, extra={"pool": "main"})
+    extra = {"pool": "main", "what": "two words"}
+    get_logger("test").warning("pool %s is %d%% full", "main", 90, extra=extra)
     out = capsys.readouterr().out
-    assert "WARNING sheetanchor.test: pool main is 90% full [pool=main]" in out
+    assert 'WARNING sheetanchor.test: pool main is 90% full [pool=main what="two words"]' in out
 
 
 def test_level_and_format_from_the_environment(
@@ -122,13 +123,14 @@ def test_no_password_reaches_a_log_line(fmt: str, capsys: pytest.CaptureFixture[
     log.info("connecting to %s", URL)
     log.info("connecting to " + URL)
     log.info("dsn", extra={"dsn": URL, "target": object()})
+    log.info("nested", extra={"ctx": {"urls": [URL, (URL,)], "n": 1}})
     log.info("keyword form: host=db password=%s dbname=x", SECRET)
     try:
         raise ConnectionError(f"could not connect to {URL}")
     except ConnectionError:
         log.exception("start-up failed")
     out = capsys.readouterr().out
-    assert out.count("\n") >= 5
+    assert out.count("\n") >= 6
     assert SECRET not in out
     assert "app:***@db.internal" in out
 

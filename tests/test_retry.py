@@ -562,6 +562,27 @@ def test_explicit_cause_is_followed_but_context_is_not() -> None:
     assert not is_transient(during_handling)
 
 
+class Hostile(Exception):
+    """An exception whose message and attributes blow up when looked at."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no message for you")
+
+    @property
+    def sqlstate(self) -> str:
+        raise RuntimeError("no sqlstate either")
+
+
+def test_classifier_survives_hostile_exceptions() -> None:
+    assert not is_transient(Hostile())
+    wrapper = sa_exc.DBAPIError("SELECT 1", None, Hostile())
+    assert not is_transient(wrapper)
+    assert describe_error(Hostile()) == "Hostile"
+    caused = RuntimeError("x")
+    caused.__cause__ = Hostile()
+    assert not is_transient(caused)
+
+
 def test_cycles_and_groups() -> None:
     a, b = RuntimeError("a"), RuntimeError("b")
     a.__cause__, b.__cause__ = b, a
@@ -591,6 +612,7 @@ _LEAVES: list[Callable[[], BaseException]] = [
     lambda: redis.exceptions.AuthenticationError("WRONGPASS"),
     lambda: RuntimeError("got Future attached to a different loop"),
     lambda: psycopg.OperationalError("connection failed"),
+    Hostile,
 ]
 
 

@@ -243,10 +243,27 @@ def _classify_group(
     return _Verdict.PERMANENT
 
 
+# Exceptions run arbitrary code in ``__str__`` and properties. The classifier must answer
+# for any exception, so a failure there counts as "no message" / "no such attribute" (and
+# the verdict then falls back to not transient): it is an answer, not a swallowed error.
+def _text(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # noqa: BLE001 - see above
+        return ""
+
+
+def _attr(exc: BaseException, name: str) -> object:
+    try:
+        return getattr(exc, name, None)
+    except Exception:  # noqa: BLE001 - see above
+        return None
+
+
 def _wrapped(exc: BaseException) -> BaseException | None:
     """The next link: SQLAlchemy's ``orig`` first, else the explicit ``__cause__``."""
     if isinstance(exc, sa_exc.DBAPIError):
-        orig = exc.orig
+        orig = _attr(exc, "orig")
         if isinstance(orig, BaseException) and orig is not exc:
             # The adapted asyncpg error carries the SQLSTATE; its own __cause__ (the asyncpg
             # error) is the next link after it.
@@ -256,7 +273,7 @@ def _wrapped(exc: BaseException) -> BaseException | None:
 
 def _sqlstate(exc: BaseException) -> str | None:
     for attr in ("sqlstate", "pgcode"):
-        value = getattr(exc, attr, None)
+        value = _attr(exc, attr)
         if isinstance(value, str) and len(value) == 5:
             return value.upper()
     return None
@@ -286,7 +303,8 @@ def _classify_one(exc: BaseException, lock_ok: bool) -> _Verdict:
         return _Verdict.TRANSIENT if isinstance(exc, TransientError) else _Verdict.PERMANENT
     if isinstance(exc, sa_exc.DBAPIError):
         # SQLAlchemy found the connection closed: whatever the message says, it is gone.
-        return _Verdict.CONNECTION if exc.connection_invalidated else _Verdict.UNKNOWN
+        invalidated = _attr(exc, "connection_invalidated") is True
+        return _Verdict.CONNECTION if invalidated else _Verdict.UNKNOWN
     if isinstance(exc, sa_exc.DisconnectionError):
         return _Verdict.CONNECTION
 
@@ -294,7 +312,7 @@ def _classify_one(exc: BaseException, lock_ok: bool) -> _Verdict:
     if state is not None:
         return _classify_sqlstate(state, lock_ok)
 
-    message = str(exc).lower()
+    message = _text(exc).lower()
     if any(marker in message for marker in _PERMANENT_MESSAGES):
         return _Verdict.PERMANENT
     if _is_interface_error(exc) and any(marker in message for marker in _CLOSED_MESSAGES):
@@ -368,7 +386,7 @@ def describe_error(exc: BaseException) -> str:
         best = with_state[-1]
     else:
         best = next((link for link in links if not isinstance(link, sa_exc.StatementError)), exc)
-    lines = str(best).strip().splitlines()
+    lines = _text(best).strip().splitlines()
     first_line = lines[0] if lines else ""
     state = _sqlstate(best)
     label = f"{type(best).__name__} ({state})" if state else type(best).__name__

@@ -46,11 +46,17 @@ def _extras(record: logging.LogRecord) -> dict[str, object]:
     return {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS}
 
 
-def _scrub(value: object) -> object:
-    """Redact strings; leave numbers, booleans and None alone; render anything else."""
+def _scrub(value: object, depth: int = 0) -> object:
+    """Redact strings, also inside dicts and lists; render anything JSON cannot hold."""
     if value is None or isinstance(value, bool | int | float):
         return value
-    return redact(value if isinstance(value, str) else str(value))
+    if isinstance(value, str):
+        return redact(value)
+    if depth < 8 and isinstance(value, dict):
+        return {str(k): _scrub(v, depth + 1) for k, v in value.items()}
+    if depth < 8 and isinstance(value, list | tuple | set | frozenset):
+        return [_scrub(v, depth + 1) for v in value]
+    return redact(str(value))
 
 
 class RedactingFilter(logging.Filter):
@@ -84,6 +90,12 @@ def _utc_iso(created: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
 
 
+def _plain(value: object) -> str:
+    text = str(value)
+    # Quote values with spaces so ``key=value`` pairs stay readable and splittable.
+    return f'"{text}"' if any(ch.isspace() for ch in text) or not text else text
+
+
 class PlainFormatter(logging.Formatter):
     """``2026-01-01T00:00:00.000Z WARNING sheetanchor.retry: message [key=value ...]``.
 
@@ -95,7 +107,7 @@ class PlainFormatter(logging.Formatter):
         line = f"{_utc_iso(record.created)} {record.levelname} {record.name}: {record.getMessage()}"
         extras = _extras(record)
         if extras:
-            line += " [" + " ".join(f"{k}={v}" for k, v in sorted(extras.items())) + "]"
+            line += " [" + " ".join(f"{k}={_plain(v)}" for k, v in sorted(extras.items())) + "]"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         if record.stack_info:
