@@ -27,9 +27,7 @@ def test_every_public_name_has_a_docstring() -> None:
 def test_readme_api_section_lists_exactly_the_public_names() -> None:
     text = README.read_text(encoding="utf-8")
     section = text.split("## API", 1)[1].split("\n## ", 1)[0]
-    documented = {
-        line.split("`")[1] for line in section.splitlines() if line.startswith("| `")
-    }
+    documented = {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}
     public = {n for n in sheetanchor.__all__ if n != "__version__"}
     assert documented == public, (
         f"README API table and __all__ differ: missing in README {sorted(public - documented)}, "
