@@ -516,7 +516,7 @@ class Database:
 
     # -- readiness, stats, lifecycle ----------------------------------------------------------
 
-    async def wait_ready(self, timeout: float = 30.0) -> float:  # noqa: ASYNC109
+    async def wait_ready(self, timeout: float = 30.0) -> float:
         """Wait until a real query succeeds; return the seconds it took.
 
         Retries with bounded exponential backoff (0.05 s doubling to 2 s, jittered).
