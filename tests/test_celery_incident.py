@@ -29,8 +29,6 @@ from sheetanchor.postgres import PoolBudget
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-BROKER_DB = 15  # dedicated Redis db for broker and results
-DATA_DB = 14  # dedicated Redis db for the tasks' own keys
 NAIVE_TASK = "sheetanchor_test.naive_engine"
 OURS_TASK = "sheetanchor_test.sheetanchor_asyncio_run"
 OURS_RUN_ASYNC_TASK = "sheetanchor_test.sheetanchor_run_async"
@@ -121,6 +119,7 @@ def worker(
     request: pytest.FixtureRequest,
     pg_url: str,
     sheetanchor_redis_server_url: str,
+    sheetanchor_redis_db: int,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Worker]:
     pool: str = request.param
@@ -133,7 +132,9 @@ def worker(
             max_overflow=MAX_OVERFLOW,
         )
     )
-    broker = _redis_db(sheetanchor_redis_server_url, BROKER_DB)
+    # The Redis database this test session claimed (no other session uses it): broker,
+    # results and the tasks' keys, kept apart by a unique queue name and key prefix.
+    broker = _redis_db(sheetanchor_redis_server_url, sheetanchor_redis_db)
     queue = f"sheetanchor-test-{uuid.uuid4().hex[:12]}"
     log = tmp_path_factory.mktemp(f"celery-{pool}") / "worker.log"
     env = {
@@ -141,7 +142,7 @@ def worker(
         "SHEETANCHOR_TEST_CELERY_BROKER": broker,
         "SHEETANCHOR_TEST_CELERY_QUEUE": queue,
         "SHEETANCHOR_PG_URL": pg_url,
-        "SHEETANCHOR_REDIS_URL": _redis_db(sheetanchor_redis_server_url, DATA_DB),
+        "SHEETANCHOR_REDIS_URL": broker,
         "SHEETANCHOR_TEST_POOL_SIZE": str(budget.pool_size),
         "SHEETANCHOR_TEST_MAX_OVERFLOW": str(budget.max_overflow),
     }
