@@ -14,7 +14,7 @@ from sheetanchor.cli import _budget as _budget_cli  # noqa: F401  (registers `bu
 from sheetanchor.cli import app
 from sheetanchor.config import to_asyncpg_dsn
 from sheetanchor.errors import BudgetExceeded, ConfigError, ConnectionLost
-from sheetanchor.postgres import PoolBudget
+from sheetanchor.postgres import PoolBudget, PoolSettings
 from sheetanchor.postgres._budget import default_headroom, reserved_slots
 
 _limits = st.fixed_dictionaries(
@@ -107,6 +107,14 @@ def test_incident_002_five_processes_of_sixty_are_refused_with_numbers_and_advic
     proposal = PoolBudget.compute(max_connections=200, reserved=3, processes=5)
     assert (proposal.pool_size, proposal.max_overflow) == (27, 8)
     assert proposal.formula() == "5 x 1 x (27 + 8) = 175 <= 200 - 3 - 20 = 177"
+
+
+def test_pool_settings_carry_the_budget_sizes() -> None:
+    budget = PoolBudget.compute(max_connections=200, reserved=3, processes=5)
+    settings = budget.pool_settings(PoolSettings(timeout=5.0))
+    assert (settings.size, settings.max_overflow, settings.timeout) == (27, 8, 5.0)
+    assert settings.capacity == budget.per_process
+    assert budget.pool_settings().size == 27
 
 
 def test_not_even_one_connection_per_process_is_refused() -> None:
@@ -210,3 +218,21 @@ def test_cli_offline_with_max_connections() -> None:
     )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["pool_size"] == 27
+
+
+def test_cli_usage_errors_exit_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SHEETANCHOR_PG_URL", raising=False)
+    result = CliRunner().invoke(app, ["budget", "--processes", "2"])
+    assert result.exit_code == 2
+    assert "--max-connections" in result.output
+    result = CliRunner().invoke(
+        app, ["budget", "-p", "2", "--pg", "postgresql://x@h/d", "--reserved", "3"]
+    )
+    assert result.exit_code == 2
+    result = CliRunner().invoke(app, ["budget", "--processes", "0", "--max-connections", "100"])
+    assert result.exit_code == 2
+
+
+def test_cli_unreachable_server_is_a_connection_error() -> None:
+    result = CliRunner().invoke(app, ["budget", "-p", "2", "--pg", "postgresql://x@127.0.0.1:1/d"])
+    assert isinstance(result.exception, ConnectionLost)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from sheetanchor.cli import app
-from sheetanchor.config import pg_url_from_env
-from sheetanchor.errors import BudgetExceeded, ConfigError
+from sheetanchor.config import ENV_PG_URL, pg_url_from_env
+from sheetanchor.errors import BudgetExceeded
 from sheetanchor.postgres._budget import PoolBudget
 
 __all__ = ["budget"]
@@ -19,50 +20,79 @@ __all__ = ["budget"]
 
 @app.command()
 def budget(
-    processes: int = typer.Option(
-        ..., "--processes", "-p", min=1, help="Processes per replica that each hold a pool."
-    ),
-    replicas: int = typer.Option(1, "--replicas", "-r", min=1, help="Replicas of the service."),
-    pg: str | None = typer.Option(
-        None, "--pg", help="PostgreSQL URL (itself, not PgBouncer); default SHEETANCHOR_PG_URL."
-    ),
-    max_connections: int | None = typer.Option(
-        None,
-        "--max-connections",
-        min=1,
-        help="Compute offline with this max_connections instead of asking the server.",
-    ),
-    reserved: int = typer.Option(
-        0, "--reserved", min=0, help="Reserved slots, with --max-connections only."
-    ),
-    headroom: int | None = typer.Option(
-        None, "--headroom", min=0, help="Slots kept free for admin/migrations (default 10%)."
-    ),
-    pool_size: int | None = typer.Option(
-        None, "--pool-size", min=1, help="Check this pool size per process instead of proposing."
-    ),
-    max_overflow: int | None = typer.Option(
-        None, "--max-overflow", min=0, help="Check this overflow per process (default 0)."
-    ),
-    as_json: bool = typer.Option(False, "--json", help="Print the budget as JSON."),
+    processes: Annotated[
+        int,
+        typer.Option("--processes", "-p", min=1, help="Processes per replica, each with a pool."),
+    ],
+    replicas: Annotated[
+        int, typer.Option("--replicas", "-r", min=1, help="Replicas of the service.")
+    ] = 1,
+    pg: Annotated[
+        str | None,
+        typer.Option(help=f"PostgreSQL URL, not PgBouncer's (default: ${ENV_PG_URL})."),
+    ] = None,
+    max_connections: Annotated[
+        int | None,
+        typer.Option(min=1, help="Compute offline with this max_connections; no server needed."),
+    ] = None,
+    reserved: Annotated[
+        int | None,
+        typer.Option(min=0, help="Reserved slots; only with --max-connections (default 0)."),
+    ] = None,
+    headroom: Annotated[
+        int | None,
+        typer.Option(min=0, help="Slots kept free for admin and migrations (default 10%, >= 3)."),
+    ] = None,
+    pool_size: Annotated[
+        int | None,
+        typer.Option(min=1, help="Check this pool size per process instead of proposing one."),
+    ] = None,
+    max_overflow: Annotated[
+        int | None,
+        typer.Option(
+            min=0, help="Check this max_overflow per process (default 0 with --pool-size)."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the budget as JSON.")] = False,
 ) -> None:
-    """Compute per-process pool sizes that can never exceed max_connections.
+    """Per-process pool sizes that can never exceed the server's max_connections.
 
-    Exit code 1 when the requested --pool-size/--max-overflow could exceed the server.
+    Rule: processes x replicas x (pool_size + max_overflow) <= available connections.
 
-    Example: sheetanchor budget --processes 5 --replicas 2 --pg postgresql://app@db/app
+    Exit 0 when it fits, 1 when the requested sizes could exceed it, 2 on bad usage.
+
+    Example: sheetanchor budget -p 5 -r 2 --pg postgresql://app@db:5432/app
     """
+    url = pg or pg_url_from_env()
+    if max_connections is None and url is None:
+        typer.echo(f"no server: pass --pg, set {ENV_PG_URL}, or give --max-connections", err=True)
+        raise typer.Exit(2)
+    if max_connections is None and reserved is not None:
+        typer.echo("--reserved needs --max-connections (the server reports its own)", err=True)
+        raise typer.Exit(2)
     try:
-        result = _compute(
-            pg=pg,
-            max_connections=max_connections,
-            reserved=reserved,
-            processes=processes,
-            replicas=replicas,
-            headroom=headroom,
-            pool_size=pool_size,
-            max_overflow=max_overflow,
-        )
+        if max_connections is not None:
+            result = PoolBudget.compute(
+                max_connections=max_connections,
+                reserved=reserved or 0,
+                processes=processes,
+                replicas=replicas,
+                headroom=headroom,
+                pool_size=pool_size,
+                max_overflow=max_overflow,
+            )
+        else:
+            assert url is not None  # checked above
+            result = asyncio.run(
+                PoolBudget.from_server(
+                    url,
+                    processes=processes,
+                    replicas=replicas,
+                    headroom=headroom,
+                    pool_size=pool_size,
+                    max_overflow=max_overflow,
+                )
+            )
     except BudgetExceeded as exc:
         if as_json:
             typer.echo(json.dumps({"ok": False, "error": str(exc)}))
@@ -74,46 +104,7 @@ def budget(
         return
     console = Console()
     console.print(_table(result))
-    console.print(result.formula())
-
-
-def _compute(
-    *,
-    pg: str | None,
-    max_connections: int | None,
-    reserved: int,
-    processes: int,
-    replicas: int,
-    headroom: int | None,
-    pool_size: int | None,
-    max_overflow: int | None,
-) -> PoolBudget:
-    """The budget, offline from ``--max-connections`` or read from the server."""
-    if max_connections is not None:
-        return PoolBudget.compute(
-            max_connections=max_connections,
-            reserved=reserved,
-            processes=processes,
-            replicas=replicas,
-            headroom=headroom,
-            pool_size=pool_size,
-            max_overflow=max_overflow,
-        )
-    url = pg or pg_url_from_env()
-    if url is None:
-        raise ConfigError(
-            "no PostgreSQL URL: pass --pg, set SHEETANCHOR_PG_URL, or give --max-connections"
-        )
-    return asyncio.run(
-        PoolBudget.from_server(
-            url,
-            processes=processes,
-            replicas=replicas,
-            headroom=headroom,
-            pool_size=pool_size,
-            max_overflow=max_overflow,
-        )
-    )
+    console.print(result.formula(), highlight=False)
 
 
 def _table(result: PoolBudget) -> Table:

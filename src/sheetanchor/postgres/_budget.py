@@ -21,10 +21,11 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from sheetanchor.config import parse_url, pg_url_from_env, redact, to_asyncpg_dsn
 from sheetanchor.errors import BudgetExceeded, ConfigError, ConnectionLost
+from sheetanchor.postgres._settings import PoolSettings
 
 __all__ = [
     "DEFAULT_HEADROOM_FRACTION",
@@ -136,6 +137,20 @@ class PoolBudget:
             f"{self.processes} x {self.replicas} x ({self.pool_size} + {self.max_overflow}) "
             f"= {self.worst_case} <= {self.max_connections} - {self.reserved} - "
             f"{self.headroom} = {self.available}"
+        )
+
+    def pool_settings(self, base: PoolSettings | None = None) -> PoolSettings:
+        """``base`` (default :class:`PoolSettings`) with this budget's ``size``/``max_overflow``.
+
+        Example::
+
+            budget = await PoolBudget.from_server(url, processes=4, replicas=3)
+            db = Database(url, pool=budget.pool_settings())
+        """
+        return replace(
+            base if base is not None else PoolSettings(),
+            size=self.pool_size,
+            max_overflow=self.max_overflow,
         )
 
     def as_dict(self) -> dict[str, int | str | None]:
