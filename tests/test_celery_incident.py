@@ -9,6 +9,7 @@ connections they hold on the server stay within the pool budget.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -104,14 +105,21 @@ def _sheetanchor_connections(monitor: psycopg.Connection[tuple[object, ...]]) ->
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Warm shutdown (SIGTERM); the whole process group is killed if that takes too long."""
+    """Warm shutdown (SIGTERM); the worker's process group is killed if that takes too long.
+
+    The group is the one the worker leads (``start_new_session``): its pool children and
+    nothing else.
+    """
     if process.poll() is None:
         process.terminate()
         try:
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            process.kill()
             process.wait(timeout=15)
+    # Pool children that outlived their parent (none after a warm shutdown).
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module", params=["prefork", "solo"])
