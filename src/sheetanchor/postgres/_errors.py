@@ -21,7 +21,7 @@ import sqlalchemy.exc as sa_exc
 from sheetanchor.config import redact
 from sheetanchor.errors import ConnectionLost, PoolTimeout, SheetAnchorError
 
-__all__ = ["is_connection_error", "translate_errors"]
+__all__ = ["is_connection_error", "map_error", "translate_errors"]
 
 # SQLSTATE classes/codes that mean the session is gone: 08 (connection exception),
 # 57P01-57P03 (admin/crash shutdown, cannot connect now).
@@ -65,6 +65,28 @@ def is_connection_error(exc: BaseException) -> bool:
     return False
 
 
+def map_error(exc: BaseException, where: str) -> SheetAnchorError | None:
+    """The sheetanchor error for driver error ``exc``, or ``None`` to let ``exc`` through.
+
+    Args:
+        exc: the error raised by asyncpg or SQLAlchemy.
+        where: the redacted server address, used in the messages.
+    """
+    if isinstance(exc, SheetAnchorError) or not isinstance(exc, Exception):
+        return None
+    if isinstance(exc, sa_exc.TimeoutError):
+        detail = redact(str(exc))
+        return PoolTimeout(
+            f"no pooled connection to {where} became free in time ({detail}); release "
+            "connections sooner (use `async with db.session()`), or raise "
+            "PoolSettings(size=, max_overflow=, timeout=)"
+        )
+    if is_connection_error(exc):
+        detail = redact(f"{type(exc).__name__}: {exc}")
+        return ConnectionLost(f"connection to PostgreSQL at {where} lost: {detail}")
+    return None
+
+
 @contextmanager
 def translate_errors(where: str) -> Iterator[None]:
     """Re-raise connection and pool errors as sheetanchor errors, chained ``from`` the original.
@@ -74,17 +96,8 @@ def translate_errors(where: str) -> Iterator[None]:
     """
     try:
         yield
-    except SheetAnchorError:
-        raise
-    except sa_exc.TimeoutError as exc:
-        detail = redact(str(exc))
-        raise PoolTimeout(
-            f"no pooled connection to {where} became free in time ({detail}); release "
-            "connections sooner (use `async with db.session()`), or raise "
-            "PoolSettings(size=, max_overflow=, timeout=)"
-        ) from exc
     except Exception as exc:
-        if is_connection_error(exc):
-            detail = redact(f"{type(exc).__name__}: {exc}")
-            raise ConnectionLost(f"connection to PostgreSQL at {where} lost: {detail}") from exc
-        raise
+        mapped = map_error(exc, where)
+        if mapped is None:
+            raise
+        raise mapped from exc
