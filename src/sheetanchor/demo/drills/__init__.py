@@ -9,5 +9,10 @@ __all__ = ["all_drills"]
 
 def all_drills() -> list[Drill]:
     """Every drill, in incident order (imported lazily: drills pull in the clients)."""
+    from sheetanchor.demo.drills.d002_loops import LoopsDrill
+    from sheetanchor.demo.drills.d003_leaks import LeaksDrill
+
     drills: list[Drill] = []
+    drills.append(LoopsDrill())
+    drills.append(LeaksDrill())
     return drills
