@@ -1,1 +1,1 @@
-"""Benchmarks: ``./dev bench`` runs every ``bench_*.py`` module's ``main()`` and prints ratios."""
+"""Benchmarks: each ``bench_*.py`` module has a ``main()`` that prints figures and ratios."""

@@ -1,7 +1,8 @@
-"""Run the benchmarks: ``python -m benchmarks [NAME ...]`` (default: every ``bench_*`` module).
+"""Run every benchmark module (or those named): ``python -m benchmarks [name ...]``.
 
-Each ``benchmarks/bench_<name>.py`` module has ``main(argv) -> int``; a non-zero return means a
-goal was missed. Add a module, not a line here.
+Each benchmark measures its baseline in the same run and prints the ratio; the figures we
+measured are recorded in BENCHMARKS.md. Servers come from SHEETANCHOR_PG_URL /
+SHEETANCHOR_REDIS_URL, or embedded ones are started.
 """
 
 from __future__ import annotations
@@ -9,22 +10,22 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
-    import benchmarks
-
-    names = sorted(
-        m.name for m in pkgutil.iter_modules(benchmarks.__path__) if m.name.startswith("bench_")
-    )
-    wanted = [a for a in argv if not a.startswith("-")]
-    if wanted:
-        names = [n for n in names if n in wanted or n.removeprefix("bench_") in wanted]
-    status = 0
-    for name in names:
+    here = Path(__file__).parent
+    names = sorted(m.name for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("bench_"))
+    wanted = [a if a.startswith("bench_") else f"bench_{a}" for a in argv] or names
+    unknown = sorted(set(wanted) - set(names))
+    if unknown:
+        print(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(names)}")
+        return 2
+    for name in wanted:
+        print(f"== {name}", flush=True)
         module = importlib.import_module(f"benchmarks.{name}")
-        status |= int(module.main(argv))
-    return status
+        module.main()
+    return 0
 
 
 if __name__ == "__main__":

@@ -9,12 +9,14 @@ Goals (issue "Loop-aware, fork-safe Database client"):
 
 Method: the two sides of each pair run in alternating rounds (A, B, A, B, ...) so drift in the
 shared server hits both; each figure is the median over rounds of the mean time per operation.
-Needs ``SHEETANCHOR_PG_URL`` (the suite's server); ``--quick`` runs fewer rounds.
+Servers: ``SHEETANCHOR_PG_URL``, or an embedded PostgreSQL. ``SHEETANCHOR_BENCH_QUICK=1`` runs
+fewer rounds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -173,12 +175,14 @@ async def run(url: str, *, quick: bool) -> list[Result]:
     return results
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
     url = pg_url_from_env()
     if url is None:
-        print("bench_database: set SHEETANCHOR_PG_URL to a PostgreSQL server", file=sys.stderr)
-        return 1
-    results = asyncio.run(run(url, quick="--quick" in argv))
+        from sheetanchor.embedded import ensure_servers
+
+        url, _redis = ensure_servers()
+    quick = os.environ.get("SHEETANCHOR_BENCH_QUICK") == "1" or "--quick" in (argv or [])
+    results = asyncio.run(run(url, quick=quick))
     print("database benchmark (median per operation; ratio = ours / baseline)")
     print(f"{'case':24} {'ours':>10} {'baseline':>10} {'ratio':>7}  goal")
     missed = 0

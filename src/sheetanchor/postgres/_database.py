@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -32,8 +31,9 @@ from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 from sqlalchemy.util.concurrency import in_greenlet
 
+from sheetanchor._readiness import wait_until_ready
 from sheetanchor.config import parse_url, pg_url_from_env, redact, to_sqlalchemy_url
-from sheetanchor.errors import CommitFailed, ConfigError, NotReady, ResourceClosed
+from sheetanchor.errors import CommitFailed, ConfigError, ResourceClosed
 from sheetanchor.observe import get_logger
 from sheetanchor.postgres._errors import is_connection_error, map_error, translate_errors
 from sheetanchor.postgres._json import install_json_codecs
@@ -139,6 +139,7 @@ class Database:
         if url is None:
             raise ConfigError("no PostgreSQL URL: pass Database(url=...) or set SHEETANCHOR_PG_URL")
         self._parsed = parse_url(url)
+        self._target = f"PostgreSQL at {self._parsed.address}"
         self._sa_url = to_sqlalchemy_url(url)
         pool = pool if pool is not None else PoolSettings()
         if not isinstance(pool, PoolSettings):
@@ -306,7 +307,7 @@ class Database:
         entry = self._entry()
         session = entry.sessions(**options)
         try:
-            with translate_errors(self.address):
+            with translate_errors(self._target):
                 yield session
         except BaseException:
             await self._cleanup(entry, _rollback_and_close(session))
@@ -329,12 +330,12 @@ class Database:
             CommitFailed: COMMIT failed; nothing was saved (cause chained).
         """
         entry = self._entry()
-        with translate_errors(self.address):
+        with translate_errors(self._target):
             conn = await entry.engine.connect()
         try:
-            with translate_errors(self.address):
+            with translate_errors(self._target):
                 await conn.begin()
-            with translate_errors(self.address):
+            with translate_errors(self._target):
                 yield conn
         except BaseException:
             await self._cleanup(entry, _rollback_and_close_conn(conn))
@@ -399,7 +400,7 @@ class Database:
             if fairy is None:
                 fairy = await greenlet_spawn(pool.connect)
         except Exception as exc:
-            mapped = map_error(exc, self.address)
+            mapped = map_error(exc, self._target)
             if mapped is None:
                 raise
             raise mapped from exc
@@ -434,7 +435,7 @@ class Database:
             await greenlet_spawn(fairy.close)  # an overflow connection is closed: I/O
 
     def _raise_mapped(self, exc: BaseException) -> None:
-        mapped = map_error(exc, self.address)
+        mapped = map_error(exc, self._target)
         if mapped is not None:
             raise mapped from exc
 
@@ -510,41 +511,25 @@ class Database:
 
     # -- readiness, stats, lifecycle ----------------------------------------------------------
 
-    async def wait_ready(self, timeout: float = 30.0) -> float:  # noqa: ASYNC109
-        """Wait until a real query succeeds; return the seconds it took.
+    async def wait_ready(self, timeout: float = 30.0) -> float:
+        """Wait until a real query succeeds through this database's pool; return the seconds.
 
-        Retries with bounded exponential backoff (0.05 s doubling to 2 s, jittered).
+        Retries what waiting can cure (refused connection, "the database system is starting
+        up") with bounded, jittered exponential backoff; fails at once on what it cannot (a
+        wrong password or database name).
 
         Raises:
-            NotReady: no query succeeded within ``timeout`` (with the last error).
+            NotReady: not ready within ``timeout`` (the message has the redacted URL, the last
+                error and what to check), or refused for good.
+            ConfigError: ``timeout`` is not a positive number of seconds.
         """
         check_seconds("timeout", timeout)
-        start = time.monotonic()
-        deadline = start + timeout
-        delay = 0.05
-        last: str | None = None
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                async with asyncio.timeout(min(remaining, self.connect_timeout + 1.0)):
-                    await self.fetchval("SELECT 1")
-                return time.monotonic() - start
-            except (Exception, TimeoutError) as exc:  # noqa: BLE001 - every failure is retried
-                last = redact(f"{type(exc).__name__}: {exc}".rstrip(": "))
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            await asyncio.sleep(min(remaining, delay * random.uniform(0.5, 1.0)))
-            delay = min(delay * 2, 2.0)
-        raise NotReady(
-            f"PostgreSQL at {self.address} not ready after {timeout:.1f} s "
-            f"(last error: {last or 'none'}); is it running and reachable? check "
-            f"{self.url} (SHEETANCHOR_PG_URL), or raise wait_ready(timeout=)",
-            target=self.url,
-            last_error=last,
-        )
+
+        async def probe(budget: float) -> None:
+            async with asyncio.timeout(budget):
+                await self.fetchval("SELECT 1")
+
+        return await wait_until_ready("PostgreSQL", self.url, probe, timeout=timeout)
 
     def stats(self) -> DatabaseStats:
         """A snapshot of the pools of every loop in this process (see :class:`DatabaseStats`)."""

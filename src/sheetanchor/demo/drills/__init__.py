@@ -9,10 +9,9 @@ __all__ = ["all_drills"]
 
 def all_drills() -> list[Drill]:
     """Every drill, in incident order (imported lazily: drills pull in the clients)."""
-    from sheetanchor.demo.drills.d002_loops import LoopsDrill
-    from sheetanchor.demo.drills.d003_leaks import LeaksDrill
+    from sheetanchor.demo.drills import d001_startup, d002_loops, d003_leaks
 
-    drills: list[Drill] = []
-    drills.append(LoopsDrill())
-    drills.append(LeaksDrill())
+    drills: list[Drill] = [d001_startup.DRILL]
+    drills.append(d002_loops.DRILL)
+    drills.append(d003_leaks.DRILL)
     return drills

@@ -22,7 +22,7 @@ from sheetanchor.config import to_sqlalchemy_url
 from sheetanchor.demo._drill import DemoContext, DrillResult
 from sheetanchor.postgres import Database, PoolSettings
 
-__all__ = ["LoopsDrill"]
+__all__ = ["DRILL", "LoopsDrill"]
 
 RUNS = 5
 _KINDS = ("attached to a different loop", "another operation is in progress")
@@ -107,3 +107,6 @@ class LoopsDrill:
                 **stats,
             },
         )
+
+
+DRILL = LoopsDrill()

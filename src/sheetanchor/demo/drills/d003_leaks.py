@@ -22,7 +22,7 @@ from sheetanchor.demo._drill import DemoContext, DrillResult
 from sheetanchor.errors import CommitFailed
 from sheetanchor.postgres import Database, PoolSettings
 
-__all__ = ["LeaksDrill"]
+__all__ = ["DRILL", "LeaksDrill"]
 
 _log = logging.getLogger("sheetanchor.demo.d003")
 REQUESTS = 20
@@ -170,3 +170,6 @@ class LeaksDrill:
             seconds=elapsed,
             details={"naive": naive, "ours": ours},
         )
+
+
+DRILL = LeaksDrill()
