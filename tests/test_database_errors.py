@@ -33,7 +33,7 @@ async def test_wait_ready_raises_not_ready_with_redacted_url_and_last_error() ->
         await db.wait_ready(timeout=0.5)
     message = str(info.value)
     assert "s3cret" not in message
-    assert "not ready after 0.5 s" in message
+    assert "not ready after" in message
     assert "last error" in message
     assert info.value.last_error is not None
     assert "s3cret" not in info.value.target

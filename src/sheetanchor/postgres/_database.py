@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -30,14 +29,17 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
+from sqlalchemy.util.concurrency import in_greenlet
 
+from sheetanchor._readiness import wait_until_ready
 from sheetanchor.config import parse_url, pg_url_from_env, redact, to_sqlalchemy_url
-from sheetanchor.errors import CommitFailed, ConfigError, NotReady, ResourceClosed
+from sheetanchor.errors import CommitFailed, ConfigError, ResourceClosed
 from sheetanchor.observe import get_logger
-from sheetanchor.postgres._errors import is_connection_error, translate_errors
+from sheetanchor.postgres._errors import is_connection_error, map_error, translate_errors
 from sheetanchor.postgres._json import install_json_codecs
-from sheetanchor.postgres._leaks import LeakReport, LeakWatch
+from sheetanchor.postgres._leaks import LeakReport, LeakTable, LeakWatch
 from sheetanchor.postgres._loops import PerLoop
+from sheetanchor.postgres._pool import IDLE_SINCE, checkin_is_io_free, checkout_without_io
 from sheetanchor.postgres._settings import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT,
@@ -57,7 +59,6 @@ except ImportError:  # pragma: no cover - SQLAlchemy 2.0
 __all__ = ["Database"]
 
 _log = get_logger("postgres")
-_IDLE_SINCE = "sheetanchor_idle_since"
 
 
 @dataclass(slots=True)
@@ -138,6 +139,7 @@ class Database:
         if url is None:
             raise ConfigError("no PostgreSQL URL: pass Database(url=...) or set SHEETANCHOR_PG_URL")
         self._parsed = parse_url(url)
+        self._target = f"PostgreSQL at {self._parsed.address}"
         self._sa_url = to_sqlalchemy_url(url)
         pool = pool if pool is not None else PoolSettings()
         if not isinstance(pool, PoolSettings):
@@ -241,37 +243,18 @@ class Database:
         if self.json_codecs:
             event.listen(sync_pool, "connect", _on_connect_json)
         event.listen(sync_pool, "connect", _on_connect_mark)
-        event.listen(sync_pool, "checkout", self._make_checkout_check())
-        event.listen(sync_pool, "checkin", _on_checkin_mark)
-        forget = self._leaks.attach(sync_pool)  # after the health check: only good checkouts
+        leaks = self._leaks.attach(sync_pool)
+        # One listener per event: SQLAlchemy's dispatch costs per listener on every checkout.
+        event.listen(sync_pool, "checkout", _checkout_hook(leaks, self.pool.pre_ping_idle))
+        event.listen(sync_pool, "checkin", _checkin_hook(leaks))
         entry = _Engine(
             engine=engine,
             sessions=async_sessionmaker(engine, expire_on_commit=False),
-            forget_leaks=forget,
+            forget_leaks=leaks.forget,
         )
         self._schedule_sweep(entry)
         _log.debug("engine created for %s (role %s)", self.url, self.role)
         return entry
-
-    def _make_checkout_check(self) -> Any:
-        idle_limit = self.pool.pre_ping_idle
-
-        def on_checkout(dbapi_conn: Any, rec: Any, proxy: Any) -> None:
-            driver = dbapi_conn.driver_connection
-            # Free check: the server closed it (pg_terminate_backend, restart) while it sat in
-            # the pool and the loop already read the EOF.
-            if driver.is_closed():
-                raise DisconnectionError("connection closed by the server while idle in the pool")
-            if idle_limit is None:
-                return
-            idle_since = rec.info.get(_IDLE_SINCE)
-            if idle_since is not None and time.monotonic() - idle_since >= idle_limit:
-                try:
-                    _await(driver.execute("SELECT 1"))  # simple query: one round trip
-                except Exception as exc:
-                    raise DisconnectionError(f"ping failed: {exc}") from exc
-
-        return on_checkout
 
     def _schedule_sweep(self, entry: _Engine) -> None:
         threshold = self.leak_threshold
@@ -324,7 +307,7 @@ class Database:
         entry = self._entry()
         session = entry.sessions(**options)
         try:
-            with translate_errors(self.address):
+            with translate_errors(self._target):
                 yield session
         except BaseException:
             await self._cleanup(entry, _rollback_and_close(session))
@@ -337,7 +320,7 @@ class Database:
         except BaseException:
             await self._cleanup(entry, _rollback_and_close(session))
             raise
-        await self._cleanup(entry, session.close())
+        await session.close()  # the commit already returned the connection: no I/O here
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
@@ -347,12 +330,12 @@ class Database:
             CommitFailed: COMMIT failed; nothing was saved (cause chained).
         """
         entry = self._entry()
-        with translate_errors(self.address):
+        with translate_errors(self._target):
             conn = await entry.engine.connect()
         try:
-            with translate_errors(self.address):
+            with translate_errors(self._target):
                 await conn.begin()
-            with translate_errors(self.address):
+            with translate_errors(self._target):
                 yield conn
         except BaseException:
             await self._cleanup(entry, _rollback_and_close_conn(conn))
@@ -365,7 +348,7 @@ class Database:
         except BaseException:
             await self._cleanup(entry, _rollback_and_close_conn(conn))
             raise
-        await self._cleanup(entry, conn.close())
+        await conn.close()  # the commit already ended the transaction
 
     def _commit_failed(self, exc: Exception) -> CommitFailed:
         self._commit_failures += 1
@@ -408,13 +391,24 @@ class Database:
 
     # -- raw connections ----------------------------------------------------------------------
 
-    async def _acquire(self) -> tuple[PoolProxiedConnection, _Engine]:
+    async def _acquire(self) -> tuple[PoolProxiedConnection, Any]:
         entry = self._entry()
-        with translate_errors(self.address):
-            fairy = await entry.engine.raw_connection()
-        return fairy, entry
+        pool = entry.engine.sync_engine.pool
+        try:
+            # An idle connection that needs no ping/recycle is handed out without a greenlet.
+            fairy = checkout_without_io(pool, self.pool.pre_ping_idle)
+            if fairy is None:
+                fairy = await greenlet_spawn(pool.connect)
+        except Exception as exc:
+            mapped = map_error(exc, self._target)
+            if mapped is None:
+                raise
+            raise mapped from exc
+        return fairy, pool
 
-    async def _release(self, fairy: PoolProxiedConnection, failure: BaseException | None) -> None:
+    async def _release(
+        self, fairy: PoolProxiedConnection, pool: Any, failure: BaseException | None
+    ) -> None:
         driver = _driver(fairy)
         if failure is not None and (
             not isinstance(failure, Exception) or is_connection_error(failure)
@@ -424,7 +418,10 @@ class Database:
             driver.terminate()
             fairy.invalidate(failure if isinstance(failure, Exception) else None)
             return
-        if not driver.is_closed() and driver.is_in_transaction():
+        if driver.is_closed():
+            fairy.invalidate()
+            return
+        if driver.is_in_transaction():
             # A transaction opened on the raw connection and left open: end it before reuse.
             try:
                 await driver.execute("ROLLBACK")
@@ -432,8 +429,15 @@ class Database:
                 driver.terminate()
                 fairy.invalidate(exc if isinstance(exc, Exception) else None)
                 raise
-        # Checkin may close an overflow connection, which needs SQLAlchemy's greenlet.
-        await greenlet_spawn(fairy.close)
+        if checkin_is_io_free(pool):
+            fairy.close()  # back into the queue: no I/O, no greenlet needed
+        else:
+            await greenlet_spawn(fairy.close)  # an overflow connection is closed: I/O
+
+    def _raise_mapped(self, exc: BaseException) -> None:
+        mapped = map_error(exc, self._target)
+        if mapped is not None:
+            raise mapped from exc
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection[Any]]:
@@ -443,16 +447,14 @@ class Database:
         block ends. The connection goes back to the pool in every case (it is closed and
         replaced if the block was cancelled mid-statement or the connection broke).
         """
-        fairy, _entry = await self._acquire()
-        failure: BaseException | None = None
+        fairy, pool = await self._acquire()
         try:
-            with translate_errors(self.address):
-                yield _driver(fairy)
+            yield _driver(fairy)
         except BaseException as exc:
-            failure = exc
+            await self._release(fairy, pool, exc)
+            self._raise_mapped(exc)
             raise
-        finally:
-            await self._release(fairy, failure)
+        await self._release(fairy, pool, None)
 
     async def fetchval(self, sql: str, *args: Any, column: int = 0) -> Any:
         """Run ``sql`` on a pooled connection and return one value (one round trip, no BEGIN).
@@ -461,96 +463,73 @@ class Database:
 
             name = await db.fetchval("SELECT name FROM users WHERE id = $1", 42)
         """
-        fairy, _entry = await self._acquire()
-        failure: BaseException | None = None
+        fairy, pool = await self._acquire()
         try:
-            with translate_errors(self.address):
-                return await _driver(fairy).fetchval(sql, *args, column=column)
+            value = await _driver(fairy).fetchval(sql, *args, column=column)
         except BaseException as exc:
-            failure = exc
+            await self._release(fairy, pool, exc)
+            self._raise_mapped(exc)
             raise
-        finally:
-            await self._release(fairy, failure)
+        await self._release(fairy, pool, None)
+        return value
 
     async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
         """Run ``sql`` on a pooled connection and return the first row, or ``None``."""
-        fairy, _entry = await self._acquire()
-        failure: BaseException | None = None
+        fairy, pool = await self._acquire()
         try:
-            with translate_errors(self.address):
-                row: asyncpg.Record | None = await _driver(fairy).fetchrow(sql, *args)
-                return row
+            row: asyncpg.Record | None = await _driver(fairy).fetchrow(sql, *args)
         except BaseException as exc:
-            failure = exc
+            await self._release(fairy, pool, exc)
+            self._raise_mapped(exc)
             raise
-        finally:
-            await self._release(fairy, failure)
+        await self._release(fairy, pool, None)
+        return row
 
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         """Run ``sql`` on a pooled connection and return every row."""
-        fairy, _entry = await self._acquire()
-        failure: BaseException | None = None
+        fairy, pool = await self._acquire()
         try:
-            with translate_errors(self.address):
-                rows: list[asyncpg.Record] = await _driver(fairy).fetch(sql, *args)
-                return rows
+            rows: list[asyncpg.Record] = await _driver(fairy).fetch(sql, *args)
         except BaseException as exc:
-            failure = exc
+            await self._release(fairy, pool, exc)
+            self._raise_mapped(exc)
             raise
-        finally:
-            await self._release(fairy, failure)
+        await self._release(fairy, pool, None)
+        return rows
 
     async def execute(self, sql: str, *args: Any) -> str:
         """Run ``sql`` on a pooled connection in autocommit mode; return the status tag."""
-        fairy, _entry = await self._acquire()
-        failure: BaseException | None = None
+        fairy, pool = await self._acquire()
         try:
-            with translate_errors(self.address):
-                status: str = await _driver(fairy).execute(sql, *args)
-                return status
+            status: str = await _driver(fairy).execute(sql, *args)
         except BaseException as exc:
-            failure = exc
+            await self._release(fairy, pool, exc)
+            self._raise_mapped(exc)
             raise
-        finally:
-            await self._release(fairy, failure)
+        await self._release(fairy, pool, None)
+        return status
 
     # -- readiness, stats, lifecycle ----------------------------------------------------------
 
     async def wait_ready(self, timeout: float = 30.0) -> float:
-        """Wait until a real query succeeds; return the seconds it took.
+        """Wait until a real query succeeds through this database's pool; return the seconds.
 
-        Retries with bounded exponential backoff (0.05 s doubling to 2 s, jittered).
+        Retries what waiting can cure (refused connection, "the database system is starting
+        up") with bounded, jittered exponential backoff; fails at once on what it cannot (a
+        wrong password or database name).
 
         Raises:
-            NotReady: no query succeeded within ``timeout`` (with the last error).
+            NotReady: not ready within ``timeout`` (the message has the redacted URL, the last
+                error and what to check), or refused for good.
+            ConfigError: ``timeout`` is not a positive number of seconds.
         """
         check_seconds("timeout", timeout)
-        start = time.monotonic()
-        deadline = start + timeout
-        delay = 0.05
-        last: str | None = None
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                async with asyncio.timeout(min(remaining, self.connect_timeout + 1.0)):
-                    await self.fetchval("SELECT 1")
-                return time.monotonic() - start
-            except (Exception, TimeoutError) as exc:  # noqa: BLE001 - every failure is retried
-                last = redact(f"{type(exc).__name__}: {exc}".rstrip(": "))
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            await asyncio.sleep(min(remaining, delay * random.uniform(0.5, 1.0)))
-            delay = min(delay * 2, 2.0)
-        raise NotReady(
-            f"PostgreSQL at {self.address} not ready after {timeout:.1f} s "
-            f"(last error: {last or 'none'}); is it running and reachable? check "
-            f"{self.url} (SHEETANCHOR_PG_URL), or raise wait_ready(timeout=)",
-            target=self.url,
-            last_error=last,
-        )
+
+        async def probe(budget: float) -> None:
+            async with asyncio.timeout(budget):
+                await self.fetchval("SELECT 1")
+
+        return await wait_until_ready("PostgreSQL", self.url, probe, timeout=timeout)
 
     def stats(self) -> DatabaseStats:
         """A snapshot of the pools of every loop in this process (see :class:`DatabaseStats`)."""
@@ -620,11 +599,43 @@ def _on_connect_json(dbapi_conn: Any, rec: Any) -> None:
 
 
 def _on_connect_mark(dbapi_conn: Any, rec: Any) -> None:
-    rec.info[_IDLE_SINCE] = time.monotonic()
+    rec.info[IDLE_SINCE] = time.monotonic()
 
 
-def _on_checkin_mark(dbapi_conn: Any, rec: Any) -> None:
-    rec.info[_IDLE_SINCE] = time.monotonic()
+def _checkout_hook(leaks: LeakTable, idle_limit: float | None) -> Any:
+    record = leaks.checkout
+    monotonic = time.monotonic
+
+    def on_checkout(dbapi_conn: Any, rec: Any, proxy: Any) -> None:
+        driver = dbapi_conn.driver_connection
+        # Free check: the server closed it (pg_terminate_backend, restart) while it sat in the
+        # pool and the loop already read the EOF. The pool replaces it and tries again.
+        if driver.is_closed():
+            raise DisconnectionError("connection closed by the server while idle in the pool")
+        if idle_limit is not None:
+            idle_since = rec.info.get(IDLE_SINCE)
+            # Ping only a connection idle long enough for a silent drop (NAT, failover) to be
+            # likely. Outside a greenlet (the fast path, which checked the idle time) no I/O is
+            # possible, so none is attempted.
+            if idle_since is not None and monotonic() - idle_since >= idle_limit and in_greenlet():
+                try:
+                    _await(driver.execute("SELECT 1"))  # simple query: one round trip
+                except Exception as exc:
+                    raise DisconnectionError(f"ping failed: {exc}") from exc
+        record(rec, proxy)  # after the health check: only good checkouts are recorded
+
+    return on_checkout
+
+
+def _checkin_hook(leaks: LeakTable) -> Any:
+    forget = leaks.checkin
+    monotonic = time.monotonic
+
+    def on_checkin(dbapi_conn: Any, rec: Any) -> None:
+        rec.info[IDLE_SINCE] = monotonic()
+        forget(rec)
+
+    return on_checkin
 
 
 def _close_dead_loop_sockets(pool: Any) -> None:
