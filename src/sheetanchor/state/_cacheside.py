@@ -22,7 +22,7 @@ from sheetanchor.observe import get_logger
 from sheetanchor.redis import RedisClient
 from sheetanchor.state import _metrics
 from sheetanchor.state._breaker import ALLOW, DENY, CircuitBreaker
-from sheetanchor.state._fence import FENCED_SET, LEASE_RELEASE
+from sheetanchor.state._fence import DELETE_IF_EQUAL, FENCED_SET, LEASE_RELEASE
 from sheetanchor.state._pending import PendingInvalidations
 
 __all__ = ["DOWN", "REDIS_DOWN_ERRORS", "CacheSide", "FencedItem"]
@@ -245,6 +245,14 @@ class CacheSide:
             for rkey, entry, version, rank, _ttl in items:
                 self.pending.add(rkey, version, rank, entry)
             self._pending_gauge.set(len(self.pending))
+
+    async def delete_if_equal(self, rkey: str, data: bytes) -> None:
+        """Remove an entry that could not be decoded, unless it changed meanwhile."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                await DELETE_IF_EQUAL(self.rc.client(), keys=(rkey,), args=(data,))
+        except REDIS_DOWN_ERRORS as exc:
+            self.failed(exc)
 
     # -- leases ------------------------------------------------------------------------
 

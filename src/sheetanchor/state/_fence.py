@@ -5,15 +5,16 @@ entry's (see :mod:`sheetanchor.state._entry`). A slow backfill that read version
 therefore never overwrite version 5 written by a later transaction, and a deletion's
 tombstone keeps a backfill of the deleted row out.
 
-``LEASE_RELEASE`` deletes a lease only if it still holds our token, so a holder whose lease
-expired can never release the next holder's lease.
+``DELETE_IF_EQUAL`` removes an undecodable entry, so a corrupt header cannot fence out every
+later backfill. ``LEASE_RELEASE`` deletes a lease only if it still holds our token, so a
+holder whose lease expired can never release the next holder's lease.
 """
 
 from __future__ import annotations
 
 from sheetanchor.redis import LuaScript
 
-__all__ = ["FENCED_SET", "LEASE_RELEASE"]
+__all__ = ["DELETE_IF_EQUAL", "FENCED_SET", "LEASE_RELEASE"]
 
 # KEYS[1] entry key; ARGV[1] entry bytes, ARGV[2] version, ARGV[3] rank, ARGV[4] ttl ms.
 # Returns 1 when written, 0 when a newer entry is there.
@@ -41,6 +42,18 @@ return 1
 # KEYS[1] lease key; ARGV[1] token. Returns 1 when released.
 LEASE_RELEASE = LuaScript(
     "lease_release",
+    """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+""",
+)
+
+# KEYS[1] entry key; ARGV[1] the exact bytes seen. Removes a corrupt entry (whatever version
+# its header claims) only if nobody replaced it meanwhile. Returns 1 when deleted.
+DELETE_IF_EQUAL = LuaScript(
+    "delete_if_equal",
     """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])

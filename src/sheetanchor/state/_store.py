@@ -40,6 +40,7 @@ __all__ = ["CachedStore", "PgExecutor", "StoreStats"]
 
 _log = get_logger("state")
 _MISS = object()  # "not usable from the cache": load it
+_CORRUPT = object()  # undecodable: remove it, then load
 
 
 class PgExecutor(Protocol):
@@ -251,18 +252,18 @@ class CachedStore:
         return orjson.dumps(data, default=_json_default)
 
     def _from_cache(self, data: bytes) -> Any:
-        """The value in a cached entry, ``None`` for a cached absence, or ``_MISS``."""
+        """The value in a cached entry, ``None`` (cached absence), ``_MISS`` or ``_CORRUPT``."""
         entry = _entry.parse(data)
         if entry is None:
             self._corrupt()
-            return _MISS
+            return _CORRUPT
         if entry.kind == _entry.KIND_VALUE:
             assert self._codec is not None
             try:
                 value = self._codec.loads(entry.payload)
             except CorruptValue as exc:
                 self._corrupt(exc)
-                return _MISS
+                return _CORRUPT
             if self.settings.early_refresh and self._refresh_now(entry):
                 return _MISS
             self._m_hit.inc()
@@ -309,7 +310,9 @@ class CachedStore:
             return await self._read(sql, key, rkey, fill=False)
         if data is not None:
             value = self._from_cache(data)  # type: ignore[arg-type]
-            if value is not _MISS:
+            if value is _CORRUPT:
+                await self.cache.delete_if_equal(rkey, data)  # type: ignore[arg-type]
+            elif value is not _MISS:
                 return value
         self._m_miss.inc()
         self._counts["miss"] += 1
@@ -344,7 +347,9 @@ class CachedStore:
                 data, held = peek  # type: ignore[misc]
                 if data is not None:
                     value = self._from_cache(data)
-                    if value is not _MISS:
+                    if value is _CORRUPT:
+                        await self.cache.delete_if_equal(rkey, data)
+                    elif value is not _MISS:
                         self._lease("waited")
                         return value
                 if not held:
@@ -404,7 +409,10 @@ class CachedStore:
         else:
             for k, data in zip(unique, datas, strict=True):  # type: ignore[arg-type]
                 value = _MISS if data is None else self._from_cache(data)
-                if value is _MISS:
+                if value is _CORRUPT:
+                    await self.cache.delete_if_equal(self.redis_key(k), data)  # type: ignore[arg-type]
+                    missing.append(k)
+                elif value is _MISS:
                     missing.append(k)
                 elif value is not None:
                     out[k] = value
@@ -531,8 +539,8 @@ class CachedStore:
                     [self._value_item(self.redis_key(key), int(version), payload, 0)]
                 )
                 return self._codec.loads(payload)
-            # Lost the race: back off a little (jittered) and read again.
-            await self._clock.sleep(0.001 * (attempt + 1) * self._clock.rand())
+            # Lost the race: back off (exponential, full jitter) and read again.
+            await self._clock.sleep(min(0.2, 0.002 * 2**attempt) * self._clock.rand())
         raise VersionConflict(
             f"update of {self.table} key {key!r} lost to concurrent writers {attempts} times; "
             "retry later, reduce contention on this key, or raise CacheSettings.update_attempts"
