@@ -78,7 +78,9 @@ class PgBouncer:
     """One PgBouncer process in transaction mode, in front of ``upstream_url``'s server.
 
     Every database name is forwarded (``* =``) to the same host and port, as the upstream
-    URL's user; clients authenticate with ``auth_type = trust``. Use :meth:`url_for` to turn
+    URL's user; clients authenticate with ``auth_type = trust``. ``server_round_robin = 1``
+    makes consecutive transactions of a client use different server connections, so code
+    that relies on server-side session state fails deterministically. Use :meth:`url_for` to turn
     a PostgreSQL URL into the same URL through PgBouncer.
 
     Args:
@@ -140,6 +142,11 @@ class PgBouncer:
             "auth_type = trust",
             f"auth_file = {users}",
             "pool_mode = transaction",
+            # Hand out server connections in turn instead of reusing the last one (LIFO):
+            # consecutive transactions of one client land on different server connections,
+            # as they do on a busy production PgBouncer, so per-connection server state
+            # (prepared statements, SET, temp tables) breaks every time, not by chance.
+            "server_round_robin = 1",
             f"default_pool_size = {self.pool_size}",
             "max_client_conn = 500",
             # psycopg and JDBC send it; PgBouncer would refuse the login otherwise.
