@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import tempfile
@@ -198,6 +199,8 @@ class Server:
         servers would run, and its directories pile up, until the machine restarts.
         """
         for path in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+            if not os.access(path / _OWNER_FILE, os.R_OK):
+                continue  # another user's instance, or one being created right now
             owner = read_state(path / _OWNER_FILE)
             pid, created = owner.get("pid"), owner.get("created")
             if not isinstance(pid, int) or not isinstance(created, int | float):
