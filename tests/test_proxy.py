@@ -197,6 +197,21 @@ async def test_cut_after_cuts_mid_stream(redis_proxy: FaultProxy) -> None:
     assert redis_proxy.stats.bytes_to_server == 10
 
 
+async def test_cut_after_applies_to_open_connections(
+    pg_proxy: FaultProxy, pg_via_proxy: str
+) -> None:
+    conn = await asyncpg.connect(pg_via_proxy, timeout=10)
+    try:
+        assert await conn.fetchval("SELECT 1") == 1
+        pg_proxy.cut_after(0)
+        with pytest.raises(CONNECTION_ERRORS):
+            await conn.fetchval("SELECT 2")
+    finally:
+        conn.terminate()
+    pg_proxy.pass_through()
+    assert await _select_one(pg_via_proxy) == 1
+
+
 def test_cut_after_breaks_redis_commands(redis_proxy: FaultProxy, redis_url: str) -> None:
     client = _sync_redis(redis_proxy.url(redis_url))
     try:
