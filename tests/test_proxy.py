@@ -225,6 +225,26 @@ def test_cut_after_breaks_redis_commands(redis_proxy: FaultProxy, redis_url: str
         client.close()
 
 
+def test_reset_all_right_after_accepting_leaks_nothing(sheetanchor_redis_server_url: str) -> None:
+    # Connections whose handler has not run yet must be closed too (filterwarnings=error
+    # turns a leaked socket's ResourceWarning into a failure).
+    with FaultProxy(*_address(sheetanchor_redis_server_url)) as proxy:
+        for _ in range(5):
+            socks = [socket.create_connection((proxy.host, proxy.port), 5) for _ in range(20)]
+            try:
+                proxy.reset_all()
+            finally:
+                for sock in socks:
+                    sock.close()
+        # Closed connections may still wait in the accept queue: drain until all are seen.
+        deadline = time.monotonic() + 10
+        while (proxy.stats.accepted < 100 or proxy.stats.active) and time.monotonic() < deadline:
+            proxy.reset_all()
+            time.sleep(0.01)
+        assert proxy.stats.accepted == 100
+        assert proxy.stats.active == 0
+
+
 def _ping_raw(sock: socket.socket) -> bytes:
     sock.sendall(b"PING\r\n")
     return sock.recv(10)
