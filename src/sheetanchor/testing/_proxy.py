@@ -482,7 +482,10 @@ class FaultProxy:
         sock = socket.socket(family, type_, proto)
         sock.setblocking(False)
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, address), self._connect_timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation
+            # that arrives as the connect completes, and reset_all() would wait forever.
+            async with asyncio.timeout(self._connect_timeout):
+                await loop.sock_connect(sock, address)
         except BaseException:
             sock.close()  # the connect failed or was cancelled: nothing else owns the socket
             raise
