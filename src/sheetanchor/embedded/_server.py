@@ -66,7 +66,7 @@ class Server:
             me = psutil.Process()
             write_state(self._dir / _OWNER_FILE, {"pid": me.pid, "created": me.create_time()})
         else:
-            self._dir = home_dir() / "embedded" / default_name
+            self._dir = (home_dir() / "embedded" / default_name).absolute()
         self._requested_port = port
         self._port: int | None = None
         self._start_timeout = start_timeout
