@@ -395,7 +395,7 @@ class Database:
                 f"COMMIT failed on {self.address} and the transaction was rolled back: nothing "
                 f"was saved ({detail}); do not report success to the user"
             )
-        _log.error("%s", msg)
+        _log.warning("%s", msg)
         return CommitFailed(msg)
 
     async def _cleanup(self, entry: _Engine, aw: Any) -> None:
