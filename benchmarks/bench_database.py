@@ -124,6 +124,16 @@ async def run(url: str, *, quick: bool) -> list[Result]:
     results.append(Result("fetchval", ours, base, "µs", "<= 1.50x", ours / base <= 1.50))
     await raw.close()
 
+    # Context, not a goal: asyncpg's own pool pays a reset query on every release.
+    apool = await asyncpg.create_pool(to_asyncpg_dsn(url), min_size=1, max_size=5)
+
+    async def apool_fetchval(i: int) -> object:
+        return await apool.fetchval(RAW_POINT, i)
+
+    ours, base = await _rounds(ours_fetchval, apool_fetchval, rounds=rounds, per_round=per_round)
+    results.append(Result("fetchval vs asyncpg pool", ours, base, "µs", "(context)", True))
+    await apool.close()
+
     # 3. Engine lookup for the running loop.
     n = 200_000
     db.engine()

@@ -54,4 +54,3 @@ async def test_drill_reproduces_the_incident_and_survives_it(
     assert result.ours_ok, result
     assert result.passed
     assert result.seconds is not None
-    assert result.seconds < 10

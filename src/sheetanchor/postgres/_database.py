@@ -3,23 +3,52 @@
 One SQLAlchemy ``AsyncEngine`` (asyncpg) per process and running event loop, created on first
 use and disposed with its loop (see ``_loops.py``); sessions, transactions and raw connections
 that always go back to the pool; a leak watch; driver errors mapped at one boundary.
+
+Which call for what:
+
+* ``async with db.session() as s`` — ORM ``AsyncSession``; COMMIT on success, ROLLBACK on
+  error, always closed (also on cancellation); a failed COMMIT raises ``CommitFailed``.
+* ``async with db.transaction() as conn`` — Core ``AsyncConnection`` inside BEGIN ... COMMIT.
+* ``async with db.connection() as conn`` — the raw ``asyncpg.Connection`` of a pooled
+  connection (COPY, ``executemany``, LISTEN); autocommit; a transaction left open is rolled
+  back; cancelled mid-statement, it is closed and replaced, never handed out again.
+* ``await db.fetchval/fetchrow/fetch/execute(sql, *args)`` — one round trip on a pooled
+  connection, no BEGIN/ROLLBACK, ``$1`` parameters.
+
+Connection health without a round trip per checkout: a connection the server closed while it
+sat in the pool (``pg_terminate_backend``, a restart) is seen for free on checkout and replaced;
+one idle longer than ``PoolSettings.pre_ping_idle`` (10 s) is pinged first (``SELECT 1``, one
+round trip), which catches silent drops (NAT, failover); ``recycle`` replaces old connections.
+
+PgBouncer (``pool_mode = transaction``): pass ``Database(url_of_pgbouncer, pgbouncer=True)``.
+
+* Server-side prepared statements do not survive a change of server connection, so asyncpg's
+  statement cache is off (``statement_cache_size=0``), SQLAlchemy's too
+  (``prepared_statement_cache_size=0``), and the statements SQLAlchemy still prepares get a
+  unique name each (``prepared_statement_name_func``), so two clients never collide on one.
+* PgBouncer refuses start-up parameters it does not know, so only ``application_name`` is
+  sent; ``statement_timeout`` and ``idle_in_transaction_session_timeout`` are *not* set per
+  connection: set them on the role or database instead
+  (``ALTER ROLE app SET statement_timeout = '30s'``), or add them to PgBouncer's
+  ``ignore_startup_parameters`` and set them there.
+* Session state (``SET``, advisory locks, ``LISTEN``, temporary tables) does not survive a
+  transaction in this mode: keep it inside one ``db.transaction()`` or ``db.session()``.
+* Cost: every statement is parsed and planned again (no statement cache); a hot point query
+  is slower than with direct connections.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import asyncpg
 import orjson
 from sqlalchemy import event
-from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -29,17 +58,25 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
-from sqlalchemy.util.concurrency import in_greenlet
 
 from sheetanchor._readiness import wait_until_ready
 from sheetanchor.config import parse_url, pg_url_from_env, redact, to_sqlalchemy_url
 from sheetanchor.errors import CommitFailed, ConfigError, ResourceClosed
 from sheetanchor.observe import get_logger
 from sheetanchor.postgres._errors import is_connection_error, map_error, translate_errors
-from sheetanchor.postgres._json import install_json_codecs
-from sheetanchor.postgres._leaks import LeakReport, LeakTable, LeakWatch
+from sheetanchor.postgres._leaks import LeakReport, LeakWatch
 from sheetanchor.postgres._loops import PerLoop
-from sheetanchor.postgres._pool import IDLE_SINCE, checkin_is_io_free, checkout_without_io
+from sheetanchor.postgres._pool import (
+    checkin_hook,
+    checkout_hook,
+    checkout_without_io,
+    close_dead_loop_sockets,
+    driver_of,
+    on_connect_json,
+    on_connect_mark,
+    pool_waiters,
+    release,
+)
 from sheetanchor.postgres._settings import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT,
@@ -50,11 +87,6 @@ from sheetanchor.postgres._settings import (
     check_seconds,
 )
 from sheetanchor.postgres._stats import DatabaseStats, register_source
-
-try:  # SQLAlchemy 2.1 renamed await_only to await_
-    from sqlalchemy.util import await_ as _await
-except ImportError:  # pragma: no cover - SQLAlchemy 2.0
-    from sqlalchemy.util import await_only as _await
 
 __all__ = ["Database"]
 
@@ -241,12 +273,12 @@ class Database:
         engine = create_async_engine(self._sa_url, **options)
         sync_pool = engine.sync_engine.pool
         if self.json_codecs:
-            event.listen(sync_pool, "connect", _on_connect_json)
-        event.listen(sync_pool, "connect", _on_connect_mark)
+            event.listen(sync_pool, "connect", on_connect_json)
+        event.listen(sync_pool, "connect", on_connect_mark)
         leaks = self._leaks.attach(sync_pool)
         # One listener per event: SQLAlchemy's dispatch costs per listener on every checkout.
-        event.listen(sync_pool, "checkout", _checkout_hook(leaks, self.pool.pre_ping_idle))
-        event.listen(sync_pool, "checkin", _checkin_hook(leaks))
+        event.listen(sync_pool, "checkout", checkout_hook(leaks, self.pool.pre_ping_idle))
+        event.listen(sync_pool, "checkin", checkin_hook(leaks))
         entry = _Engine(
             engine=engine,
             sessions=async_sessionmaker(engine, expire_on_commit=False),
@@ -287,7 +319,7 @@ class Database:
         entry.timer = None
         entry.forget_leaks()
         sync_engine = entry.engine.sync_engine
-        _close_dead_loop_sockets(sync_engine.pool)
+        close_dead_loop_sockets(sync_engine.pool)
         sync_engine.dispose(close=False)
 
     # -- sessions -----------------------------------------------------------------------------
@@ -363,7 +395,7 @@ class Database:
                 f"COMMIT failed on {self.address} and the transaction was rolled back: nothing "
                 f"was saved ({detail}); do not report success to the user"
             )
-        _log.error("%s", msg)
+        _log.warning("%s", msg)
         return CommitFailed(msg)
 
     async def _cleanup(self, entry: _Engine, aw: Any) -> None:
@@ -398,41 +430,13 @@ class Database:
             # An idle connection that needs no ping/recycle is handed out without a greenlet.
             fairy = checkout_without_io(pool, self.pool.pre_ping_idle)
             if fairy is None:
-                fairy = await greenlet_spawn(pool.connect)
+                fairy = await greenlet_spawn(pool.connect)  # may open, ping or wait: I/O
         except Exception as exc:
             mapped = map_error(exc, self._target)
             if mapped is None:
                 raise
             raise mapped from exc
         return fairy, pool
-
-    async def _release(
-        self, fairy: PoolProxiedConnection, pool: Any, failure: BaseException | None
-    ) -> None:
-        driver = _driver(fairy)
-        if failure is not None and (
-            not isinstance(failure, Exception) or is_connection_error(failure)
-        ):
-            # Cancelled mid-statement, or the connection is gone: it cannot be trusted. Close the
-            # socket now (no I/O to wait for) and let the pool replace it.
-            driver.terminate()
-            fairy.invalidate(failure if isinstance(failure, Exception) else None)
-            return
-        if driver.is_closed():
-            fairy.invalidate()
-            return
-        if driver.is_in_transaction():
-            # A transaction opened on the raw connection and left open: end it before reuse.
-            try:
-                await driver.execute("ROLLBACK")
-            except BaseException as exc:
-                driver.terminate()
-                fairy.invalidate(exc if isinstance(exc, Exception) else None)
-                raise
-        if checkin_is_io_free(pool):
-            fairy.close()  # back into the queue: no I/O, no greenlet needed
-        else:
-            await greenlet_spawn(fairy.close)  # an overflow connection is closed: I/O
 
     def _raise_mapped(self, exc: BaseException) -> None:
         mapped = map_error(exc, self._target)
@@ -449,12 +453,12 @@ class Database:
         """
         fairy, pool = await self._acquire()
         try:
-            yield _driver(fairy)
+            yield driver_of(fairy)
         except BaseException as exc:
-            await self._release(fairy, pool, exc)
+            await release(fairy, pool, exc)
             self._raise_mapped(exc)
             raise
-        await self._release(fairy, pool, None)
+        await release(fairy, pool, None)
 
     async def fetchval(self, sql: str, *args: Any, column: int = 0) -> Any:
         """Run ``sql`` on a pooled connection and return one value (one round trip, no BEGIN).
@@ -465,48 +469,48 @@ class Database:
         """
         fairy, pool = await self._acquire()
         try:
-            value = await _driver(fairy).fetchval(sql, *args, column=column)
+            value = await driver_of(fairy).fetchval(sql, *args, column=column)
         except BaseException as exc:
-            await self._release(fairy, pool, exc)
+            await release(fairy, pool, exc)
             self._raise_mapped(exc)
             raise
-        await self._release(fairy, pool, None)
+        await release(fairy, pool, None)
         return value
 
     async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
         """Run ``sql`` on a pooled connection and return the first row, or ``None``."""
         fairy, pool = await self._acquire()
         try:
-            row: asyncpg.Record | None = await _driver(fairy).fetchrow(sql, *args)
+            row: asyncpg.Record | None = await driver_of(fairy).fetchrow(sql, *args)
         except BaseException as exc:
-            await self._release(fairy, pool, exc)
+            await release(fairy, pool, exc)
             self._raise_mapped(exc)
             raise
-        await self._release(fairy, pool, None)
+        await release(fairy, pool, None)
         return row
 
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         """Run ``sql`` on a pooled connection and return every row."""
         fairy, pool = await self._acquire()
         try:
-            rows: list[asyncpg.Record] = await _driver(fairy).fetch(sql, *args)
+            rows: list[asyncpg.Record] = await driver_of(fairy).fetch(sql, *args)
         except BaseException as exc:
-            await self._release(fairy, pool, exc)
+            await release(fairy, pool, exc)
             self._raise_mapped(exc)
             raise
-        await self._release(fairy, pool, None)
+        await release(fairy, pool, None)
         return rows
 
     async def execute(self, sql: str, *args: Any) -> str:
         """Run ``sql`` on a pooled connection in autocommit mode; return the status tag."""
         fairy, pool = await self._acquire()
         try:
-            status: str = await _driver(fairy).execute(sql, *args)
+            status: str = await driver_of(fairy).execute(sql, *args)
         except BaseException as exc:
-            await self._release(fairy, pool, exc)
+            await release(fairy, pool, exc)
             self._raise_mapped(exc)
             raise
-        await self._release(fairy, pool, None)
+        await release(fairy, pool, None)
         return status
 
     # -- readiness, stats, lifecycle ----------------------------------------------------------
@@ -544,7 +548,7 @@ class Database:
                 idle += pool.checkedin()
                 checked_out += pool.checkedout()
                 overflow += max(0, pool.overflow())
-                waiting += _waiters(pool)
+                waiting += pool_waiters(pool)
             except AttributeError:  # a pool class without QueuePool's counters
                 continue
         return DatabaseStats(
@@ -586,85 +590,8 @@ class Database:
         await self.close()
 
 
-def _driver(fairy: PoolProxiedConnection) -> asyncpg.Connection[Any]:
-    return cast("asyncpg.Connection[Any]", fairy.driver_connection)
-
-
 def _json_dumps_str(value: Any) -> str:
     return orjson.dumps(value).decode()
-
-
-def _on_connect_json(dbapi_conn: Any, rec: Any) -> None:
-    _await(install_json_codecs(dbapi_conn.driver_connection))
-
-
-def _on_connect_mark(dbapi_conn: Any, rec: Any) -> None:
-    rec.info[IDLE_SINCE] = time.monotonic()
-
-
-def _checkout_hook(leaks: LeakTable, idle_limit: float | None) -> Any:
-    record = leaks.checkout
-    monotonic = time.monotonic
-
-    def on_checkout(dbapi_conn: Any, rec: Any, proxy: Any) -> None:
-        driver = dbapi_conn.driver_connection
-        # Free check: the server closed it (pg_terminate_backend, restart) while it sat in the
-        # pool and the loop already read the EOF. The pool replaces it and tries again.
-        if driver.is_closed():
-            raise DisconnectionError("connection closed by the server while idle in the pool")
-        if idle_limit is not None:
-            idle_since = rec.info.get(IDLE_SINCE)
-            # Ping only a connection idle long enough for a silent drop (NAT, failover) to be
-            # likely. Outside a greenlet (the fast path, which checked the idle time) no I/O is
-            # possible, so none is attempted.
-            if idle_since is not None and monotonic() - idle_since >= idle_limit and in_greenlet():
-                try:
-                    _await(driver.execute("SELECT 1"))  # simple query: one round trip
-                except Exception as exc:
-                    raise DisconnectionError(f"ping failed: {exc}") from exc
-        record(rec, proxy)  # after the health check: only good checkouts are recorded
-
-    return on_checkout
-
-
-def _checkin_hook(leaks: LeakTable) -> Any:
-    forget = leaks.checkin
-    monotonic = time.monotonic
-
-    def on_checkin(dbapi_conn: Any, rec: Any) -> None:
-        rec.info[IDLE_SINCE] = monotonic()
-        forget(rec)
-
-    return on_checkin
-
-
-def _close_dead_loop_sockets(pool: Any) -> None:
-    """Close the sockets of a closed loop's idle connections without that loop.
-
-    Only for a loop that is already closed (its selector is gone, so nothing is shared with a
-    live loop). Uses private attributes of asyncio's selector transports and asyncpg, guarded:
-    where they are missing (uvloop) the sockets are left to the garbage collector.
-    """
-    queue = getattr(getattr(pool, "_pool", None), "__dict__", {}).get("_queue")
-    for rec in list(getattr(queue, "_queue", ())):
-        driver = getattr(getattr(rec, "dbapi_connection", None), "driver_connection", None)
-        transport = getattr(driver, "_transport", None)
-        sock = getattr(transport, "_sock", None)
-        if sock is None:
-            continue
-        with contextlib.suppress(OSError):
-            sock.close()
-        with contextlib.suppress(AttributeError):
-            transport._sock = None  # type: ignore[union-attr]  # nothing left for __del__
-            driver._aborted = True  # type: ignore[union-attr]  # asyncpg: is_closed() is True
-
-
-def _waiters(pool: Any) -> int:
-    # Tasks blocked in the pool's asyncio queue (private, hence best effort).
-    queue = getattr(pool, "_pool", None)
-    inner = getattr(queue, "__dict__", {}).get("_queue")
-    getters = getattr(inner, "_getters", ())
-    return sum(1 for fut in getters if not fut.done())
 
 
 async def _rollback_and_close(session: AsyncSession) -> None:

@@ -218,6 +218,7 @@ class LeakWatch:
         self.reports: deque[LeakReport] = deque(maxlen=max_reports)
         self.held = 0
         self.unreturned = 0
+        _watches.add(self)
 
     @property
     def leaks(self) -> int:
@@ -272,3 +273,17 @@ class LeakWatch:
         _log.warning("%s", report.format(), extra={"database": self.name, "leak": kind})
         if self._on_leak is not None:
             self._on_leak(report)
+
+
+_watches: weakref.WeakSet[LeakWatch] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # The parent's checkouts are not this process's to report: forget their tables (the
+    # objects themselves stay untouched, see _loops.py).
+    for watch in list(_watches):
+        watch._tables = []
+        watch._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
