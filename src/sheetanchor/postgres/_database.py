@@ -56,6 +56,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.orm import Session
 from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
@@ -345,14 +346,14 @@ class Database:
             await self._cleanup(entry, _rollback_and_close(session))
             raise
         try:
-            await session.commit()
+            # COMMIT and close in one trip through SQLAlchemy's greenlet (one spawn, not two).
+            await session.run_sync(_commit_and_close)
         except Exception as exc:
             await self._cleanup(entry, _rollback_and_close(session))
             raise self._commit_failed(exc) from exc
         except BaseException:
             await self._cleanup(entry, _rollback_and_close(session))
             raise
-        await session.close()  # the commit already returned the connection: no I/O here
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
@@ -592,6 +593,11 @@ class Database:
 
 def _json_dumps_str(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+def _commit_and_close(session: Session) -> None:
+    session.commit()
+    session.close()  # only reached when the commit succeeded
 
 
 async def _rollback_and_close(session: AsyncSession) -> None:
