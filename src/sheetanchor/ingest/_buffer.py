@@ -195,6 +195,12 @@ class WriteBuffer:
         self._opened = True
         for st in self._states.values():
             self._flushers.append(asyncio.create_task(self._flusher(st), name=f"flush:{st.name}"))
+            if st.best_effort:
+                # Spilling has its own task: it must not wait behind the write semaphore,
+                # which is exactly what is stuck when a stream needs to spill.
+                self._flushers.append(
+                    asyncio.create_task(self._spiller(st), name=f"spill:{st.name}")
+                )
         if self._replay_interval is not None:
             self._replayer = asyncio.create_task(self._replay_loop(), name="ingest:replay")
         if self._journal is not None:
@@ -229,6 +235,7 @@ class WriteBuffer:
                 return
             for st in self._states.values():
                 st.wake.set()
+                st.spill_wake.set()
                 st.room.set()  # waiting producers wake up and see the buffer is closing
             _done, pending = await asyncio.wait(
                 [*self._flushers, *self._writers], timeout=self._close_timeout
@@ -327,8 +334,8 @@ class WriteBuffer:
             # Past the emergency watermark a best-effort record goes to disk, not to memory.
             st.spill.append(row)
             st.spill_bytes += size
-            if not st.wake.is_set():
-                st.wake.set()
+            if not st.spill_wake.is_set():
+                st.spill_wake.set()
         else:
             st.rows.append(row)
             st.bytes += size
@@ -459,12 +466,19 @@ class WriteBuffer:
                     await st.wake.wait()
             st.wake.clear()
             await self._drain(st)
-            if self._closing and not st.rows and not st.spill:
+            if self._closing and not st.rows:
+                return
+
+    async def _spiller(self, st: StreamState) -> None:
+        while True:
+            await st.spill_wake.wait()
+            st.spill_wake.clear()
+            if st.spill:
+                await self._spill(st)
+            if self._closing and not st.spill:
                 return
 
     async def _drain(self, st: StreamState) -> None:
-        if st.spill:
-            await self._spill(st)
         while st.rows:
             await st.sem.acquire()
             # The swap: one assignment between awaits, so no put can interleave (O(1)).

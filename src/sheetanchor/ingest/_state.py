@@ -109,6 +109,7 @@ class StreamState:
         self.waits = 0
         self.last_error: str | None = None
         self.wake = asyncio.Event()
+        self.spill_wake = asyncio.Event()
         self.room = asyncio.Event()
         self.sem = asyncio.Semaphore(stream.concurrency)
         self.journal_lock = asyncio.Lock()
