@@ -161,20 +161,22 @@ async def test_best_effort_spills_past_emergency_watermark(
     store = DeadLetterStore(tmp_path)
     offered = 1000
     peak = 0
-    async with WriteBuffer(db, [stream], deadletter=store, replay_interval=None) as buffer:
-        async with locked(pg_url, table):
-            i = 0
-            while i < offered:
-                try:
-                    await buffer.put("ticks", tick(i))
-                    i += 1
-                except BufferFull:  # spill backlog full: the disk is behind; wait a little
-                    await asyncio.sleep(0.01)
-                peak = max(peak, buffer.stream_stats("ticks").held_rows)
-            await wait_until(lambda: buffer.stream_stats("ticks").spill_rows == 0)
-            s = buffer.stream_stats("ticks")
-            assert s.rows_spilled > 0
-            assert s.rows_written == 0
+    async with (
+        WriteBuffer(db, [stream], deadletter=store, replay_interval=None) as buffer,
+        locked(pg_url, table),
+    ):
+        i = 0
+        while i < offered:
+            try:
+                await buffer.put("ticks", tick(i))
+                i += 1
+            except BufferFull:  # spill backlog full: the disk is behind; wait a little
+                await asyncio.sleep(0.01)
+            peak = max(peak, buffer.stream_stats("ticks").held_rows)
+        await wait_until(lambda: buffer.stream_stats("ticks").spill_rows == 0)
+        s = buffer.stream_stats("ticks")
+        assert s.rows_spilled > 0
+        assert s.rows_written == 0
     s = buffer.stream_stats("ticks")
     assert peak <= 100
     assert s.rows_in == offered
@@ -268,17 +270,19 @@ async def test_a_slow_stream_never_blocks_another(
         tick_stream(slow_t, name="slow", batch_rows=10, flush_interval=0.05),
         tick_stream(fast_t, name="fast", batch_rows=10, flush_interval=0.05),
     ]
-    async with WriteBuffer(db, streams, deadletter_dir=tmp_path, replay_interval=None) as buffer:
-        async with locked(pg_url, slow_t):
-            for i in range(50):
-                await buffer.put("slow", tick(i))
-            async with asyncio.timeout(30):
-                while await lock_waiters(db, slow_t) == 0:
-                    await asyncio.sleep(0.01)
-            for i in range(200):
-                await buffer.put("fast", tick(i))
-            await wait_until(lambda: buffer.stream_stats("fast").rows_written == 200)
-            assert buffer.stream_stats("slow").rows_written == 0
+    async with (
+        WriteBuffer(db, streams, deadletter_dir=tmp_path, replay_interval=None) as buffer,
+        locked(pg_url, slow_t),
+    ):
+        for i in range(50):
+            await buffer.put("slow", tick(i))
+        async with asyncio.timeout(30):
+            while await lock_waiters(db, slow_t) == 0:
+                await asyncio.sleep(0.01)
+        for i in range(200):
+            await buffer.put("fast", tick(i))
+        await wait_until(lambda: buffer.stream_stats("fast").rows_written == 200)
+        assert buffer.stream_stats("slow").rows_written == 0
     assert await db.fetchval(f"SELECT count(*) FROM {slow_t}") == 50
     assert await db.fetchval(f"SELECT count(*) FROM {fast_t}") == 200
 
