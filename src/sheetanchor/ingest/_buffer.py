@@ -589,8 +589,13 @@ class WriteBuffer:
             st.counts["duplicate"] += len(chunk) - outcome.inserted
 
     async def _bisect(self, st: StreamState, chunk: list[Row], first: Exception) -> None:
+        inserted = 0
+
         async def write_segment(segment: Sequence[Row]) -> SinkOutcome:
-            return await self._retry.call(self._attempt, st, segment, None)
+            nonlocal inserted
+            outcome = await self._retry.call(self._attempt, st, segment, None)
+            inserted += outcome.inserted
+            return outcome
 
         remaining: list[Row] = []
         try:
@@ -602,7 +607,8 @@ class WriteBuffer:
             remaining = exc.remaining
             cause = exc.__cause__
             st.last_error = f"{type(cause).__name__}: {cause}"
-        st.counts["written"] += result.written
+        st.counts["written"] += inserted
+        st.counts["duplicate"] += result.written - inserted
         if result.poison:
             rows = [row for row, _ in result.poison]
             errors = [error_info(err) for _, err in result.poison]
@@ -646,6 +652,7 @@ class WriteBuffer:
                         _log.info("stream %s: database still refuses: %s", st.name, db_exc)
                         continue
                     st.counts["written"] += outcome.inserted
+                    st.counts["duplicate"] += len(rows) - outcome.inserted
                     return
         key = {"failed": "failed", "spilled": "spilled", "poison": "quarantined"}[reason]
         st.counts[key] += len(rows)
