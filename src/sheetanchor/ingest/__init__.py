@@ -1,0 +1,1 @@
+"""Ingest: bounded write buffers into PostgreSQL, with an optional disk journal."""
