@@ -1,0 +1,147 @@
+"""Database: sessions, transactions, raw connections, settings validation (real PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import text
+
+from sheetanchor.errors import ConfigError, WrongEventLoop
+from sheetanchor.postgres import Database, PoolSettings
+
+
+def _boom() -> None:
+    raise RuntimeError("boom")
+
+
+@pytest.fixture
+async def db(pg_url: str) -> AsyncIterator[Database]:
+    database = Database(pg_url, pool=PoolSettings(size=2, max_overflow=1), name="basics")
+    await database.execute("CREATE TABLE IF NOT EXISTS items (id int PRIMARY KEY, doc jsonb)")
+    await database.execute("TRUNCATE items")
+    yield database
+    await database.close()
+
+
+async def test_session_commits_on_success(db: Database) -> None:
+    async with db.session() as s:
+        await s.execute(text("INSERT INTO items (id) VALUES (1)"))
+    assert await db.fetchval("SELECT count(*) FROM items") == 1
+
+
+async def test_session_rolls_back_on_error(db: Database) -> None:
+    async def failing() -> None:
+        async with db.session() as s:
+            await s.execute(text("INSERT INTO items (id) VALUES (2)"))
+            _boom()
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await failing()
+    assert await db.fetchval("SELECT count(*) FROM items") == 0
+    assert db.stats().checked_out == 0
+
+
+async def test_transaction_commits_and_rolls_back(db: Database) -> None:
+    async with db.transaction() as conn:
+        await conn.execute(text("INSERT INTO items (id) VALUES (3)"))
+
+    async def failing() -> None:
+        async with db.transaction() as conn:
+            await conn.execute(text("INSERT INTO items (id) VALUES (4)"))
+            _boom()
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await failing()
+    assert await db.fetch("SELECT id FROM items ORDER BY id") == [(3,)]
+
+
+async def test_raw_connection_is_from_the_pool_and_rolled_back(db: Database) -> None:
+    async with db.connection() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute("INSERT INTO items (id) VALUES (5)")
+        # left open on purpose: the pool must roll it back
+    assert await db.fetchval("SELECT count(*) FROM items") == 0
+    stats = db.stats()
+    assert (stats.checked_out, stats.pool_size) == (0, 1)
+
+
+async def test_hot_reads(db: Database) -> None:
+    assert await db.fetchval("SELECT $1::int * 2", 21) == 42
+    row = await db.fetchrow("SELECT 1 AS a, 'x' AS b")
+    assert row is not None
+    assert dict(row) == {"a": 1, "b": "x"}
+    assert await db.execute("INSERT INTO items (id) VALUES (6)") == "INSERT 0 1"
+
+
+async def test_connection_settings_are_applied(db: Database) -> None:
+    name = await db.fetchval("SELECT current_setting('application_name')")
+    import os
+
+    assert name == f"sheetanchor:app:{os.getpid()}"
+    assert await db.fetchval("SELECT current_setting('statement_timeout')") == "30s"
+    idle = await db.fetchval("SELECT current_setting('idle_in_transaction_session_timeout')")
+    assert idle == "1min"
+
+
+def test_engine_needs_a_running_loop(pg_url: str) -> None:
+    with pytest.raises(WrongEventLoop):
+        Database(pg_url).engine()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"size": 0}, "size"),
+        ({"max_overflow": -1}, "max_overflow"),
+        ({"timeout": 0}, "timeout"),
+        ({"recycle": float("nan")}, "recycle"),
+        ({"pre_ping_idle": -1.0}, "pre_ping_idle"),
+        ({"size": True}, "size"),
+    ],
+)
+def test_pool_settings_validate_eagerly(kwargs: dict[str, object], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        PoolSettings(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"statement_timeout": -1}, "statement_timeout"),
+        ({"connect_timeout": 0}, "connect_timeout"),
+        ({"leak_threshold": "soon"}, "leak_threshold"),
+        ({"role": "a:b"}, "role"),
+        ({"pgbouncer": "yes"}, "pgbouncer"),
+    ],
+)
+def test_database_validates_eagerly(kwargs: dict[str, object], name: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        Database("postgresql://u@127.0.0.1/db", **kwargs)  # type: ignore[arg-type]
+
+
+def test_database_needs_a_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SHEETANCHOR_PG_URL", raising=False)
+    with pytest.raises(ConfigError, match="SHEETANCHOR_PG_URL"):
+        Database()
+
+
+def test_repr_masks_the_password() -> None:
+    db = Database("postgresql://app:s3cret@127.0.0.1:5432/x")
+    assert "s3cret" not in repr(db)
+
+
+def test_global_database_across_asyncio_run(pg_url: str) -> None:
+    db = Database(pg_url, pool=PoolSettings(size=1, max_overflow=0))
+
+    async def use() -> int:
+        value: int = await db.fetchval("SELECT 1")
+        async with db.session() as s:
+            await s.execute(text("SELECT 1"))
+        return value
+
+    assert [asyncio.run(use()) for _ in range(5)] == [1] * 5
+    stats = db.stats()
+    assert (stats.engines_alive, stats.engines_disposed) == (0, 5)
