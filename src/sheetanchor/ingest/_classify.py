@@ -12,6 +12,8 @@ from typing import Any
 
 import asyncpg
 
+from sheetanchor.errors import PoolTimeout, TransientError
+
 __all__ = ["error_info", "is_data_error", "is_transient", "sqlstate_of"]
 
 # Connection exceptions, serialization failures, deadlocks, insufficient resources,
@@ -41,6 +43,8 @@ def is_data_error(exc: BaseException) -> bool:
 
 def is_transient(exc: BaseException) -> bool:
     """True when retrying the same write may succeed (connection lost, server busy, ...)."""
+    if isinstance(exc, TransientError | PoolTimeout):
+        return True
     code = sqlstate_of(exc)
     if code is not None:
         return code in _TRANSIENT_CODES or code.startswith(_TRANSIENT_PREFIXES)
