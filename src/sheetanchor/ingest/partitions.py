@@ -292,7 +292,8 @@ async def _partition_column_type(conn: Executor, parent: _Table, column: str) ->
     try:
         rows = await conn.fetch(
             "SELECT a.attname, format_type(a.atttypid, a.atttypmod) AS type, "
-            "pt.partstrat::text AS partstrat, pt.partnatts FROM pg_partitioned_table pt JOIN pg_attribute a "
+            "pt.partstrat::text AS partstrat, pt.partnatts "
+            "FROM pg_partitioned_table pt JOIN pg_attribute a "
             "ON a.attrelid = pt.partrelid AND a.attnum = pt.partattrs[0] "
             "WHERE pt.partrelid = $1::regclass",
             parent.sql,
