@@ -4,6 +4,10 @@
 ``max_rows``/``max_bytes`` per stream in memory, writes batches with binary COPY idempotently on
 the stream's natural key, isolates poison records by bisection, and routes whatever cannot be
 written to the ``DeadLetterStore`` (replayed automatically once the database is healthy).
+
+Also in this package: the durable ``Journal`` (``_journal``), data-quality checks
+(``quality``), the bounded ``Tail`` of recent records (``_tail``) and time-partitioned tables
+(``partitions``).
 """
 
 from __future__ import annotations
