@@ -36,7 +36,7 @@ from sheetanchor.ingest._classify import error_info, is_data_error
 from sheetanchor.ingest._journal_seam import JournalLike, open_journal
 from sheetanchor.ingest._metrics import FLUSH_SECONDS
 from sheetanchor.ingest._replay import FileReplay, replay_files
-from sheetanchor.ingest._retry import IngestRetry, RetryLike
+from sheetanchor.ingest._retry import DEFAULT_INGEST_POLICY, RetryLike
 from sheetanchor.ingest._sink import ConnectionSource, SinkOutcome
 from sheetanchor.ingest._state import StreamState, StreamStats, WriteBufferStats
 from sheetanchor.ingest._stream import Stream
@@ -147,7 +147,7 @@ class WriteBuffer:
         self._journal: JournalLike | None = journal
         self._global_sem: asyncio.Semaphore | None = None
         self._max_concurrency = max_concurrency
-        self._retry: RetryLike = retry if retry is not None else IngestRetry()
+        self._retry: RetryLike = retry if retry is not None else DEFAULT_INGEST_POLICY
         self._write_timeout = write_timeout
         self._replay_interval = replay_interval
         self._close_timeout = close_timeout
@@ -318,6 +318,12 @@ class WriteBuffer:
                 stream=st.name,
                 value=None,
             )
+        if st.gate is not None:
+            try:
+                st.gate.inspect(record)  # counts and logs findings; raises only for reject=True
+            except RecordError:
+                st.counts["rejected"] += 1
+                raise
         return row, size
 
     def _admit(self, st: StreamState, row: Row, size: int, record: Mapping[str, Any]) -> None:
@@ -346,8 +352,8 @@ class WriteBuffer:
             ) and not st.wake.is_set():
                 st.wake.set()
         st.counts["in"] += 1
-        for check in st.checks:
-            check.observe(record)
+        if st.tail is not None:
+            st.tail.append(record)
 
     def put_nowait(self, stream: str, record: Mapping[str, Any]) -> None:
         """Validate ``record`` and buffer it now, or raise.
@@ -420,6 +426,21 @@ class WriteBuffer:
                 f"{st.max_bytes}); PostgreSQL is not keeping up"
                 + (f" (last error: {st.last_error})" if st.last_error else "")
             )
+
+    def tail(self, stream: str, n: int) -> list[Mapping[str, Any]]:
+        """The newest ``n`` accepted records of ``stream``, oldest first (O(n)).
+
+        Raises:
+            ConfigError: unknown stream, or the stream was made without ``tail_rows``.
+        """
+        st = self._states.get(stream)
+        if st is None:
+            raise ConfigError(f"unknown stream {stream!r}; have {sorted(self._states)}")
+        if st.tail is None:
+            raise ConfigError(
+                f"stream {stream!r} keeps no tail; create it with Stream(..., tail_rows=N)"
+            )
+        return st.tail.last(n)
 
     # -- stats -------------------------------------------------------------------------------
     def stream_stats(self, stream: str) -> StreamStats:
@@ -670,6 +691,10 @@ class WriteBuffer:
     async def _recover(self) -> None:
         assert self._journal is not None
         records = await _maybe_await(self._journal.recover())
+        # Every recovered record has a sequence number <= last_seq, and no new append can
+        # happen before open() returns: the batches holding them may commit up to last_seq.
+        for state in self._states.values():
+            state.last_seq = max(state.last_seq, self._journal.last_seq)
         count = 0
         for stream, record in records:
             st = self._states.get(stream)
