@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import os
-import time
-import uuid
 import warnings
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -31,16 +28,15 @@ from sheetanchor.errors import (
     ResourceClosed,
     WrongEventLoop,
 )
-from sheetanchor.ingest._bisect import BisectAborted, BisectResult, bisect_write
-from sheetanchor.ingest._classify import error_info, is_data_error
+from sheetanchor.ingest._classify import error_info
 from sheetanchor.ingest._journal_seam import JournalLike, open_journal
-from sheetanchor.ingest._metrics import FLUSH_SECONDS
 from sheetanchor.ingest._replay import FileReplay, replay_files
 from sheetanchor.ingest._retry import DEFAULT_INGEST_POLICY, RetryLike
-from sheetanchor.ingest._sink import ConnectionSource, SinkOutcome
+from sheetanchor.ingest._sink import ConnectionSource
 from sheetanchor.ingest._state import StreamState, StreamStats, WriteBufferStats
 from sheetanchor.ingest._stream import Stream
 from sheetanchor.ingest._validate import Row
+from sheetanchor.ingest._writer import BatchWriter, maybe_await
 from sheetanchor.ingest.deadletter import DEFAULT_DEADLETTER_MAX_BYTES, DeadLetterStore
 from sheetanchor.observe import get_logger
 
@@ -48,12 +44,6 @@ __all__ = ["WriteBuffer"]
 
 _log = get_logger("ingest")
 T = TypeVar("T")
-
-
-async def _maybe_await(value: Awaitable[T] | T) -> T:
-    if inspect.isawaitable(value):
-        return await value
-    return value
 
 
 class WriteBuffer:
@@ -158,7 +148,7 @@ class WriteBuffer:
         self._opened = False
         self._closing = False
         self._closed = False
-        self._unsaved = 0
+        self._writer = BatchWriter(db, self._store, self._retry, write_timeout)
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -192,6 +182,7 @@ class WriteBuffer:
         await self._retry.call(prepare)
         if self._journal is None and self._journal_dir is not None:
             self._journal = open_journal(self._journal_dir, fsync=self._journal_fsync)
+        self._writer.start(self._global_sem, self._journal)
         self._opened = True
         for st in self._states.values():
             self._flushers.append(asyncio.create_task(self._flusher(st), name=f"flush:{st.name}"))
@@ -230,6 +221,7 @@ class WriteBuffer:
         if self._closed or self._closing:
             return
         self._closing = True
+        self._writer.closing = True
         try:
             if not self._opened:
                 return
@@ -256,12 +248,12 @@ class WriteBuffer:
             for st in self._states.values():
                 st.publish()
             if self._journal is not None:
-                await _maybe_await(self._journal.close())
+                await maybe_await(self._journal.close())
         finally:
             self._closed = True
-        if self._unsaved:
+        if self._writer.unsaved:
             raise DeadLetterFull(
-                f"{self._unsaved} row(s) could be written neither to PostgreSQL nor to the "
+                f"{self._writer.unsaved} row(s) could be written neither to PostgreSQL nor to the "
                 f"dead-letter store {self._store.directory}; see the log for their errors"
             )
 
@@ -512,7 +504,7 @@ class WriteBuffer:
             st.inflight_bytes += nbytes
             entry = [st.last_seq, 0]
             st.commits.append(entry)
-            task = asyncio.create_task(self._write_batch(st, rows, nbytes, entry))
+            task = asyncio.create_task(self._writer.write_batch(st, rows, nbytes, entry))
             self._writers.add(task)
             task.add_done_callback(self._writers.discard)
             st.publish()
@@ -524,173 +516,16 @@ class WriteBuffer:
         st.inflight_rows += len(rows)
         st.inflight_bytes += nbytes
         try:
-            await self._dead_letter(st, "spilled", rows)
+            await self._writer.dead_letter(st, "spilled", rows)
         finally:
             st.inflight_rows -= len(rows)
             st.inflight_bytes -= nbytes
             st.room.set()
 
-    async def _write_batch(
-        self, st: StreamState, rows: list[Row], nbytes: int, entry: list[int]
-    ) -> None:
-        assert self._global_sem is not None
-        released_rows = 0
-        released_bytes = 0
-        try:
-            async with self._global_sem:
-                for start in range(0, len(rows), st.batch_rows):
-                    chunk = rows[start : start + st.batch_rows]
-                    await self._write_chunk(st, chunk)
-                    chunk_bytes = nbytes * (start + len(chunk)) // len(rows) - released_bytes
-                    st.inflight_rows -= len(chunk)
-                    st.inflight_bytes -= chunk_bytes
-                    released_rows += len(chunk)
-                    released_bytes += chunk_bytes
-                    st.room.set()
-            entry[1] = 1
-            await self._journal_done(st)
-        except asyncio.CancelledError:
-            # close() ran out of time: what is not written goes to disk, never lost silently.
-            rest = rows[released_rows:]
-            if rest:
-                self._dead_letter_now(st, "failed", rest)
-            raise
-        finally:
-            st.inflight_rows -= len(rows) - released_rows
-            st.inflight_bytes -= nbytes - released_bytes
-            st.sem.release()
-            st.room.set()
-            st.publish()
-
-    async def _journal_done(self, st: StreamState) -> None:
-        # Commit the journal only up to the oldest batch still in flight: a later batch that
-        # finished first must not truncate records of an earlier one that may still fail.
-        if self._journal is None:
-            st.commits.clear()
-            return
-        upto = 0
-        while st.commits and st.commits[0][1]:
-            upto = max(upto, st.commits.popleft()[0])
-        if upto:
-            await _maybe_await(self._journal.commit(st.name, upto))
-
-    async def _attempt(
-        self, st: StreamState, rows: Sequence[Row], batch_id: str | None
-    ) -> SinkOutcome:
-        async with asyncio.timeout(self._write_timeout), self._db.connection() as conn:
-            return await st.sink.write(conn, rows, batch_id=batch_id)
-
-    async def _write_chunk(self, st: StreamState, chunk: list[Row]) -> None:
-        """Write one chunk; every outcome is routed (written, quarantined, dead-lettered)."""
-        batch_id = str(uuid.uuid4())
-        started = time.perf_counter()
-        st.batches += 1
-        try:
-            outcome = await self._retry.call(self._attempt, st, chunk, batch_id)
-        except Exception as exc:  # noqa: BLE001  routed below: bisect or dead-letter
-            if is_data_error(exc):
-                await self._bisect(st, chunk, exc)
-                return
-            st.last_error = f"{type(exc).__name__}: {exc}"
-            _log.warning(
-                "stream %s: batch of %d rows not written (%s); dead-lettering it",
-                st.name,
-                len(chunk),
-                st.last_error,
-            )
-            await self._dead_letter(st, "failed", chunk, batch_id=batch_id)
-            return
-        finally:
-            FLUSH_SECONDS.labels(st.name).observe(time.perf_counter() - started)
-        st.last_error = None
-        if outcome.path == "ledger":
-            st.counts["duplicate"] += len(chunk)
-        else:
-            st.counts["written"] += outcome.inserted
-            st.counts["duplicate"] += len(chunk) - outcome.inserted
-
-    async def _bisect(self, st: StreamState, chunk: list[Row], first: Exception) -> None:
-        inserted = 0
-
-        async def write_segment(segment: Sequence[Row]) -> SinkOutcome:
-            nonlocal inserted
-            outcome = await self._retry.call(self._attempt, st, segment, None)
-            inserted += outcome.inserted
-            return outcome
-
-        remaining: list[Row] = []
-        try:
-            result: BisectResult[Row] = await bisect_write(
-                chunk, write_segment, is_data_error, first_error=first
-            )
-        except BisectAborted as exc:
-            result = exc.result
-            remaining = exc.remaining
-            cause = exc.__cause__
-            st.last_error = f"{type(cause).__name__}: {cause}"
-        st.counts["written"] += inserted
-        st.counts["duplicate"] += result.written - inserted
-        if result.poison:
-            rows = [row for row, _ in result.poison]
-            errors = [error_info(err) for _, err in result.poison]
-            for row, err in result.poison[:5]:
-                _log.warning("stream %s: poison record quarantined: %s (%s)", st.name, err, row)
-            await self._dead_letter(st, "poison", rows, errors=errors)
-        if remaining:
-            await self._dead_letter(st, "failed", remaining)
-
-    async def _dead_letter(
-        self,
-        st: StreamState,
-        reason: str,
-        rows: list[Row],
-        *,
-        errors: list[dict[str, Any]] | None = None,
-        batch_id: str | None = None,
-    ) -> None:
-        delay = 0.2
-        while True:
-            try:
-                await asyncio.to_thread(
-                    self._store.write, st.describe, reason, rows, errors=errors, batch_id=batch_id
-                )
-                break
-            except (DeadLetterFull, OSError) as exc:
-                # Nowhere to put them: the rows stay in flight, still counted against the
-                # stream's limit (memory stays bounded; producers wait) and we retry both
-                # the disk and, for a failed batch, the database.
-                st.last_error = f"{type(exc).__name__}: {exc}"
-                _log.error("stream %s: cannot dead-letter %d rows: %s", st.name, len(rows), exc)
-                if self._closing:
-                    self._unsaved += len(rows)
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-                if reason == "failed":
-                    try:
-                        outcome = await self._attempt(st, rows, batch_id)
-                    except Exception as db_exc:  # noqa: BLE001  logged; retried next round
-                        _log.info("stream %s: database still refuses: %s", st.name, db_exc)
-                        continue
-                    st.counts["written"] += outcome.inserted
-                    st.counts["duplicate"] += len(rows) - outcome.inserted
-                    return
-        key = {"failed": "failed", "spilled": "spilled", "poison": "quarantined"}[reason]
-        st.counts[key] += len(rows)
-
-    def _dead_letter_now(self, st: StreamState, reason: str, rows: list[Row]) -> None:
-        try:
-            self._store.write(st.describe, reason, rows)
-        except (DeadLetterFull, OSError) as exc:
-            _log.error("stream %s: %d rows lost at close: %s", st.name, len(rows), exc)
-            self._unsaved += len(rows)
-            return
-        st.counts["failed"] += len(rows)
-
     # -- recovery ------------------------------------------------------------------------------
     async def _recover(self) -> None:
         assert self._journal is not None
-        records = await _maybe_await(self._journal.recover())
+        records = await maybe_await(self._journal.recover())
         # Every recovered record has a sequence number <= last_seq, and no new append can
         # happen before open() returns: the batches holding them may commit up to last_seq.
         for state in self._states.values():
@@ -707,7 +542,7 @@ class WriteBuffer:
                 row, size = st.validator.validate(record)
             except RecordError as exc:
                 bad = tuple(record.get(c) for c in st.stream.column_names)
-                await self._dead_letter(st, "poison", [bad], errors=[error_info(exc)])
+                await self._writer.dead_letter(st, "poison", [bad], errors=[error_info(exc)])
                 continue
             if not st.has_room(size):
                 await self._wait_room(st, size)
