@@ -319,8 +319,8 @@ class WriteBuffer:
         return row, size
 
     def _admit(self, st: StreamState, row: Row, size: int, record: Mapping[str, Any]) -> None:
-        held_rows = len(st.rows) + st.inflight_rows + len(st.spill)
-        held_bytes = st.bytes + st.inflight_bytes + st.spill_bytes + size
+        held_rows = len(st.rows) + st.inflight_rows + len(st.spill) + st.reserved_rows
+        held_bytes = st.bytes + st.inflight_bytes + st.spill_bytes + st.reserved_bytes + size
         if held_rows >= st.max_rows or held_bytes > st.max_bytes:
             raise BufferFull(
                 f"stream {st.name!r} ({st.stream.kind}) holds {held_rows} rows / "
@@ -382,25 +382,74 @@ class WriteBuffer:
         if st.best_effort:
             self._admit(st, row, size, record)
             return
+        if not st.has_room(size):
+            await self._wait_room(st, size)
         if self._journal is None:
-            if not st.has_room(size):
-                await self._wait_room(st, size)
             self._admit(st, row, size, record)
-            return
-        # Journaled puts are serialised per stream so records enter the buffer in journal
-        # order: a batch's max sequence number then covers exactly what was written.
-        async with st.journal_lock:
-            if not st.has_room(size):
-                await self._wait_room(st, size)
-            seq = await self._journal.append(stream, [st.validator.as_dict(row)])
-            st.last_seq = max(st.last_seq, seq)
-            self._admit(st, row, size, record)
+        else:
+            await self._journaled(st, [row], size, [record])
 
-    async def _wait_room(self, st: StreamState, size: int) -> None:
+    async def put_many(self, stream: str, records: Sequence[Mapping[str, Any]]) -> None:
+        """Validate all ``records`` first, then buffer them like ``put`` (waiting for room).
+
+        With a journal, the records are made durable with one append per ``batch_rows``:
+        the fast way to ingest with ``journal_dir`` set.
+
+        Raises:
+            RecordError: a record is invalid; none of ``records`` was buffered.
+            BufferFull: no room within the stream's ``put_timeout``.
+        """
+        st = self._state(stream)
+        self._check_loop()
+        checked = [self._validate(st, record) for record in records]
+        step = max(1, min(st.batch_rows, st.max_rows))
+        for start in range(0, len(checked), step):
+            part = checked[start : start + step]
+            originals = records[start : start + step]
+            if st.best_effort:
+                for (row, size), record in zip(part, originals, strict=True):
+                    self._admit(st, row, size, record)
+                continue
+            nbytes = sum(size for _, size in part)
+            if not st.has_room(nbytes, len(part)):
+                await self._wait_room(st, nbytes, len(part))
+            if self._journal is None:
+                for (row, size), record in zip(part, originals, strict=True):
+                    self._admit(st, row, size, record)
+            else:
+                await self._journaled(st, [row for row, _ in part], nbytes, originals)
+
+    async def _journaled(
+        self, st: StreamState, rows: list[Row], nbytes: int, records: Sequence[Mapping[str, Any]]
+    ) -> None:
+        # Room is reserved while the journal makes the records durable, so concurrent puts
+        # cannot overshoot the bound. The journal hands out sequence numbers when append is
+        # called and completes appends in that order, so records enter the buffer in sequence
+        # order and a batch's last_seq covers exactly the records swapped out with it.
+        assert self._journal is not None
+        st.reserved_rows += len(rows)
+        st.reserved_bytes += nbytes
+        try:
+            seq = await self._journal.append(st.name, [st.validator.as_dict(r) for r in rows])
+        finally:
+            st.reserved_rows -= len(rows)
+            st.reserved_bytes -= nbytes
+        st.last_seq = max(st.last_seq, seq)
+        for row, record in zip(rows, records, strict=True):
+            # Room was reserved: enqueue without the bound check (same accounting).
+            st.rows.append(row)
+            st.counts["in"] += 1
+            if st.tail is not None:
+                st.tail.append(record)
+        st.bytes += nbytes
+        if len(st.rows) >= st.batch_rows or st.held_rows >= st.high_rows:
+            st.wake.set()
+
+    async def _wait_room(self, st: StreamState, size: int, rows: int = 1) -> None:
         assert self._loop is not None
         deadline = self._loop.time() + st.stream.put_timeout
         st.waits += 1
-        while not st.has_room(size):
+        while not st.has_room(size, rows):
             if self._closing:
                 raise ResourceClosed(f"WriteBuffer closed while a put on {st.name!r} waited")
             remaining = deadline - self._loop.time()
@@ -411,7 +460,7 @@ class WriteBuffer:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining):
                     await st.room.wait()
-        if not st.has_room(size):
+        if not st.has_room(size, rows):
             raise BufferFull(
                 f"stream {st.name!r} stayed full for put_timeout={st.stream.put_timeout} s "
                 f"({st.held_rows} rows / {st.held_bytes} bytes held, limits {st.max_rows} / "
