@@ -35,7 +35,7 @@ async def test_journaled_puts_land_and_the_journal_is_committed(
         journal_dir=tmp_path / "j",
         replay_interval=None,
     ) as buffer:
-        with pytest.raises(ConfigError, match="await buffer.put"):
+        with pytest.raises(ConfigError, match=r"await buffer\.put"):
             buffer.put_nowait("ticks", tick(0))
         for i in range(120):
             await buffer.put("ticks", tick(i))
