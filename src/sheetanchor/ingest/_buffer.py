@@ -60,6 +60,8 @@ class WriteBuffer:
         journal_dir: when set, authoritative ``put`` appends to a disk journal before
             returning, and ``open()`` re-enqueues what was never committed.
         journal_fsync: ``"batch"``, ``"always"`` or ``"never"``.
+        journal: an already built journal (``append``/``commit``/``recover``/``close``,
+            ``last_seq``) instead of ``journal_dir``; the buffer closes it on ``close()``.
         max_concurrency: batches written at once over all streams.
         retry: retry policy for transient errors (``await policy.call(fn, *args)``).
         write_timeout: seconds one write attempt may take (then it counts as transient).
