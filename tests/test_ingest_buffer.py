@@ -317,3 +317,29 @@ async def test_close_flushes_and_stats_add_up(db: Database, tmp_path: Path) -> N
         "sheetanchor_ingest_flush_seconds_count",
     ):
         assert f'{name}{{stream="ticks"}}' in metrics, name
+
+
+async def test_close_past_its_deadline_dead_letters_what_is_unwritten(
+    db: Database, pg_url: str, tmp_path: Path
+) -> None:
+    table = table_name()
+    await create_tick_table(db, table)
+    stream = tick_stream(table, batch_rows=10, flush_interval=0.02)
+    store = DeadLetterStore(tmp_path)
+    buffer = WriteBuffer(db, [stream], deadletter=store, replay_interval=None, close_timeout=0.3)
+    await buffer.open()
+    async with locked(pg_url, table):
+        for i in range(100):
+            buffer.put_nowait("ticks", tick(i))
+        async with asyncio.timeout(30):
+            while await lock_waiters(db, table) == 0:
+                await asyncio.sleep(0.01)
+        await buffer.close()  # the writes are stuck behind the lock: close gives up on them
+    s = buffer.stream_stats("ticks")
+    assert s.held_rows == 0
+    assert s.rows_written == 0
+    assert s.rows_failed == 100
+    assert sum(store.read(f.path).header["rows"] for f in store.files()) == 100
+    async with WriteBuffer(db, [stream], deadletter=store, replay_interval=None) as again:
+        await again.replay()
+    assert await db.fetchval(f"SELECT count(*) FROM {table}") == 100

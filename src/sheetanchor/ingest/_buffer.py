@@ -255,6 +255,14 @@ class WriteBuffer:
             for task in list(self._writers):
                 task.cancel()
             await asyncio.gather(*self._writers, return_exceptions=True)
+            for st in self._states.values():
+                # Flushers cancelled at the deadline may leave rows behind: to disk, not lost.
+                rows, spill = st.rows, st.spill
+                st.rows, st.bytes, st.spill, st.spill_bytes = [], 0, [], 0
+                if rows:
+                    self._writer.dead_letter_now(st, "failed", rows)
+                if spill:
+                    self._writer.dead_letter_now(st, "spilled", spill)
             if self._replayer is not None:
                 self._replayer.cancel()
                 await asyncio.gather(self._replayer, return_exceptions=True)

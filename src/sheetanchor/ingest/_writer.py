@@ -69,6 +69,7 @@ class BatchWriter:
         assert self._global_sem is not None
         released_rows = 0
         released_bytes = 0
+        unsaved_before = self.unsaved
         try:
             async with self._global_sem:
                 for start in range(0, len(rows), st.batch_rows):
@@ -80,7 +81,10 @@ class BatchWriter:
                     released_rows += len(chunk)
                     released_bytes += chunk_bytes
                     st.room.set()
-            entry[1] = 1
+            if self.unsaved == unsaved_before:
+                # Only rows that are in PostgreSQL or in a dead-letter file may leave the
+                # journal; rows saved nowhere stay in it and are recovered at the next open.
+                entry[1] = 1
             await self.journal_done(st)
         except asyncio.CancelledError:
             # close() ran out of time: what is not written goes to disk, never lost silently.
@@ -212,10 +216,11 @@ class BatchWriter:
         st.counts[key] += len(rows)
 
     def dead_letter_now(self, st: StreamState, reason: str, rows: list[Row]) -> None:
+        """Blocking dead-letter write, for close() past its deadline (no loop time left)."""
         try:
             self._store.write(st.describe, reason, rows)
         except (DeadLetterFull, OSError) as exc:
-            _log.error("stream %s: %d rows lost at close: %s", st.name, len(rows), exc)
+            _log.error("stream %s: %d rows saved nowhere at close: %s", st.name, len(rows), exc)
             self.unsaved += len(rows)
             return
-        st.counts["failed"] += len(rows)
+        st.counts["spilled" if reason == "spilled" else "failed"] += len(rows)
