@@ -92,7 +92,9 @@ async def wait_until_ready(
                 number += 1
                 budget = max(0.05, min(_ATTEMPT_TIMEOUT, remaining()))
                 try:
-                    await asyncio.wait_for(probe(budget), timeout=budget + 0.5)
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can lose a cancellation.
+                    async with asyncio.timeout(budget + 0.5):
+                        await probe(budget)
                 except Exception as exc:  # routed: retried if transient, else NotReady below
                     last_error = exc
                     elapsed = time.monotonic() - start

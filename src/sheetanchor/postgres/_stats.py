@@ -85,15 +85,22 @@ class _DatabaseCollector(Collector):
     def collect(self) -> Iterator[Any]:
         with _lock:
             snapshots = [src.stats() for src in list(_sources)]
+        # Two Database objects may share a name: sum them, one sample per label value.
+        totals: dict[str, dict[str, float]] = {}
+        for snap in snapshots:
+            row = totals.setdefault(snap.name, {})
+            for field, value in snap._asdict().items():
+                if field != "name":
+                    row[field] = row.get(field, 0.0) + float(value)
         for field, what, doc in _GAUGES:
             gauge = GaugeMetricFamily(metric_name("pg", what), doc, labels=["database"])
-            for snap in snapshots:
-                gauge.add_metric([snap.name], float(getattr(snap, field)))
+            for name, row in sorted(totals.items()):
+                gauge.add_metric([name], row[field])
             yield gauge
         for field, what, doc in _COUNTERS:
             counter = CounterMetricFamily(metric_name("pg", what), doc, labels=["database"])
-            for snap in snapshots:
-                counter.add_metric([snap.name], float(getattr(snap, field)))
+            for name, row in sorted(totals.items()):
+                counter.add_metric([name], row[field])
             yield counter
 
     def describe(self) -> Iterator[Any]:

@@ -1,0 +1,426 @@
+"""``RedisClient``: one redis-py asyncio pool per (process, running event loop).
+
+A ``redis.asyncio.Redis`` binds its connections to the event loop that first used them.
+Used from a second loop (Celery tasks, ``asyncio.run`` per job, tests) it fails with
+``Event loop is closed`` or ``attached to a different loop`` and leaks sockets (incident 002).
+``RedisClient`` is safe as a module global: :meth:`RedisClient.client` returns the Redis client
+of the *running* loop, creating it on first use.
+
+Rules it keeps:
+
+* Clients are keyed by the loop object itself (never ``id(loop)``, which a new loop can reuse).
+  The registry holds the loop strongly, so a key cannot be recycled while its entry lives.
+* Each client is closed *inside its own loop* when that loop shuts down: a small closer task
+  waits in the loop, and ``asyncio.run`` (or ``asyncio.Runner``) cancels it at the end, which
+  closes the pool cleanly. A loop closed without cancelling its tasks leaves the client to be
+  swept and counted as abandoned on the next creation.
+* After ``fork()`` the child never touches the parent's sockets: the inherited clients are
+  set aside untouched (not closed: closing a TLS socket would send bytes on the parent's
+  session) and the child opens its own on first use.
+* The lookup is one dictionary read; creation takes a ``threading.Lock``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import NamedTuple, Protocol, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from sheetanchor.config import parse_url, redact, redis_url_from_env
+from sheetanchor.errors import ConfigError, ResourceClosed, WrongEventLoop
+from sheetanchor.observe import get_logger
+from sheetanchor.redis import _metrics
+
+__all__ = ["DEFAULT_REDIS_RETRY", "RedisClient", "RedisRetry", "RedisStats"]
+
+_log = get_logger("redis")
+_T = TypeVar("_T")
+
+
+class _RetrySettings(Protocol):
+    """What the client needs from a retry policy (``sheetanchor.retry.RetryPolicy`` fits)."""
+
+    @property
+    def max_attempts(self) -> int: ...
+
+    @property
+    def initial(self) -> float: ...
+
+    @property
+    def maximum(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RedisRetry:
+    """Retry settings for transient Redis errors (connection lost, timeout).
+
+    Any object with ``max_attempts``, ``initial`` and ``maximum`` works in its place (e.g.
+    ``sheetanchor.retry.RetryPolicy``). Backoff is exponential with full jitter, capped at
+    ``maximum`` seconds.
+    """
+
+    max_attempts: int = 3
+    initial: float = 0.05
+    maximum: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.initial < 0 or self.maximum < self.initial:
+            raise ConfigError(
+                f"need 0 <= initial <= maximum, got initial={self.initial} maximum={self.maximum}"
+            )
+
+
+DEFAULT_REDIS_RETRY = RedisRetry()
+
+
+class RedisStats(NamedTuple):
+    """Counters of one :class:`RedisClient` in this process.
+
+    Attributes:
+        clients_alive: per-loop Redis clients open now.
+        clients_created: per-loop clients created so far.
+        clients_disposed: clients closed cleanly (their loop ended, or ``close()``).
+        clients_abandoned: clients left behind unclosed: their loop was closed without
+            cancelling its tasks, or they were inherited across ``fork()``.
+        connections_in_use: connections checked out of the pools now.
+        connections_idle: open connections waiting in the pools.
+        max_connections: the per-loop pool limit.
+    """
+
+    clients_alive: int
+    clients_created: int
+    clients_disposed: int
+    clients_abandoned: int
+    connections_in_use: int
+    connections_idle: int
+    max_connections: int
+
+
+@dataclass(eq=False, slots=True)
+class _Entry:
+    loop: asyncio.AbstractEventLoop
+    redis: aioredis.Redis
+    pid: int
+    stop: asyncio.Future[None]
+    closer: asyncio.Task[None] | None = None
+    forsaken: bool = False
+    closed: bool = field(default=False)
+
+
+# Every live RedisClient, for the fork hook and the metrics collector.
+_LIVE: weakref.WeakSet[RedisClient] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for rc in list(_LIVE):
+        rc._forsake_inherited()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _to_redis_retry(policy: _RetrySettings) -> Retry:
+    return Retry(
+        ExponentialWithJitterBackoff(cap=policy.maximum, base=policy.initial),
+        retries=policy.max_attempts - 1,
+        supported_errors=(RedisConnectionError, RedisTimeoutError, OSError),  # type: ignore[arg-type]
+    )
+
+
+class RedisClient:
+    """A loop-aware, fork-safe Redis client; safe to create once as a module global.
+
+    Args:
+        url: ``redis://[:password@]host:port/db``; ``None`` reads ``SHEETANCHOR_REDIS_URL``.
+        name: label for metrics and logs (low cardinality: one per logical client).
+        health_check_interval: seconds a pooled connection may sit idle before it is pinged
+            on checkout (catches connections killed by a restart or a proxy).
+        socket_timeout: seconds to wait for a reply before the call fails (transient).
+        socket_connect_timeout: seconds to wait for a TCP connect.
+        retry: retry policy for transient errors (connection lost, timeout); any object with
+            ``max_attempts``, ``initial``, ``maximum`` (``sheetanchor.retry.RetryPolicy`` fits).
+        max_connections: connections per (process, loop) pool.
+        pool_timeout: seconds a call waits for a free pooled connection.
+        decode_responses: passed to redis-py (default ``False``: bytes in, bytes out).
+
+    Raises:
+        ConfigError: no URL, a non-Redis URL, or an invalid number.
+
+    Example::
+
+        rc = RedisClient()                        # module global
+        async def handler() -> bytes | None:
+            return await rc.client().get("k")     # the client of the running loop
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        name: str = "default",
+        health_check_interval: float = 15.0,
+        socket_timeout: float = 5.0,
+        socket_connect_timeout: float = 5.0,
+        retry: _RetrySettings | None = None,
+        max_connections: int = 50,
+        pool_timeout: float = 5.0,
+        decode_responses: bool = False,
+    ) -> None:
+        resolved = url if url is not None else redis_url_from_env()
+        if not resolved:
+            raise ConfigError("no Redis URL: pass url=... or set SHEETANCHOR_REDIS_URL")
+        parsed = parse_url(resolved)
+        if parsed.kind != "redis":
+            raise ConfigError(f"expected a Redis URL (redis://...), got {parsed.display!r}")
+        for arg, value in (
+            ("health_check_interval", health_check_interval),
+            ("socket_timeout", socket_timeout),
+            ("socket_connect_timeout", socket_connect_timeout),
+            ("pool_timeout", pool_timeout),
+        ):
+            if value < 0:
+                raise ConfigError(f"{arg} must be >= 0 seconds, got {value}")
+        if max_connections < 1:
+            raise ConfigError(f"max_connections must be >= 1, got {max_connections}")
+        self._url = resolved
+        self.name = name
+        self._display = parsed.display
+        self._health_check_interval = health_check_interval
+        self._socket_timeout = socket_timeout
+        self._socket_connect_timeout = socket_connect_timeout
+        self._retry = retry if retry is not None else DEFAULT_REDIS_RETRY
+        self._max_connections = max_connections
+        self._pool_timeout = pool_timeout
+        self._decode_responses = decode_responses
+        self._entries: dict[asyncio.AbstractEventLoop, _Entry] = {}
+        self._inherited: list[_Entry] = []  # kept referenced so their sockets are never closed
+        self._lock = threading.Lock()
+        self._closed = False
+        self._created = 0
+        self._disposed = 0
+        self._abandoned = 0
+        _LIVE.add(self)
+
+    def __repr__(self) -> str:
+        return f"RedisClient({self._display!r}, name={self.name!r}, alive={len(self._entries)})"
+
+    @property
+    def url(self) -> str:
+        """The configured URL, password redacted."""
+        return redact(self._url)
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
+
+    def client(self) -> aioredis.Redis:
+        """Return the ``redis.asyncio.Redis`` of the running event loop (created on first use).
+
+        Raises:
+            WrongEventLoop: called outside a running event loop.
+            ResourceClosed: after :meth:`close`.
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise WrongEventLoop(
+                f"RedisClient({self.name!r}).client() needs a running event loop; "
+                "call it from a coroutine"
+            ) from None
+        entry = self._entries.get(loop)  # the fast path: one dict read, no lock
+        if entry is not None:
+            return entry.redis
+        return self._create(loop)
+
+    async def call(self, fn: Callable[[aioredis.Redis], Awaitable[_T]]) -> _T:
+        """Run ``await fn(redis)`` with the client of the running loop.
+
+        Transient errors are retried inside redis-py with this client's retry policy.
+        """
+        return await fn(self.client())
+
+    async def ping(self) -> bool:
+        """``PING`` the server; True when it answers."""
+        return bool(await self.client().ping())
+
+    def stats(self) -> RedisStats:
+        """Counters and pool occupancy for this process (see :class:`RedisStats`)."""
+        in_use = idle = 0
+        for entry in list(self._entries.values()):
+            pool = entry.redis.connection_pool
+            in_use += len(getattr(pool, "_in_use_connections", ()))
+            idle += sum(1 for c in getattr(pool, "_available_connections", ()) if c.is_connected)
+        return RedisStats(
+            clients_alive=len(self._entries),
+            clients_created=self._created,
+            clients_disposed=self._disposed,
+            clients_abandoned=self._abandoned,
+            connections_in_use=in_use,
+            connections_idle=idle,
+            max_connections=self._max_connections,
+        )
+
+    async def close(self) -> None:
+        """Close every client of this process; later :meth:`client` calls raise.
+
+        The client of the running loop is closed here. Clients of loops running in other
+        threads are closed in their loops (waited for up to ``socket_connect_timeout``);
+        clients of idle loops close when those loops shut down.
+        """
+        self._closed = True
+        with self._lock:
+            entries = list(self._entries.values())
+            self._entries.clear()
+        try:
+            current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        for entry in entries:
+            if entry.loop is current:
+                await self._dispose(entry, reason="closed")
+            elif entry.loop.is_running() and not entry.loop.is_closed():
+                fut = asyncio.run_coroutine_threadsafe(
+                    self._dispose(entry, reason="closed"), entry.loop
+                )
+                try:
+                    await asyncio.wait_for(
+                        asyncio.wrap_future(fut), timeout=self._socket_connect_timeout or None
+                    )
+                except TimeoutError:
+                    _log.warning(
+                        "RedisClient %s: client of another loop did not close within %.1fs; "
+                        "it closes when that loop ends",
+                        self.name,
+                        self._socket_connect_timeout,
+                    )
+            elif entry.loop.is_closed():
+                self._abandon(entry, reason="loop_closed")
+            # else: an idle loop; its closer task disposes of the client when the loop ends.
+
+    async def __aenter__(self) -> RedisClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _create(self, loop: asyncio.AbstractEventLoop) -> aioredis.Redis:
+        with self._lock:
+            if self._closed:
+                raise ResourceClosed(f"RedisClient({self.name!r}) is closed; create a new one")
+            entry = self._entries.get(loop)
+            if entry is not None:
+                return entry.redis
+            self._sweep_closed_loops()
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self._url,
+                max_connections=self._max_connections,
+                timeout=self._pool_timeout,
+                socket_timeout=self._socket_timeout or None,
+                socket_connect_timeout=self._socket_connect_timeout or None,
+                health_check_interval=self._health_check_interval,
+                retry=_to_redis_retry(self._retry),
+                decode_responses=self._decode_responses,
+            )
+            redis = aioredis.Redis.from_pool(pool)
+            entry = _Entry(loop=loop, redis=redis, pid=os.getpid(), stop=loop.create_future())
+            # Only a task can be cancelled by asyncio.run at loop end; it closes the pool there.
+            entry.closer = loop.create_task(
+                self._close_at_loop_end(entry), name=f"sheetanchor-redis-closer[{self.name}]"
+            )
+            self._entries[loop] = entry
+            self._created += 1
+        _metrics.CREATED.labels(self.name).inc()
+        _log.debug("RedisClient %s: new client for loop %r (pid %d)", self.name, loop, entry.pid)
+        return redis
+
+    async def _close_at_loop_end(self, entry: _Entry) -> None:
+        try:
+            await entry.stop
+        except asyncio.CancelledError:
+            # The loop is shutting down (asyncio.run cancels every task): close here, in the
+            # loop that owns the sockets, then let the cancellation finish.
+            if not entry.forsaken:
+                with self._lock:
+                    if self._entries.get(entry.loop) is entry:
+                        del self._entries[entry.loop]
+                await self._dispose(entry, reason="loop_end")
+            raise
+
+    async def _dispose(self, entry: _Entry, *, reason: str) -> None:
+        if entry.closed or entry.forsaken:
+            return
+        entry.closed = True
+        if not entry.stop.done():
+            entry.stop.set_result(None)
+        try:
+            await entry.redis.aclose()
+        except (RedisError, OSError) as exc:
+            # Closing a broken connection can fail; the sockets are gone either way.
+            _metrics.CLOSE_ERRORS.labels(self.name).inc()
+            _log.warning("RedisClient %s: error while closing (%s): %r", self.name, reason, exc)
+        self._disposed += 1
+        _metrics.DISPOSED.labels(self.name, reason).inc()
+
+    def _abandon(self, entry: _Entry, *, reason: str) -> None:
+        entry.forsaken = True
+        self._inherited.append(entry)
+        self._abandoned += 1
+        _metrics.DISPOSED.labels(self.name, reason).inc()
+        _log.warning(
+            "RedisClient %s: client of loop %r abandoned (%s); its sockets are not reused",
+            self.name,
+            entry.loop,
+            reason,
+        )
+
+    def _sweep_closed_loops(self) -> None:
+        # Called under self._lock. A loop closed without cancelling its tasks never ran our
+        # closer; its client cannot be closed any more (its loop is gone): count it, drop it.
+        for loop in [lp for lp in self._entries if lp.is_closed()]:
+            entry = self._entries.pop(loop)
+            if not entry.closed:
+                self._abandon(entry, reason="loop_closed")
+
+    def _forsake_inherited(self) -> None:
+        # In a fork child: the parent's sockets must never be used or closed here. Keep the
+        # objects referenced (no finalizer runs on them) and start empty. The lock may have
+        # been held by another parent thread at fork time, so replace it.
+        self._lock = threading.Lock()
+        inherited = list(self._entries.values())
+        self._entries = {}
+        for entry in inherited:
+            entry.forsaken = True
+        self._inherited.extend(inherited)
+        self._abandoned += len(inherited)
+
+    def _snapshot(self) -> tuple[str, RedisStats]:
+        return self.name, self.stats()
+
+
+def _iter_live() -> list[RedisClient]:
+    return list(_LIVE)
+
+
+_metrics.install_collector(_iter_live)

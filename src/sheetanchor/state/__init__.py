@@ -1,0 +1,23 @@
+"""State: a Redis read-through over PostgreSQL that is never staler than the database."""
+
+from __future__ import annotations
+
+from sheetanchor.state._breaker import CircuitBreaker
+from sheetanchor.state._settings import (
+    DEFAULT_CACHE_SETTINGS,
+    CacheSettings,
+    StoreClock,
+    StoreHooks,
+)
+from sheetanchor.state._store import CachedStore, PgExecutor, StoreStats
+
+__all__ = [
+    "DEFAULT_CACHE_SETTINGS",
+    "CacheSettings",
+    "CachedStore",
+    "CircuitBreaker",
+    "PgExecutor",
+    "StoreClock",
+    "StoreHooks",
+    "StoreStats",
+]

@@ -1,0 +1,288 @@
+"""The Redis side of a cached store: fenced sets, leases, the breaker and pending invalidations.
+
+Every Redis call of the store goes through :class:`CacheSide`, which bounds it with a short
+timeout and routes failures: the call is counted, the breaker is told, and the caller gets
+:data:`DOWN` and serves the read from PostgreSQL. Writes that could not reach Redis are
+remembered in :class:`PendingInvalidations`; when the breaker lets a probe through, those
+keys are invalidated (with the fence) *before* the cache is trusted again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from typing import Any, Final, cast
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from sheetanchor.observe import get_logger
+from sheetanchor.redis import RedisClient
+from sheetanchor.state import _metrics
+from sheetanchor.state._breaker import ALLOW, DENY, CircuitBreaker
+from sheetanchor.state._fence import DELETE_IF_EQUAL, FENCED_SET, LEASE_RELEASE
+from sheetanchor.state._pending import PendingInvalidations
+
+__all__ = ["DOWN", "REDIS_DOWN_ERRORS", "CacheSide", "FencedItem"]
+
+_log = get_logger("state")
+
+
+class _Down:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "DOWN"
+
+
+DOWN: Final = _Down()
+"""Returned instead of a result when Redis is skipped or failed."""
+
+# What "Redis is unreachable or too slow" looks like (the retry classifier's Redis half).
+REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    TimeoutError,
+)
+
+# (redis key, entry bytes, version, rank, ttl ms)
+FencedItem = tuple[str, bytes, int, int, int]
+
+
+class CacheSide:
+    """Redis access of one store, behind a circuit breaker.
+
+    Args:
+        rc: the loop-aware Redis client.
+        table: the store's metric label.
+        namespace: key prefix (``SCAN`` pattern for the overflow flush).
+        breaker: the circuit breaker.
+        pending: the pending-invalidation set.
+        timeout: seconds any single cache call may take before it counts as a failure.
+    """
+
+    def __init__(
+        self,
+        rc: RedisClient,
+        *,
+        table: str,
+        namespace: str,
+        breaker: CircuitBreaker,
+        pending: PendingInvalidations,
+        timeout: float,
+    ) -> None:
+        self.rc = rc
+        self.table = table
+        self.namespace = namespace
+        self.breaker = breaker
+        self.pending = pending
+        self.timeout = timeout
+        self._errors = _metrics.REDIS_ERRORS.labels(table)
+        self._refused = _metrics.FENCE_REFUSED.labels(table)
+        self._open_gauge = _metrics.BREAKER_OPEN.labels(table)
+        self._pending_gauge = _metrics.PENDING.labels(table)
+
+    # -- breaker -----------------------------------------------------------------------
+
+    async def usable(self) -> bool:
+        """True when the store may call Redis now (runs the recovery when it is the probe)."""
+        verdict = self.breaker.check()
+        if verdict == ALLOW:
+            return True
+        if verdict == DENY:
+            return False
+        return await self._recover()
+
+    def failed(self, exc: BaseException) -> None:
+        """Count a failed Redis call and tell the breaker."""
+        self._errors.inc()
+        was = self.breaker.state
+        self.breaker.failure()
+        if self.breaker.state != "closed":
+            self._open_gauge.set(1)
+            if was == "closed":
+                _log.warning(
+                    "cache %s: Redis unreachable (%s: %s); reads go to PostgreSQL until it is back",
+                    self.table,
+                    type(exc).__name__,
+                    exc,
+                )
+
+    async def _recover(self) -> bool:
+        # We are the single probe. Nothing may read the cache before every key written while
+        # Redis was away is invalidated, so the breaker closes only after that succeeded.
+        try:
+            async with asyncio.timeout(max(self.timeout, 1.0) * 10):
+                client = self.rc.client()
+                await client.ping()
+                items, overflowed = self.pending.snapshot()
+                if overflowed:
+                    await self._drop_namespace(client)
+                if items:
+                    await self._fenced_many(
+                        client,
+                        [(k, e, v, r, 60_000) for k, (v, r, e) in items.items()],
+                    )
+                self.pending.done(items, overflow_handled=overflowed)
+        except REDIS_DOWN_ERRORS as exc:
+            self.breaker.failure()
+            _log.info("cache %s: Redis still unreachable (%s)", self.table, exc)
+            return False
+        self.breaker.success()
+        self._open_gauge.set(0)
+        self._pending_gauge.set(len(self.pending))
+        _log.warning(
+            "cache %s: Redis is back; %d pending invalidations written%s",
+            self.table,
+            len(items),
+            " and the namespace flushed (pending set had overflowed)" if overflowed else "",
+        )
+        return True
+
+    async def _drop_namespace(self, client: aioredis.Redis) -> None:
+        # The pending set overflowed: we no longer know which keys went stale, so every
+        # entry of this store goes. Readers of this process do not use Redis meanwhile.
+        batch: list[bytes] = []
+        async for key in client.scan_iter(match=f"{self.namespace}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                await client.unlink(*batch)
+                batch.clear()
+        if batch:
+            await client.unlink(*batch)
+
+    # -- reads -------------------------------------------------------------------------
+
+    async def get(self, rkey: str) -> bytes | _Down | None:
+        """GET, or :data:`DOWN` when Redis is skipped or failed."""
+        if not await self.usable():
+            return DOWN
+        try:
+            async with asyncio.timeout(self.timeout):
+                data = cast(bytes | None, await self.rc.client().get(rkey))
+                return data
+        except REDIS_DOWN_ERRORS as exc:
+            self.failed(exc)
+            return DOWN
+
+    async def mget(self, rkeys: Sequence[str]) -> list[bytes | None] | _Down:
+        """MGET, or :data:`DOWN`."""
+        if not await self.usable():
+            return DOWN
+        try:
+            async with asyncio.timeout(self.timeout):
+                data = cast(list[bytes | None], await self.rc.client().mget(rkeys))
+                return data
+        except REDIS_DOWN_ERRORS as exc:
+            self.failed(exc)
+            return DOWN
+
+    # -- fenced writes -----------------------------------------------------------------
+
+    async def fenced_set(self, item: FencedItem) -> bool | _Down:
+        """Write one entry unless Redis holds a newer one; False when refused."""
+        if not await self.usable():
+            return DOWN
+        rkey, entry, version, rank, ttl_ms = item
+        try:
+            async with asyncio.timeout(self.timeout):
+                ok = bool(
+                    await FENCED_SET(
+                        self.rc.client(), keys=(rkey,), args=(entry, version, rank, ttl_ms)
+                    )
+                )
+        except REDIS_DOWN_ERRORS as exc:
+            self.failed(exc)
+            return DOWN
+        if not ok:
+            self._refused.inc()
+        return ok
+
+    async def fenced_set_many(self, items: Sequence[FencedItem]) -> list[bool] | _Down:
+        """Write many entries with the fence in one round trip (a pipeline)."""
+        if not items:
+            return []
+        if not await self.usable():
+            return DOWN
+        try:
+            async with asyncio.timeout(self.timeout * 4):
+                results = await self._fenced_many(self.rc.client(), items)
+        except REDIS_DOWN_ERRORS as exc:
+            self.failed(exc)
+            return DOWN
+        refused = results.count(False)
+        if refused:
+            self._refused.inc(refused)
+        return results
+
+    async def _fenced_many(self, client: aioredis.Redis, items: Sequence[FencedItem]) -> list[bool]:
+        results = await self._pipeline(client, items)
+        if any(isinstance(r, NoScriptError) for r in results):
+            # The server lost its scripts (restart, flush): load once, run the pipeline again.
+            await FENCED_SET.load(client)
+            results = await self._pipeline(client, items)
+        for r in results:
+            if isinstance(r, ResponseError):
+                raise r
+        return [bool(r) for r in results]
+
+    async def _pipeline(self, client: aioredis.Redis, items: Iterable[FencedItem]) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        for rkey, entry, version, rank, ttl_ms in items:
+            pipe.evalsha(FENCED_SET.sha, 1, rkey, entry, version, rank, ttl_ms)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
+
+    async def after_write(self, items: Sequence[FencedItem]) -> None:
+        """After a commit: fenced-set the new entries, or remember them for the recovery."""
+        result = await (
+            self.fenced_set(items[0]) if len(items) == 1 else self.fenced_set_many(items)
+        )
+        if result is DOWN:
+            for rkey, entry, version, rank, _ttl in items:
+                self.pending.add(rkey, version, rank, entry)
+            self._pending_gauge.set(len(self.pending))
+
+    async def delete_if_equal(self, rkey: str, data: bytes) -> None:
+        """Remove an entry that could not be decoded, unless it changed meanwhile."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                await DELETE_IF_EQUAL(self.rc.client(), keys=(rkey,), args=(data,))
+        except REDIS_DOWN_ERRORS as exc:
+            self.failed(exc)
+
+    # -- leases ------------------------------------------------------------------------
+
+    async def acquire_lease(self, lease_key: str, token: str, ttl_ms: int) -> bool | _Down:
+        """``SET lease token NX PX ttl``: True when we hold it now."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                return bool(await self.rc.client().set(lease_key, token, nx=True, px=ttl_ms))
+        except REDIS_DOWN_ERRORS as exc:
+            self.failed(exc)
+            return DOWN
+
+    async def release_lease(self, lease_key: str, token: str) -> None:
+        """Delete the lease if it is still ours (a Lua compare-and-delete)."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                await LEASE_RELEASE(self.rc.client(), keys=(lease_key,), args=(token,))
+        except REDIS_DOWN_ERRORS as exc:
+            # The lease expires on its own (PX); only the breaker needs to know.
+            self.failed(exc)
+
+    async def peek(self, rkey: str, lease_key: str) -> tuple[bytes | None, bool] | _Down:
+        """The entry and whether the lease is still held, in one round trip."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                pipe = self.rc.client().pipeline(transaction=False)
+                pipe.get(rkey)
+                pipe.exists(lease_key)
+                data, held = await pipe.execute()
+                return data, bool(held)
+        except REDIS_DOWN_ERRORS as exc:
+            self.failed(exc)
+            return DOWN

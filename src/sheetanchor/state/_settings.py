@@ -1,0 +1,100 @@
+"""Settings of a cached store, and the hooks tests use to interleave operations."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sheetanchor.errors import ConfigError
+
+__all__ = ["DEFAULT_CACHE_SETTINGS", "CacheSettings", "StoreClock", "StoreHooks"]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """How a :class:`~sheetanchor.state.CachedStore` uses Redis. Seconds as floats.
+
+    Attributes:
+        ttl: lifetime of a cached row; each set takes up to ``ttl_jitter`` off it at random,
+            so entries written together do not expire together.
+        ttl_jitter: fraction of ``ttl`` randomized (0.1 = between 90 % and 100 %).
+        tombstone_ttl: lifetime of a deletion's tombstone (keeps slow backfills out).
+        absent_ttl: lifetime of a cached "no such row".
+        early_refresh: refresh hot entries before they expire (probabilistic early
+            expiration: the closer to expiry and the slower the load, the likelier).
+        early_refresh_beta: > 1 refreshes earlier, < 1 later.
+        lease_ttl: how long one loader may hold a key's load lease.
+        lease_wait: how long other readers wait for the holder before reading PostgreSQL.
+        timeout: seconds any single Redis call of the store may take before it counts as
+            a failure (and the read is served by PostgreSQL).
+        max_backfill_age: a backfill whose database read started longer ago than this is
+            not written to Redis (a newer entry might have expired meanwhile). ``None``:
+            half of ``min(ttl * (1 - ttl_jitter), tombstone_ttl)``.
+        max_flights: in-process single-flight table size.
+        max_pending: keys remembered while Redis is unreachable; beyond it, the whole
+            namespace is dropped from Redis when it returns.
+        update_attempts: optimistic-update attempts before :class:`VersionConflict`.
+    """
+
+    ttl: float = 300.0
+    ttl_jitter: float = 0.1
+    tombstone_ttl: float = 10.0
+    absent_ttl: float = 5.0
+    early_refresh: bool = False
+    early_refresh_beta: float = 1.0
+    lease_ttl: float = 5.0
+    lease_wait: float = 3.0
+    timeout: float = 0.5
+    max_backfill_age: float | None = None
+    max_flights: int = 10_000
+    max_pending: int = 10_000
+    update_attempts: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("ttl", "tombstone_ttl", "absent_ttl", "lease_ttl", "timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.lease_wait < 0:
+            raise ConfigError(f"lease_wait must be >= 0 seconds, got {self.lease_wait}")
+        if not 0 <= self.ttl_jitter < 1:
+            raise ConfigError(f"ttl_jitter must be in [0, 1), got {self.ttl_jitter}")
+        for name in ("max_flights", "max_pending", "update_attempts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def backfill_age(self) -> float:
+        """The effective ``max_backfill_age``."""
+        if self.max_backfill_age is not None:
+            return self.max_backfill_age
+        return min(self.ttl * (1 - self.ttl_jitter), self.tombstone_ttl) / 2
+
+
+DEFAULT_CACHE_SETTINGS = CacheSettings()
+
+
+@dataclass(frozen=True, slots=True)
+class StoreHooks:
+    """Test seams (no effect when unset).
+
+    Attributes:
+        after_db_read: awaited by a backfill after it read the database and before it
+            writes Redis, with the key and the version read (``None``: no row). Tests pause
+            here to reproduce the incident's stale backfill.
+    """
+
+    after_db_read: Callable[[Any, int | None], Awaitable[None]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreClock:
+    """Time sources of a store, injectable for tests."""
+
+    wall: Callable[[], float] = time.time
+    monotonic: Callable[[], float] = time.monotonic
+    rand: Callable[[], float] = random.random
+    sleep: Callable[[float], Awaitable[None]] = field(default=asyncio.sleep)

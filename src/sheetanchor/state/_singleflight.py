@@ -1,0 +1,83 @@
+"""In-process single-flight: concurrent loads of one key share one load.
+
+Flights are kept per event loop (a future belongs to one loop) and the table is bounded:
+when ``max_keys`` flights are running, a new key simply runs without sharing (counted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, TypeVar
+
+__all__ = ["SingleFlight"]
+
+_T = TypeVar("_T")
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    # A flight nobody waited for must not log "exception was never retrieved".
+    if not fut.cancelled():
+        fut.exception()
+
+
+class SingleFlight:
+    """Share one in-flight load per key among concurrent callers of the same loop.
+
+    Args:
+        max_keys: flights tracked at once per loop; beyond it calls run unshared.
+    """
+
+    def __init__(self, max_keys: int = 10_000) -> None:
+        if max_keys < 1:
+            raise ValueError(f"max_keys must be >= 1, got {max_keys}")
+        self.max_keys = max_keys
+        self.shared = 0
+        self.overflow = 0
+        self._loops: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, dict[Hashable, asyncio.Future[Any]]
+        ] = weakref.WeakKeyDictionary()
+
+    def inflight(self) -> int:
+        """Flights running now, over all loops."""
+        return sum(len(f) for f in list(self._loops.values()))
+
+    async def run(self, key: Hashable, fn: Callable[[], Awaitable[_T]]) -> _T:
+        """Return ``await fn()``, or the result of the flight already running for ``key``."""
+        loop = asyncio.get_running_loop()
+        flights = self._loops.get(loop)
+        if flights is None:
+            flights = self._loops.setdefault(loop, {})
+        while True:
+            fut = flights.get(key)
+            if fut is None:
+                break
+            self.shared += 1
+            try:
+                result: _T = await asyncio.shield(fut)
+                return result
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if fut.cancelled() and task is not None and not task.cancelling():
+                    continue  # the leader was cancelled, not us: lead a new flight
+                raise
+        if len(flights) >= self.max_keys:
+            self.overflow += 1
+            return await fn()
+        fut = loop.create_future()
+        fut.add_done_callback(_consume)
+        flights[key] = fut
+        try:
+            result = await fn()
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+        except BaseException as exc:
+            fut.set_exception(exc)
+            raise
+        else:
+            fut.set_result(result)
+            return result
+        finally:
+            del flights[key]
