@@ -20,6 +20,11 @@ Example::
     findings = gate.inspect({"symbol": "ABC", "ts": 1700000000.0, "price": 10.0, "volume": 3})
 
 A custom check is any object with ``name``, ``reject`` and ``observe(record)``.
+
+With a ``WriteBuffer``, give the stream its gate: ``Stream(..., checks=[gate])``; the stream
+calls ``gate.observe(record)`` at ``put`` and findings are counted and logged here. A check with
+``reject=True`` raises ``RecordError``; it stops the record only where the caller runs the
+checks before accepting it.
 """
 
 from __future__ import annotations
@@ -489,6 +494,14 @@ class QualityGate:
                 value=rejected.value,
             )
         return findings
+
+    def observe(self, record: Mapping[str, object]) -> None:
+        """Same as :meth:`inspect`, returning nothing: the hook ``Stream(checks=[gate])`` calls.
+
+        Raises:
+            RecordError: as :meth:`inspect`.
+        """
+        self.inspect(record)
 
     def _report(self, name: str, found: list[Finding]) -> None:
         now = self._clock()
