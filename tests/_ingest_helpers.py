@@ -6,8 +6,9 @@ import datetime as dt
 import uuid
 from typing import Any
 
-from sheetanchor.ingest import IngestRetry, Stream
+from sheetanchor.ingest import Stream
 from sheetanchor.postgres import Database
+from sheetanchor.retry import RetryPolicy
 
 BASE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 TICK_COLUMNS = {"ts": "timestamptz", "symbol": "text", "price": "float8", "volume": "bigint"}
@@ -38,6 +39,6 @@ def tick(i: int, *, price: float = 1.0, symbol: str | None = None) -> dict[str, 
     }
 
 
-def fast_retry(attempts: int = 2) -> IngestRetry:
+def fast_retry(attempts: int = 2) -> RetryPolicy:
     """Tiny backoff and a short budget: tests never wait long for a down database."""
-    return IngestRetry(max_attempts=attempts, initial=0.01, maximum=0.02, deadline=2.0)
+    return RetryPolicy(max_attempts=attempts, initial=0.01, maximum=0.02, deadline=2.0)

@@ -122,11 +122,6 @@ def _left_in_journal(directory: Path) -> int:
     return asyncio.run(count())
 
 
-@pytest.mark.xfail(
-    reason="WriteBuffer._recover admits recovered rows under last_seq=0, so their batch never "
-    "commits the journal; fix: st.last_seq = journal.last_seq before admitting them",
-    strict=False,
-)
 def test_recovery_commits_what_it_wrote(pg_url: str, tmp_path: Path) -> None:
     table = _create_table(pg_url)
     _write_and_kill(pg_url, table, tmp_path, journal=True, batch_rows=100_000)

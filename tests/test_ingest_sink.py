@@ -8,8 +8,8 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from _ingest_helpers import create_tick_table, fast_retry, table_name, tick, tick_stream
 
+from _ingest_helpers import create_tick_table, fast_retry, table_name, tick, tick_stream
 from sheetanchor.errors import ConfigError
 from sheetanchor.ingest import CopySink, DeadLetterStore, WriteBuffer, bisect_write
 from sheetanchor.ingest._classify import is_data_error
@@ -38,9 +38,9 @@ async def test_same_batch_twice_gives_one_copy_of_each_row(db: Database) -> None
         # A batch overlapping the first one: only the new half lands.
         overlap = [v.validate(tick(i))[0] for i in range(250, 750)]
         third = await sink.write(conn, overlap, batch_id=None)
-    assert first.path == "copy" and first.inserted == 500
-    assert again.path == "staging" and again.inserted == 0
-    assert third.path == "staging" and third.inserted == 250
+    assert (first.path, first.inserted) == ("copy", 500)
+    assert (again.path, again.inserted) == ("staging", 0)
+    assert (third.path, third.inserted) == ("staging", 250)
     assert await db.fetchval(f"SELECT count(*) FROM {table}") == 750
     assert await db.fetchval(f"SELECT count(DISTINCT (ts, symbol)) FROM {table}") == 750
 

@@ -15,14 +15,17 @@ from __future__ import annotations
 from sheetanchor.ingest._bisect import BisectAborted, BisectResult, bisect_write
 from sheetanchor.ingest._buffer import WriteBuffer
 from sheetanchor.ingest._replay import FileReplay, replay_file, replay_files
-from sheetanchor.ingest._retry import IngestRetry, RetryLike
+from sheetanchor.ingest._retry import DEFAULT_INGEST_POLICY, RetryLike
 from sheetanchor.ingest._sink import LEDGER_TABLE, ConnectionSource, CopySink, SinkOutcome
 from sheetanchor.ingest._state import StreamStats, WriteBufferStats
-from sheetanchor.ingest._stream import COLUMN_TYPES, QualityCheck, Stream, StreamKind
+from sheetanchor.ingest._stream import COLUMN_TYPES, Stream, StreamKind
+from sheetanchor.ingest._tail import Tail
 from sheetanchor.ingest.deadletter import DeadLetterFile, DeadLetterStore
+from sheetanchor.ingest.quality import QualityCheck, QualityGate
 
 __all__ = [
     "COLUMN_TYPES",
+    "DEFAULT_INGEST_POLICY",
     "LEDGER_TABLE",
     "BisectAborted",
     "BisectResult",
@@ -31,13 +34,14 @@ __all__ = [
     "DeadLetterFile",
     "DeadLetterStore",
     "FileReplay",
-    "IngestRetry",
     "QualityCheck",
+    "QualityGate",
     "RetryLike",
     "SinkOutcome",
     "Stream",
     "StreamKind",
     "StreamStats",
+    "Tail",
     "WriteBuffer",
     "WriteBufferStats",
     "bisect_write",

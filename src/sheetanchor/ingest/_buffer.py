@@ -36,7 +36,7 @@ from sheetanchor.ingest._classify import error_info, is_data_error
 from sheetanchor.ingest._journal_seam import JournalLike, open_journal
 from sheetanchor.ingest._metrics import FLUSH_SECONDS
 from sheetanchor.ingest._replay import FileReplay, replay_files
-from sheetanchor.ingest._retry import IngestRetry, RetryLike
+from sheetanchor.ingest._retry import DEFAULT_INGEST_POLICY, RetryLike
 from sheetanchor.ingest._sink import ConnectionSource, SinkOutcome
 from sheetanchor.ingest._state import StreamState, StreamStats, WriteBufferStats
 from sheetanchor.ingest._stream import Stream
@@ -147,7 +147,7 @@ class WriteBuffer:
         self._journal: JournalLike | None = journal
         self._global_sem: asyncio.Semaphore | None = None
         self._max_concurrency = max_concurrency
-        self._retry: RetryLike = retry if retry is not None else IngestRetry()
+        self._retry: RetryLike = retry if retry is not None else DEFAULT_INGEST_POLICY
         self._write_timeout = write_timeout
         self._replay_interval = replay_interval
         self._close_timeout = close_timeout
@@ -195,6 +195,12 @@ class WriteBuffer:
         self._opened = True
         for st in self._states.values():
             self._flushers.append(asyncio.create_task(self._flusher(st), name=f"flush:{st.name}"))
+            if st.best_effort:
+                # Spilling has its own task: it must not wait behind the write semaphore,
+                # which is exactly what is stuck when a stream needs to spill.
+                self._flushers.append(
+                    asyncio.create_task(self._spiller(st), name=f"spill:{st.name}")
+                )
         if self._replay_interval is not None:
             self._replayer = asyncio.create_task(self._replay_loop(), name="ingest:replay")
         if self._journal is not None:
@@ -229,6 +235,7 @@ class WriteBuffer:
                 return
             for st in self._states.values():
                 st.wake.set()
+                st.spill_wake.set()
                 st.room.set()  # waiting producers wake up and see the buffer is closing
             _done, pending = await asyncio.wait(
                 [*self._flushers, *self._writers], timeout=self._close_timeout
@@ -311,6 +318,12 @@ class WriteBuffer:
                 stream=st.name,
                 value=None,
             )
+        if st.gate is not None:
+            try:
+                st.gate.inspect(record)  # counts and logs findings; raises only for reject=True
+            except RecordError:
+                st.counts["rejected"] += 1
+                raise
         return row, size
 
     def _admit(self, st: StreamState, row: Row, size: int, record: Mapping[str, Any]) -> None:
@@ -327,8 +340,8 @@ class WriteBuffer:
             # Past the emergency watermark a best-effort record goes to disk, not to memory.
             st.spill.append(row)
             st.spill_bytes += size
-            if not st.wake.is_set():
-                st.wake.set()
+            if not st.spill_wake.is_set():
+                st.spill_wake.set()
         else:
             st.rows.append(row)
             st.bytes += size
@@ -339,8 +352,8 @@ class WriteBuffer:
             ) and not st.wake.is_set():
                 st.wake.set()
         st.counts["in"] += 1
-        for check in st.checks:
-            check.observe(record)
+        if st.tail is not None:
+            st.tail.append(record)
 
     def put_nowait(self, stream: str, record: Mapping[str, Any]) -> None:
         """Validate ``record`` and buffer it now, or raise.
@@ -414,6 +427,21 @@ class WriteBuffer:
                 + (f" (last error: {st.last_error})" if st.last_error else "")
             )
 
+    def tail(self, stream: str, n: int) -> list[Mapping[str, Any]]:
+        """The newest ``n`` accepted records of ``stream``, oldest first (O(n)).
+
+        Raises:
+            ConfigError: unknown stream, or the stream was made without ``tail_rows``.
+        """
+        st = self._states.get(stream)
+        if st is None:
+            raise ConfigError(f"unknown stream {stream!r}; have {sorted(self._states)}")
+        if st.tail is None:
+            raise ConfigError(
+                f"stream {stream!r} keeps no tail; create it with Stream(..., tail_rows=N)"
+            )
+        return st.tail.last(n)
+
     # -- stats -------------------------------------------------------------------------------
     def stream_stats(self, stream: str) -> StreamStats:
         """Figures of one stream."""
@@ -459,12 +487,19 @@ class WriteBuffer:
                     await st.wake.wait()
             st.wake.clear()
             await self._drain(st)
-            if self._closing and not st.rows and not st.spill:
+            if self._closing and not st.rows:
+                return
+
+    async def _spiller(self, st: StreamState) -> None:
+        while True:
+            await st.spill_wake.wait()
+            st.spill_wake.clear()
+            if st.spill:
+                await self._spill(st)
+            if self._closing and not st.spill:
                 return
 
     async def _drain(self, st: StreamState) -> None:
-        if st.spill:
-            await self._spill(st)
         while st.rows:
             await st.sem.acquire()
             # The swap: one assignment between awaits, so no put can interleave (O(1)).
@@ -575,8 +610,13 @@ class WriteBuffer:
             st.counts["duplicate"] += len(chunk) - outcome.inserted
 
     async def _bisect(self, st: StreamState, chunk: list[Row], first: Exception) -> None:
+        inserted = 0
+
         async def write_segment(segment: Sequence[Row]) -> SinkOutcome:
-            return await self._retry.call(self._attempt, st, segment, None)
+            nonlocal inserted
+            outcome = await self._retry.call(self._attempt, st, segment, None)
+            inserted += outcome.inserted
+            return outcome
 
         remaining: list[Row] = []
         try:
@@ -588,7 +628,8 @@ class WriteBuffer:
             remaining = exc.remaining
             cause = exc.__cause__
             st.last_error = f"{type(cause).__name__}: {cause}"
-        st.counts["written"] += result.written
+        st.counts["written"] += inserted
+        st.counts["duplicate"] += result.written - inserted
         if result.poison:
             rows = [row for row, _ in result.poison]
             errors = [error_info(err) for _, err in result.poison]
@@ -632,6 +673,7 @@ class WriteBuffer:
                         _log.info("stream %s: database still refuses: %s", st.name, db_exc)
                         continue
                     st.counts["written"] += outcome.inserted
+                    st.counts["duplicate"] += len(rows) - outcome.inserted
                     return
         key = {"failed": "failed", "spilled": "spilled", "poison": "quarantined"}[reason]
         st.counts[key] += len(rows)
@@ -649,6 +691,10 @@ class WriteBuffer:
     async def _recover(self) -> None:
         assert self._journal is not None
         records = await _maybe_await(self._journal.recover())
+        # Every recovered record has a sequence number <= last_seq, and no new append can
+        # happen before open() returns: the batches holding them may commit up to last_seq.
+        for state in self._states.values():
+            state.last_seq = max(state.last_seq, self._journal.last_seq)
         count = 0
         for stream, record in records:
             st = self._states.get(stream)

@@ -1,25 +1,17 @@
 """Which failures of a batch write mean what: transient, data (poison), or neither.
 
-``is_transient`` is the project's classifier seam (``sheetanchor.retry.is_transient`` once the
-retry module lands); ``is_data_error`` is ingest's own: SQLSTATE classes 22 (data exception)
+``is_transient`` is the project's classifier (``sheetanchor.retry.is_transient``);
+``is_data_error`` is ingest's own: SQLSTATE classes 22 (data exception)
 and 23 (integrity constraint violation) say a *record* is bad, so the batch is bisected.
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-import asyncpg
-
-from sheetanchor.errors import PoolTimeout, TransientError
+from sheetanchor.retry import is_transient
 
 __all__ = ["error_info", "is_data_error", "is_transient", "sqlstate_of"]
-
-# Connection exceptions, serialization failures, deadlocks, insufficient resources,
-# operator intervention (shutdown, crash), too many connections.
-_TRANSIENT_PREFIXES = ("08", "53", "57P", "58")
-_TRANSIENT_CODES = frozenset({"40001", "40P01", "55P03", "57014"})
 
 
 def sqlstate_of(exc: BaseException) -> str | None:
@@ -39,19 +31,6 @@ def is_data_error(exc: BaseException) -> bool:
     """True when PostgreSQL refused the data itself (SQLSTATE 22xxx or 23xxx)."""
     code = sqlstate_of(exc)
     return code is not None and code[:2] in ("22", "23")
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True when retrying the same write may succeed (connection lost, server busy, ...)."""
-    if isinstance(exc, TransientError | PoolTimeout):
-        return True
-    code = sqlstate_of(exc)
-    if code is not None:
-        return code in _TRANSIENT_CODES or code.startswith(_TRANSIENT_PREFIXES)
-    if isinstance(exc, asyncpg.InterfaceError):
-        # "connection is closed", "another operation is in progress" after a reset, ...
-        return "closed" in str(exc) or "connection" in str(exc).lower()
-    return isinstance(exc, OSError | ConnectionError | TimeoutError | asyncio.TimeoutError)
 
 
 def error_info(exc: BaseException) -> dict[str, Any]:

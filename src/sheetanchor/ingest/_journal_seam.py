@@ -7,10 +7,9 @@ database), ``recover`` (records appended and never committed) and ``close``.
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Awaitable, Mapping, Sequence
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from sheetanchor.errors import ConfigError
 
@@ -19,6 +18,11 @@ __all__ = ["JournalLike", "open_journal"]
 
 class JournalLike(Protocol):
     """What the write buffer needs from a journal."""
+
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the last record appended (0 when none)."""
+        ...
 
     async def append(self, stream: str, records: Sequence[Mapping[str, Any]]) -> int:
         """Append records durably; return the sequence number of the last one."""
@@ -38,16 +42,9 @@ class JournalLike(Protocol):
 
 
 def open_journal(directory: str | os.PathLike[str], *, fsync: str = "batch") -> JournalLike:
-    """Open ``sheetanchor.ingest._journal.Journal(directory, fsync=...)``.
+    """Open the disk journal ``sheetanchor.ingest._journal.Journal(directory, fsync=...)``."""
+    from sheetanchor.ingest._journal import Journal
 
-    Raises:
-        ConfigError: the journal module is not available in this installation.
-    """
-    try:
-        module = importlib.import_module("sheetanchor.ingest._journal")
-    except ImportError as exc:
-        raise ConfigError(
-            f"journal_dir={os.fspath(directory)!r} needs sheetanchor.ingest._journal, which is "
-            "not installed in this build; leave journal_dir unset or upgrade sheetanchor"
-        ) from exc
-    return cast(JournalLike, module.Journal(directory, fsync=fsync))
+    if fsync not in ("batch", "always", "never"):
+        raise ConfigError(f"journal fsync must be 'batch', 'always' or 'never', got {fsync!r}")
+    return Journal(directory, fsync=fsync)  # type: ignore[arg-type]

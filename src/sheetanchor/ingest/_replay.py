@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 from sheetanchor.ingest._bisect import BisectAborted, bisect_write
 from sheetanchor.ingest._classify import error_info, is_data_error
-from sheetanchor.ingest._retry import IngestRetry, RetryLike
+from sheetanchor.ingest._retry import DEFAULT_INGEST_POLICY, RetryLike
 from sheetanchor.ingest._sink import ConnectionSource, CopySink, SinkOutcome
 from sheetanchor.ingest.deadletter import DeadLetterStore
 from sheetanchor.observe import get_logger
@@ -59,7 +59,7 @@ async def replay_file(
     ``failed``/``spilled`` file they move to a new ``poison`` file, a ``poison`` file keeps
     them (the original is rewritten only if some rows now went in).
     """
-    policy: RetryLike = retry if retry is not None else IngestRetry()
+    policy: RetryLike = retry if retry is not None else DEFAULT_INGEST_POLICY
     header = store.read_header(path)
     sink = CopySink(header)
     batch_id = header.get("batch_id")

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from sheetanchor.ingest._metrics import BUFFERED_BYTES, BUFFERED_ROWS, FILL, ROWS
 from sheetanchor.ingest._sink import CopySink
 from sheetanchor.ingest._stream import Stream
+from sheetanchor.ingest._tail import Tail
 from sheetanchor.ingest._validate import Row, Validator
+from sheetanchor.ingest.quality import QualityGate
 
 __all__ = ["StreamState", "StreamStats", "WriteBufferStats"]
 
@@ -88,7 +91,10 @@ class StreamState:
         self.validator = Validator(stream)
         self.sink = CopySink(stream.describe())
         self.describe: dict[str, Any] = stream.describe()
-        self.checks = tuple(stream.checks)
+        self.gate = QualityGate(stream.name, stream.checks) if stream.checks else None
+        self.tail: Tail[Mapping[str, Any]] | None = (
+            Tail(stream.tail_rows) if stream.tail_rows else None
+        )
         self.max_rows = stream.max_rows
         self.max_bytes = stream.max_bytes
         self.batch_rows = stream.batch_rows
@@ -109,6 +115,7 @@ class StreamState:
         self.waits = 0
         self.last_error: str | None = None
         self.wake = asyncio.Event()
+        self.spill_wake = asyncio.Event()
         self.room = asyncio.Event()
         self.sem = asyncio.Semaphore(stream.concurrency)
         self.journal_lock = asyncio.Lock()

@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 from sheetanchor.errors import ConfigError
+from sheetanchor.ingest.quality import QualityCheck
 
-__all__ = ["COLUMN_TYPES", "QualityCheck", "Stream", "StreamKind"]
+__all__ = ["COLUMN_TYPES", "Stream", "StreamKind"]
 
 StreamKind = Literal["authoritative", "best_effort"]
 
@@ -49,18 +50,6 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 _STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
 
 
-@runtime_checkable
-class QualityCheck(Protocol):
-    """A data-quality check called once per accepted record at ``put``.
-
-    Findings are counted and logged by the check itself; a check never drops a record.
-    """
-
-    def observe(self, record: Mapping[str, Any]) -> None:
-        """Look at one record (already validated)."""
-        ...
-
-
 def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"Stream {name} must be a number, got {value!r}")
@@ -91,7 +80,11 @@ class Stream:
         put_timeout: seconds ``await put`` waits for room before raising ``BufferFull``.
         nullable: columns that accept ``None`` (never a natural-key column).
         schema: PostgreSQL schema of ``table``.
-        checks: data-quality checks; ``check.observe(record)`` is called at ``put``.
+        checks: data-quality checks (``sheetanchor.ingest.quality``), run at ``put`` through a
+            ``QualityGate``: findings are counted and logged and the record flows on, unless
+            a check has ``reject=True`` (then ``put`` raises ``RecordError``).
+        tail_rows: keep the last ``tail_rows`` accepted records for ``buffer.tail(stream, n)``
+            (0 = no tail); recent-window features read it instead of scanning history.
 
     Example::
 
@@ -117,6 +110,7 @@ class Stream:
     nullable: Iterable[str] = ()
     schema: str = "public"
     checks: Sequence[QualityCheck] = field(default_factory=tuple)
+    tail_rows: int = 0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalise once, here.
@@ -199,6 +193,12 @@ class Stream:
                     f"Stream {self.name!r}: check {check!r} has no observe(record) method"
                 )
         set_(self, "checks", checks)
+        if isinstance(self.tail_rows, bool) or not isinstance(self.tail_rows, int):
+            raise ConfigError(
+                f"Stream {self.name!r}: tail_rows must be an int, got {self.tail_rows!r}"
+            )
+        if self.tail_rows < 0:
+            raise ConfigError(f"Stream {self.name!r}: tail_rows must be >= 0, got {self.tail_rows}")
 
     @property
     def column_names(self) -> tuple[str, ...]:

@@ -207,7 +207,11 @@ class DeadLetterStore:
 
     def _write_file(self, stream: str, reason: str, data: bytes, nrows: int) -> Path:
         folder = self.directory / stream / reason
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not folder.is_dir():
+            # Every level we create is private (0700): dead letters hold business data.
+            self.directory.parent.mkdir(parents=True, exist_ok=True)
+            for level in (self.directory, self.directory / stream, folder):
+                level.mkdir(mode=0o700, exist_ok=True)
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
         tmp = folder / f".tmp-{os.getpid()}-{threading.get_ident()}-{next(self._seq)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

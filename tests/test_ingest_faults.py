@@ -1,0 +1,137 @@
+"""Incident 004 through a real fault proxy: the database goes away while records arrive.
+
+Naive (the harvester's pattern): a failed save pushes the rows back into the list, so the list
+grows with every retry until memory runs out. WriteBuffer: after the retry budget the batch goes
+to the dead-letter store, memory stays within the stream's bound, and once the database is back
+the dead letters are replayed automatically, every row landing exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from _ingest_helpers import create_tick_table, fast_retry, table_name, tick, tick_stream
+from sheetanchor.config import parse_url
+from sheetanchor.ingest import DeadLetterStore, WriteBuffer, replay_files
+from sheetanchor.ingest._validate import Validator
+from sheetanchor.postgres import Database, PoolSettings
+from sheetanchor.testing import FaultProxy
+
+pytestmark = pytest.mark.faults
+
+
+def _proxied(pg_url: str, fault_proxy: Callable[[str, int], FaultProxy]) -> FaultProxy:
+    parsed = parse_url(pg_url)
+    assert parsed.host is not None
+    return fault_proxy(parsed.host, parsed.port or 5432)
+
+
+def _db(url: str) -> Database:
+    return Database(
+        url, pool=PoolSettings(size=3, max_overflow=0, timeout=2.0), connect_timeout=1.0
+    )
+
+
+async def test_naive_requeue_grows_while_ours_dead_letters_and_replays_exactly_once(
+    pg_url: str, fault_proxy: Callable[[str, int], FaultProxy], tmp_path: Path
+) -> None:
+    proxy = _proxied(pg_url, fault_proxy)
+    direct = _db(pg_url)
+    db = _db(proxy.url(pg_url))
+    try:
+        table = table_name()
+        await create_tick_table(direct, table)
+        columns = ["ts", "symbol", "price", "volume"]
+
+        # Naive: list buffer, re-queue on failure.
+        proxy.refuse()
+        proxy.reset_all()
+        naive: list[tuple[Any, ...]] = []
+        sizes = []
+        for round_ in range(10):
+            naive.extend(tuple(tick(round_ * 100 + i).values()) for i in range(100))
+            batch, naive = naive, []
+            try:
+                async with db.connection() as conn:
+                    await conn.copy_records_to_table(table, records=batch, columns=columns)
+            except Exception:
+                naive = batch + naive  # "don't lose data": back into memory
+            sizes.append(len(naive))
+        assert sizes == sorted(sizes)
+        assert sizes[-1] == 1000  # grows with everything offered while the database is down
+
+        # Ours: same outage, bounded memory, dead letters, automatic replay.
+        proxy.pass_through()
+        stream = tick_stream(table, max_rows=300, batch_rows=100, flush_interval=0.02)
+        store = DeadLetterStore(tmp_path)
+        offered = 3000
+        peak = 0
+        async with WriteBuffer(
+            db, [stream], deadletter=store, retry=fast_retry(), replay_interval=0.1
+        ) as buffer:
+            proxy.refuse()
+            proxy.reset_all()
+            for i in range(offered):
+                await buffer.put("ticks", tick(i))
+                peak = max(peak, buffer.stream_stats("ticks").held_rows)
+            async with asyncio.timeout(60):
+                while buffer.stream_stats("ticks").held_rows:
+                    await asyncio.sleep(0.02)
+            s = buffer.stream_stats("ticks")
+            assert s.rows_failed > 0
+            assert store.files("ticks", "failed")
+            assert await direct.fetchval(f"SELECT count(*) FROM {table}") == s.rows_written
+            proxy.pass_through()
+            async with asyncio.timeout(60):  # the background replayer does the rest
+                while store.files("ticks"):
+                    await asyncio.sleep(0.05)
+        assert peak <= stream.max_rows
+        assert await direct.fetchval(f"SELECT count(*) FROM {table}") == offered
+        assert await direct.fetchval(f"SELECT count(DISTINCT (ts, symbol)) FROM {table}") == offered
+        assert buffer.stats().rows_in == offered
+    finally:
+        await db.close()
+        await direct.close()
+
+
+async def test_replay_keeps_the_file_until_rows_commit_and_is_idempotent(
+    pg_url: str, fault_proxy: Callable[[str, int], FaultProxy], tmp_path: Path
+) -> None:
+    proxy = _proxied(pg_url, fault_proxy)
+    direct = _db(pg_url)
+    db = _db(proxy.url(pg_url))
+    try:
+        table = table_name()
+        await create_tick_table(direct, table)
+        stream = tick_stream(table)
+        v = Validator(stream)
+        store = DeadLetterStore(tmp_path)
+        rows = [v.validate(tick(i))[0] for i in range(200)]
+        store.write(stream.describe(), "failed", rows[:150])
+        store.write(stream.describe(), "failed", rows[100:])  # overlaps the first file
+
+        proxy.refuse()
+        proxy.reset_all()
+        down = await replay_files(db, store, retry=fast_retry())
+        assert down[0].error is not None
+        assert not down[0].deleted
+        assert len(store.files()) == 2  # nothing deleted while the database was away
+
+        proxy.pass_through()
+        done = await replay_files(db, store, retry=fast_retry())
+        assert [r.deleted for r in done] == [True, True]
+        assert store.files() == []
+        assert await direct.fetchval(f"SELECT count(*) FROM {table}") == 200
+
+        # Replaying the same rows again (a copy of a dead letter) changes nothing.
+        store.write(stream.describe(), "failed", rows)
+        await replay_files(db, store, retry=fast_retry())
+        assert await direct.fetchval(f"SELECT count(*) FROM {table}") == 200
+    finally:
+        await db.close()
+        await direct.close()
