@@ -264,14 +264,17 @@ def test_price_outlier_flags_big_jumps_and_spares_small_noise(
     assert len(check.observe({"price": level * (1 + jump)})) == 1
 
 
-async def test_gate_plugs_into_a_write_buffer_stream(pg_url: str, tmp_path: Path) -> None:
+async def test_checks_run_in_a_write_buffer_stream(pg_url: str, tmp_path: Path) -> None:
     from sheetanchor.ingest import Stream, WriteBuffer
     from sheetanchor.postgres import Database
 
     columns = {"ts": "timestamptz", "symbol": "text", "price": "float8", "volume": "bigint"}
-    gate = QualityGate("q_ticks", [ZeroVolume(), PriceOutlier(window=20)])
     stream = Stream(
-        "q_ticks", table="q_ticks", columns=columns, natural_key=("ts", "symbol"), checks=[gate]
+        "q_ticks",
+        table="q_ticks",
+        columns=columns,
+        natural_key=("ts", "symbol"),
+        checks=[ZeroVolume(), PriceOutlier(window=20, reject=True)],
     )
     db = Database(pg_url)
     try:
@@ -283,12 +286,13 @@ async def test_gate_plugs_into_a_write_buffer_stream(pg_url: str, tmp_path: Path
             db, [stream], deadletter_dir=tmp_path / "dl", replay_interval=None
         ) as buffer:
             ticks = _market(seed=3, n=30, symbols=("AAA",))
-            ticks[25]["volume"] = 0
-            ticks[29]["price"] = 1e6
-            for tick in ticks:
+            ticks[25]["volume"] = 0  # reported, still written
+            for tick in ticks[:29]:
                 await buffer.put("q_ticks", tick)
-        # Both defects were reported and counted; the records still flowed into PostgreSQL.
-        assert await db.fetchval("SELECT count(*) FROM q_ticks") == 30
+            with pytest.raises(RecordError, match="price") as info:
+                await buffer.put("q_ticks", {**ticks[29], "price": 1e6})  # rejected
+            assert info.value.field == "price"
+        assert await db.fetchval("SELECT count(*) FROM q_ticks") == 29
         assert await db.fetchval("SELECT count(*) FROM q_ticks WHERE volume = 0") == 1
         assert _count("q_ticks", "zero_volume") == 1
         assert _count("q_ticks", "price_outlier") == 1

@@ -21,10 +21,9 @@ Example::
 
 A custom check is any object with ``name``, ``reject`` and ``observe(record)``.
 
-With a ``WriteBuffer``, give the stream its gate: ``Stream(..., checks=[gate])``; the stream
-calls ``gate.observe(record)`` at ``put`` and findings are counted and logged here. A check with
-``reject=True`` raises ``RecordError``; it stops the record only where the caller runs the
-checks before accepting it.
+With a ``WriteBuffer``, give the checks to the stream: ``Stream(..., checks=[...])``; the
+buffer runs them through a ``QualityGate`` at ``put``, before accepting the record, so a check
+with ``reject=True`` makes ``put`` raise ``RecordError`` and the record is not written.
 """
 
 from __future__ import annotations
@@ -494,14 +493,6 @@ class QualityGate:
                 value=rejected.value,
             )
         return findings
-
-    def observe(self, record: Mapping[str, object]) -> None:
-        """Same as :meth:`inspect`, returning nothing: the hook ``Stream(checks=[gate])`` calls.
-
-        Raises:
-            RecordError: as :meth:`inspect`.
-        """
-        self.inspect(record)
 
     def _report(self, name: str, found: list[Finding]) -> None:
         now = self._clock()
