@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import os
-import time
-import uuid
 import warnings
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -31,16 +28,15 @@ from sheetanchor.errors import (
     ResourceClosed,
     WrongEventLoop,
 )
-from sheetanchor.ingest._bisect import BisectAborted, BisectResult, bisect_write
-from sheetanchor.ingest._classify import error_info, is_data_error
+from sheetanchor.ingest._classify import error_info
 from sheetanchor.ingest._journal_seam import JournalLike, open_journal
-from sheetanchor.ingest._metrics import FLUSH_SECONDS
 from sheetanchor.ingest._replay import FileReplay, replay_files
 from sheetanchor.ingest._retry import DEFAULT_INGEST_POLICY, RetryLike
-from sheetanchor.ingest._sink import ConnectionSource, SinkOutcome
+from sheetanchor.ingest._sink import ConnectionSource
 from sheetanchor.ingest._state import StreamState, StreamStats, WriteBufferStats
 from sheetanchor.ingest._stream import Stream
 from sheetanchor.ingest._validate import Row
+from sheetanchor.ingest._writer import BatchWriter, maybe_await
 from sheetanchor.ingest.deadletter import DEFAULT_DEADLETTER_MAX_BYTES, DeadLetterStore
 from sheetanchor.observe import get_logger
 
@@ -48,12 +44,6 @@ __all__ = ["WriteBuffer"]
 
 _log = get_logger("ingest")
 T = TypeVar("T")
-
-
-async def _maybe_await(value: Awaitable[T] | T) -> T:
-    if inspect.isawaitable(value):
-        return await value
-    return value
 
 
 class WriteBuffer:
@@ -158,7 +148,7 @@ class WriteBuffer:
         self._opened = False
         self._closing = False
         self._closed = False
-        self._unsaved = 0
+        self._writer = BatchWriter(db, self._store, self._retry, write_timeout)
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -192,6 +182,7 @@ class WriteBuffer:
         await self._retry.call(prepare)
         if self._journal is None and self._journal_dir is not None:
             self._journal = open_journal(self._journal_dir, fsync=self._journal_fsync)
+        self._writer.start(self._global_sem, self._journal)
         self._opened = True
         for st in self._states.values():
             self._flushers.append(asyncio.create_task(self._flusher(st), name=f"flush:{st.name}"))
@@ -230,6 +221,7 @@ class WriteBuffer:
         if self._closed or self._closing:
             return
         self._closing = True
+        self._writer.closing = True
         try:
             if not self._opened:
                 return
@@ -256,12 +248,12 @@ class WriteBuffer:
             for st in self._states.values():
                 st.publish()
             if self._journal is not None:
-                await _maybe_await(self._journal.close())
+                await maybe_await(self._journal.close())
         finally:
             self._closed = True
-        if self._unsaved:
+        if self._writer.unsaved:
             raise DeadLetterFull(
-                f"{self._unsaved} row(s) could be written neither to PostgreSQL nor to the "
+                f"{self._writer.unsaved} row(s) could be written neither to PostgreSQL nor to the "
                 f"dead-letter store {self._store.directory}; see the log for their errors"
             )
 
@@ -327,8 +319,8 @@ class WriteBuffer:
         return row, size
 
     def _admit(self, st: StreamState, row: Row, size: int, record: Mapping[str, Any]) -> None:
-        held_rows = len(st.rows) + st.inflight_rows + len(st.spill)
-        held_bytes = st.bytes + st.inflight_bytes + st.spill_bytes + size
+        held_rows = len(st.rows) + st.inflight_rows + len(st.spill) + st.reserved_rows
+        held_bytes = st.bytes + st.inflight_bytes + st.spill_bytes + st.reserved_bytes + size
         if held_rows >= st.max_rows or held_bytes > st.max_bytes:
             raise BufferFull(
                 f"stream {st.name!r} ({st.stream.kind}) holds {held_rows} rows / "
@@ -390,25 +382,74 @@ class WriteBuffer:
         if st.best_effort:
             self._admit(st, row, size, record)
             return
+        if not st.has_room(size):
+            await self._wait_room(st, size)
         if self._journal is None:
-            if not st.has_room(size):
-                await self._wait_room(st, size)
             self._admit(st, row, size, record)
-            return
-        # Journaled puts are serialised per stream so records enter the buffer in journal
-        # order: a batch's max sequence number then covers exactly what was written.
-        async with st.journal_lock:
-            if not st.has_room(size):
-                await self._wait_room(st, size)
-            seq = await self._journal.append(stream, [st.validator.as_dict(row)])
-            st.last_seq = max(st.last_seq, seq)
-            self._admit(st, row, size, record)
+        else:
+            await self._journaled(st, [row], size, [record])
 
-    async def _wait_room(self, st: StreamState, size: int) -> None:
+    async def put_many(self, stream: str, records: Sequence[Mapping[str, Any]]) -> None:
+        """Validate all ``records`` first, then buffer them like ``put`` (waiting for room).
+
+        With a journal, the records are made durable with one append per ``batch_rows``:
+        the fast way to ingest with ``journal_dir`` set.
+
+        Raises:
+            RecordError: a record is invalid; none of ``records`` was buffered.
+            BufferFull: no room within the stream's ``put_timeout``.
+        """
+        st = self._state(stream)
+        self._check_loop()
+        checked = [self._validate(st, record) for record in records]
+        step = max(1, min(st.batch_rows, st.max_rows))
+        for start in range(0, len(checked), step):
+            part = checked[start : start + step]
+            originals = records[start : start + step]
+            if st.best_effort:
+                for (row, size), record in zip(part, originals, strict=True):
+                    self._admit(st, row, size, record)
+                continue
+            nbytes = sum(size for _, size in part)
+            if not st.has_room(nbytes, len(part)):
+                await self._wait_room(st, nbytes, len(part))
+            if self._journal is None:
+                for (row, size), record in zip(part, originals, strict=True):
+                    self._admit(st, row, size, record)
+            else:
+                await self._journaled(st, [row for row, _ in part], nbytes, originals)
+
+    async def _journaled(
+        self, st: StreamState, rows: list[Row], nbytes: int, records: Sequence[Mapping[str, Any]]
+    ) -> None:
+        # Room is reserved while the journal makes the records durable, so concurrent puts
+        # cannot overshoot the bound. The journal hands out sequence numbers when append is
+        # called and completes appends in that order, so records enter the buffer in sequence
+        # order and a batch's last_seq covers exactly the records swapped out with it.
+        assert self._journal is not None
+        st.reserved_rows += len(rows)
+        st.reserved_bytes += nbytes
+        try:
+            seq = await self._journal.append(st.name, [st.validator.as_dict(r) for r in rows])
+        finally:
+            st.reserved_rows -= len(rows)
+            st.reserved_bytes -= nbytes
+        st.last_seq = max(st.last_seq, seq)
+        for row, record in zip(rows, records, strict=True):
+            # Room was reserved: enqueue without the bound check (same accounting).
+            st.rows.append(row)
+            st.counts["in"] += 1
+            if st.tail is not None:
+                st.tail.append(record)
+        st.bytes += nbytes
+        if len(st.rows) >= st.batch_rows or st.held_rows >= st.high_rows:
+            st.wake.set()
+
+    async def _wait_room(self, st: StreamState, size: int, rows: int = 1) -> None:
         assert self._loop is not None
         deadline = self._loop.time() + st.stream.put_timeout
         st.waits += 1
-        while not st.has_room(size):
+        while not st.has_room(size, rows):
             if self._closing:
                 raise ResourceClosed(f"WriteBuffer closed while a put on {st.name!r} waited")
             remaining = deadline - self._loop.time()
@@ -419,7 +460,7 @@ class WriteBuffer:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining):
                     await st.room.wait()
-        if not st.has_room(size):
+        if not st.has_room(size, rows):
             raise BufferFull(
                 f"stream {st.name!r} stayed full for put_timeout={st.stream.put_timeout} s "
                 f"({st.held_rows} rows / {st.held_bytes} bytes held, limits {st.max_rows} / "
@@ -512,7 +553,7 @@ class WriteBuffer:
             st.inflight_bytes += nbytes
             entry = [st.last_seq, 0]
             st.commits.append(entry)
-            task = asyncio.create_task(self._write_batch(st, rows, nbytes, entry))
+            task = asyncio.create_task(self._writer.write_batch(st, rows, nbytes, entry))
             self._writers.add(task)
             task.add_done_callback(self._writers.discard)
             st.publish()
@@ -524,173 +565,16 @@ class WriteBuffer:
         st.inflight_rows += len(rows)
         st.inflight_bytes += nbytes
         try:
-            await self._dead_letter(st, "spilled", rows)
+            await self._writer.dead_letter(st, "spilled", rows)
         finally:
             st.inflight_rows -= len(rows)
             st.inflight_bytes -= nbytes
             st.room.set()
 
-    async def _write_batch(
-        self, st: StreamState, rows: list[Row], nbytes: int, entry: list[int]
-    ) -> None:
-        assert self._global_sem is not None
-        released_rows = 0
-        released_bytes = 0
-        try:
-            async with self._global_sem:
-                for start in range(0, len(rows), st.batch_rows):
-                    chunk = rows[start : start + st.batch_rows]
-                    await self._write_chunk(st, chunk)
-                    chunk_bytes = nbytes * (start + len(chunk)) // len(rows) - released_bytes
-                    st.inflight_rows -= len(chunk)
-                    st.inflight_bytes -= chunk_bytes
-                    released_rows += len(chunk)
-                    released_bytes += chunk_bytes
-                    st.room.set()
-            entry[1] = 1
-            await self._journal_done(st)
-        except asyncio.CancelledError:
-            # close() ran out of time: what is not written goes to disk, never lost silently.
-            rest = rows[released_rows:]
-            if rest:
-                self._dead_letter_now(st, "failed", rest)
-            raise
-        finally:
-            st.inflight_rows -= len(rows) - released_rows
-            st.inflight_bytes -= nbytes - released_bytes
-            st.sem.release()
-            st.room.set()
-            st.publish()
-
-    async def _journal_done(self, st: StreamState) -> None:
-        # Commit the journal only up to the oldest batch still in flight: a later batch that
-        # finished first must not truncate records of an earlier one that may still fail.
-        if self._journal is None:
-            st.commits.clear()
-            return
-        upto = 0
-        while st.commits and st.commits[0][1]:
-            upto = max(upto, st.commits.popleft()[0])
-        if upto:
-            await _maybe_await(self._journal.commit(st.name, upto))
-
-    async def _attempt(
-        self, st: StreamState, rows: Sequence[Row], batch_id: str | None
-    ) -> SinkOutcome:
-        async with asyncio.timeout(self._write_timeout), self._db.connection() as conn:
-            return await st.sink.write(conn, rows, batch_id=batch_id)
-
-    async def _write_chunk(self, st: StreamState, chunk: list[Row]) -> None:
-        """Write one chunk; every outcome is routed (written, quarantined, dead-lettered)."""
-        batch_id = str(uuid.uuid4())
-        started = time.perf_counter()
-        st.batches += 1
-        try:
-            outcome = await self._retry.call(self._attempt, st, chunk, batch_id)
-        except Exception as exc:  # noqa: BLE001  routed below: bisect or dead-letter
-            if is_data_error(exc):
-                await self._bisect(st, chunk, exc)
-                return
-            st.last_error = f"{type(exc).__name__}: {exc}"
-            _log.warning(
-                "stream %s: batch of %d rows not written (%s); dead-lettering it",
-                st.name,
-                len(chunk),
-                st.last_error,
-            )
-            await self._dead_letter(st, "failed", chunk, batch_id=batch_id)
-            return
-        finally:
-            FLUSH_SECONDS.labels(st.name).observe(time.perf_counter() - started)
-        st.last_error = None
-        if outcome.path == "ledger":
-            st.counts["duplicate"] += len(chunk)
-        else:
-            st.counts["written"] += outcome.inserted
-            st.counts["duplicate"] += len(chunk) - outcome.inserted
-
-    async def _bisect(self, st: StreamState, chunk: list[Row], first: Exception) -> None:
-        inserted = 0
-
-        async def write_segment(segment: Sequence[Row]) -> SinkOutcome:
-            nonlocal inserted
-            outcome = await self._retry.call(self._attempt, st, segment, None)
-            inserted += outcome.inserted
-            return outcome
-
-        remaining: list[Row] = []
-        try:
-            result: BisectResult[Row] = await bisect_write(
-                chunk, write_segment, is_data_error, first_error=first
-            )
-        except BisectAborted as exc:
-            result = exc.result
-            remaining = exc.remaining
-            cause = exc.__cause__
-            st.last_error = f"{type(cause).__name__}: {cause}"
-        st.counts["written"] += inserted
-        st.counts["duplicate"] += result.written - inserted
-        if result.poison:
-            rows = [row for row, _ in result.poison]
-            errors = [error_info(err) for _, err in result.poison]
-            for row, err in result.poison[:5]:
-                _log.warning("stream %s: poison record quarantined: %s (%s)", st.name, err, row)
-            await self._dead_letter(st, "poison", rows, errors=errors)
-        if remaining:
-            await self._dead_letter(st, "failed", remaining)
-
-    async def _dead_letter(
-        self,
-        st: StreamState,
-        reason: str,
-        rows: list[Row],
-        *,
-        errors: list[dict[str, Any]] | None = None,
-        batch_id: str | None = None,
-    ) -> None:
-        delay = 0.2
-        while True:
-            try:
-                await asyncio.to_thread(
-                    self._store.write, st.describe, reason, rows, errors=errors, batch_id=batch_id
-                )
-                break
-            except (DeadLetterFull, OSError) as exc:
-                # Nowhere to put them: the rows stay in flight, still counted against the
-                # stream's limit (memory stays bounded; producers wait) and we retry both
-                # the disk and, for a failed batch, the database.
-                st.last_error = f"{type(exc).__name__}: {exc}"
-                _log.error("stream %s: cannot dead-letter %d rows: %s", st.name, len(rows), exc)
-                if self._closing:
-                    self._unsaved += len(rows)
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-                if reason == "failed":
-                    try:
-                        outcome = await self._attempt(st, rows, batch_id)
-                    except Exception as db_exc:  # noqa: BLE001  logged; retried next round
-                        _log.info("stream %s: database still refuses: %s", st.name, db_exc)
-                        continue
-                    st.counts["written"] += outcome.inserted
-                    st.counts["duplicate"] += len(rows) - outcome.inserted
-                    return
-        key = {"failed": "failed", "spilled": "spilled", "poison": "quarantined"}[reason]
-        st.counts[key] += len(rows)
-
-    def _dead_letter_now(self, st: StreamState, reason: str, rows: list[Row]) -> None:
-        try:
-            self._store.write(st.describe, reason, rows)
-        except (DeadLetterFull, OSError) as exc:
-            _log.error("stream %s: %d rows lost at close: %s", st.name, len(rows), exc)
-            self._unsaved += len(rows)
-            return
-        st.counts["failed"] += len(rows)
-
     # -- recovery ------------------------------------------------------------------------------
     async def _recover(self) -> None:
         assert self._journal is not None
-        records = await _maybe_await(self._journal.recover())
+        records = await maybe_await(self._journal.recover())
         # Every recovered record has a sequence number <= last_seq, and no new append can
         # happen before open() returns: the batches holding them may commit up to last_seq.
         for state in self._states.values():
@@ -707,7 +591,7 @@ class WriteBuffer:
                 row, size = st.validator.validate(record)
             except RecordError as exc:
                 bad = tuple(record.get(c) for c in st.stream.column_names)
-                await self._dead_letter(st, "poison", [bad], errors=[error_info(exc)])
+                await self._writer.dead_letter(st, "poison", [bad], errors=[error_info(exc)])
                 continue
             if not st.has_room(size):
                 await self._wait_room(st, size)

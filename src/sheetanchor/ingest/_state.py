@@ -118,24 +118,26 @@ class StreamState:
         self.spill_wake = asyncio.Event()
         self.room = asyncio.Event()
         self.sem = asyncio.Semaphore(stream.concurrency)
-        self.journal_lock = asyncio.Lock()
+        # Room taken by puts waiting for the journal to make their records durable.
+        self.reserved_rows = 0
+        self.reserved_bytes = 0
         self.last_seq = 0
         # Batches in swap order as [max journal seq, done]; see WriteBuffer._journal_done.
         self.commits: collections.deque[list[int]] = collections.deque()
 
     @property
     def held_rows(self) -> int:
-        """Rows in memory: buffered, being written, awaiting spill."""
-        return len(self.rows) + self.inflight_rows + len(self.spill)
+        """Rows in memory: buffered, being written, awaiting spill or the journal."""
+        return len(self.rows) + self.inflight_rows + len(self.spill) + self.reserved_rows
 
     @property
     def held_bytes(self) -> int:
-        """Estimated bytes in memory: buffered, being written, awaiting spill."""
-        return self.bytes + self.inflight_bytes + self.spill_bytes
+        """Estimated bytes in memory: buffered, being written, awaiting spill or the journal."""
+        return self.bytes + self.inflight_bytes + self.spill_bytes + self.reserved_bytes
 
-    def has_room(self, size: int) -> bool:
-        """True when one more record of ``size`` bytes fits under both limits."""
-        return self.held_rows < self.max_rows and self.held_bytes + size <= self.max_bytes
+    def has_room(self, size: int, rows: int = 1) -> bool:
+        """True when ``rows`` more records of ``size`` bytes in all fit under both limits."""
+        return self.held_rows + rows <= self.max_rows and self.held_bytes + size <= self.max_bytes
 
     @property
     def fill(self) -> float:
