@@ -44,7 +44,7 @@ async def _journal_rate(policy: Any, total: int, per_append: int) -> tuple[float
 
 
 async def _buffer_rate(
-    url: str, journal_dir: Path | None, total: int, fsync: str = "batch"
+    url: str, journal_dir: Path | None, total: int, fsync: str = "batch", per_put: int = 1
 ) -> float:
     from sheetanchor.ingest import Stream, WriteBuffer
     from sheetanchor.postgres import Database
@@ -76,9 +76,16 @@ async def _buffer_rate(
                 started = time.perf_counter()
 
                 async def producer(p: int) -> None:
-                    for i in range(p, total, PRODUCERS):
-                        record = {"id": i, "ts": base + dt.timedelta(seconds=i), "price": 1.5}
-                        await buffer.put("bench", record)
+                    ids = range(p, total, PRODUCERS)
+                    for start in range(0, len(ids), per_put):
+                        records = [
+                            {"id": i, "ts": base + dt.timedelta(seconds=i), "price": 1.5}
+                            for i in ids[start : start + per_put]
+                        ]
+                        if per_put == 1:
+                            await buffer.put("bench", records[0])
+                        else:
+                            await buffer.put_many("bench", records)
 
                 await asyncio.gather(*(producer(p) for p in range(PRODUCERS)))
                 await buffer.flush()
@@ -115,18 +122,23 @@ async def _main() -> None:
         print("WriteBuffer: skipped (set SHEETANCHOR_PG_URL)")
         return
     total = 30_000
-    print(f"WriteBuffer.put, {PRODUCERS} producers, {total} records, one authoritative stream")
-    off = max([await _buffer_rate(url, None, total) for _ in range(REPEAT)])
-    print(f"  journal off:          {off:>9,.0f} records/s")
-    for policy in ("batch", "never"):
-        on = 0.0
+    print(f"WriteBuffer, {PRODUCERS} producers, {total} records, one authoritative stream")
+    for per_put in (1, 100):
+        call = "put" if per_put == 1 else f"put_many({per_put})"
+        off = 0.0
         for _ in range(REPEAT):
-            with tempfile.TemporaryDirectory() as tmp:
-                on = max(on, await _buffer_rate(url, Path(tmp) / "journal", total, policy))
-        print(
-            f"  journal fsync={policy:<6}: {on:>9,.0f} records/s, "
-            f"ratio on/off {on / off:.2f}x (goal >= 0.5x)"
-        )
+            off = max(off, await _buffer_rate(url, None, total, per_put=per_put))
+        print(f"  {call:<13} journal off        : {off:>9,.0f} records/s")
+        for policy in ("batch", "never"):
+            on = 0.0
+            for _ in range(REPEAT):
+                with tempfile.TemporaryDirectory() as tmp:
+                    journal = Path(tmp) / "journal"
+                    on = max(on, await _buffer_rate(url, journal, total, policy, per_put))
+            print(
+                f"  {call:<13} journal fsync={policy:<6}: {on:>9,.0f} records/s, "
+                f"ratio on/off {on / off:.2f}x (goal >= 0.5x)"
+            )
 
 
 def main() -> None:
