@@ -461,6 +461,16 @@ class Journal:
                 _log.error("%s", error)
                 self._fail(error, group)
                 return
+            except Exception as exc:  # noqa: BLE001  routed: logged, every waiter gets it
+                # Not a disk error, so a bug: still, no appender may wait forever on it.
+                error = JournalError(
+                    f"journal {self._dir} failed unexpectedly while writing: {exc!r}; "
+                    "close and reopen the journal"
+                )
+                error.__cause__ = exc
+                _log.exception("%s", error)
+                self._fail(error, group)
+                return
             finally:
                 self._inflight_bytes -= nbytes
             for append in group:
