@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
+import psutil
 import pytest
 import redis
 
@@ -122,14 +123,24 @@ def test_private_instance_leaves_nothing_behind() -> None:
     assert not data_dir.exists()
 
 
-def test_stale_pid_file_from_another_process_is_ignored(
-    private_pg_server: EmbeddedPostgres,
+@pytest.mark.parametrize("owner", ["this-python", "another-postgres"])
+def test_stale_pid_file_naming_another_process_is_ignored(
+    private_pg_server: EmbeddedPostgres, owner: str
 ) -> None:
-    # After a container restart the PID in postmaster.pid often belongs to someone else.
+    # After a container restart the PID in postmaster.pid often belongs to someone else,
+    # possibly to another PostgreSQL.
     server = private_pg_server
+    port = server.port
     server.stop()
+    if owner == "this-python":
+        pid = os.getpid()
+    else:
+        shared = EmbeddedPostgres()
+        shared.start()
+        assert shared.pid is not None
+        pid = shared.pid
     pid_file = server.pgdata / "postmaster.pid"
-    pid_file.write_text(f"{os.getpid()}\n{server.pgdata}\n0\n{server.port}\n\n\n\nready\n")
+    pid_file.write_text(f"{pid}\n{server.pgdata}\n0\n{port}\n\n\n\nready\n")
     assert server.pid is None
     assert not server.is_ready()
     server.start()
@@ -202,3 +213,30 @@ def test_two_processes_initialising_at_once_share_one_server(scratch: Path) -> N
         assert len(pids) == 1
     finally:
         EmbeddedPostgres(data_dir, private=True).remove()
+
+
+def test_orphaned_private_instance_is_reaped() -> None:
+    # A run killed with SIGKILL never tears down; the next private instance cleans up.
+    code = textwrap.dedent(
+        """
+        import os, signal
+        from sheetanchor.embedded import EmbeddedRedis
+        r = EmbeddedRedis(private=True)
+        r.start()
+        print(r.data_dir, r.pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == -9, out.stderr
+    data_dir, pid = out.stdout.split()
+    orphan = psutil.Process(int(pid))
+    assert Path(data_dir).is_dir()
+    with EmbeddedRedis(private=True) as fresh:
+        assert Path(data_dir) != fresh.data_dir
+        assert not Path(data_dir).exists()
+        assert psutil.wait_procs([orphan], timeout=10)[1] == [] or (
+            orphan.status() == psutil.STATUS_ZOMBIE
+        )

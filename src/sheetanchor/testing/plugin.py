@@ -29,6 +29,7 @@ Isolation on a shared server:
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -36,8 +37,16 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from sheetanchor.config import parse_url, pg_url_from_env, redact, redis_url_from_env
-from sheetanchor.embedded import EmbeddedPostgres, EmbeddedRedis, _run_in_thread
+from sheetanchor.config import (
+    ENV_PG_URL,
+    ENV_REDIS_URL,
+    parse_url,
+    pg_url_from_env,
+    redact,
+    redis_url_from_env,
+)
+from sheetanchor.embedded import EmbeddedPostgres, EmbeddedRedis
+from sheetanchor.embedded._os import run_in_thread
 from sheetanchor.testing._proxy import FaultProxy
 
 if TYPE_CHECKING:
@@ -54,6 +63,8 @@ __all__ = [
     "sheetanchor_private_redis_server",
     "sheetanchor_redis_server_url",
 ]
+
+_log = logging.getLogger("sheetanchor.testing")
 
 _DB_PREFIX = "sa_test_"
 _TEMPLATE_PREFIX = "sa_tpl_"
@@ -89,7 +100,7 @@ def _pg_admin(url: str, *statements: str) -> list[Any]:
         finally:
             await conn.close()
 
-    return _run_in_thread(run)
+    return run_in_thread(run)
 
 
 def _drop_stale_databases(server_url: str) -> None:
@@ -119,7 +130,20 @@ def _drop_stale_databases(server_url: str) -> None:
 @pytest.fixture(scope="session")
 def sheetanchor_pg_server_url() -> str:
     """URL of a PostgreSQL server's ``postgres`` database: the env URL or the embedded one."""
-    return pg_url_from_env() or EmbeddedPostgres().start()
+    import asyncpg
+
+    url = pg_url_from_env()
+    if url is None:
+        return EmbeddedPostgres().start()
+    try:
+        _pg_admin(url, "SELECT 1")
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        pytest.fail(
+            f"PostgreSQL at {redact(url)} (from {ENV_PG_URL}) does not answer: {exc!r}; "
+            f"start it, fix the URL, or unset {ENV_PG_URL} to use an embedded server",
+            pytrace=False,
+        )
+    return url
 
 
 @pytest.fixture(scope="session")
@@ -163,7 +187,23 @@ def pg_url(sheetanchor_pg_server_url: str, sheetanchor_pg_template: str) -> Iter
 @pytest.fixture(scope="session")
 def sheetanchor_redis_server_url() -> str:
     """URL of a Redis server: the env URL or the embedded one."""
-    return redis_url_from_env() or EmbeddedRedis().start()
+    import redis
+
+    url = redis_url_from_env()
+    if url is None:
+        return EmbeddedRedis().start()
+    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(
+            f"Redis at {redact(url)} (from {ENV_REDIS_URL}) does not answer: {exc!r}; "
+            f"start it, fix the URL, or unset {ENV_REDIS_URL} to use an embedded server",
+            pytrace=False,
+        )
+    finally:
+        client.close()
+    return url
 
 
 def _claim_redis_db(client: redis.Redis) -> int:
@@ -208,7 +248,18 @@ def sheetanchor_redis_db(sheetanchor_redis_server_url: str) -> Iterator[int]:
 
     client = redis.Redis.from_url(sheetanchor_redis_server_url, single_connection_client=True)
     try:
-        yield _claim_redis_db(client)
+        try:
+            index = _claim_redis_db(client)
+        except redis.ResponseError as exc:
+            # CLIENT LIST / SETNAME refused (ACLs, managed Redis): use the URL's database.
+            index = int(parse_url(sheetanchor_redis_server_url).database or 0)
+            _log.warning(
+                "cannot claim a Redis database (%s); the tests use and flush database %d of %s",
+                exc,
+                index,
+                redact(sheetanchor_redis_server_url),
+            )
+        yield index
     finally:
         client.close()
 
