@@ -299,6 +299,7 @@ def test_recover_returns_exactly_the_uncommitted_records_in_order(
             await journal.close()
         async with Journal(directory) as reopened:
             assert reopened.recover() == [(s, r) for _, s, r in model]
+            assert list(reopened.iter_recover()) == reopened.recover()
 
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(scenario(Path(tmp)))

@@ -20,7 +20,7 @@ import os
 import threading
 import warnings
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -41,6 +41,7 @@ from sheetanchor.ingest._journal_format import (
     commit_frame,
     decode_record,
     encode_record,
+    iter_entries,
     read_segment,
 )
 from sheetanchor.observe import REGISTRY, get_logger, metric_name
@@ -50,7 +51,9 @@ __all__ = ["DEFAULT_JOURNAL_MAX_BYTES", "DEFAULT_SEGMENT_BYTES", "Journal", "Jou
 FsyncPolicy = Literal["batch", "always", "never"]
 _POLICIES: tuple[str, ...] = ("batch", "always", "never")
 
-DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+# Small enough that recovery reads one segment at a time in modest memory, large enough that
+# rotation (a file create and a directory fsync) is rare.
+DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
 DEFAULT_JOURNAL_MAX_BYTES = 1024 * 1024 * 1024
 _SEGMENT_SUFFIX = ".seg"
 _LOCK_NAME = "LOCK"
@@ -324,20 +327,26 @@ class Journal:
         ``commit(stream, journal.last_seq)`` before appending anything new. A crash before that
         returns them again; the idempotent sink absorbs the duplicates. Damaged frames are
         skipped (counted when the journal was opened); this never raises for bad data.
+
+        This holds every uncommitted record in memory at once; :meth:`iter_recover` yields
+        them one by one instead (memory: one segment's bytes).
         """
-        entries: list[dict[str, Any]] = []
+        return list(self.iter_recover())
+
+    def iter_recover(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yield what :meth:`recover` returns, one record at a time, reading one segment at a time.
+
+        Blocking file reads: at start-up that is fine; on a busy event loop, iterate in a
+        worker thread or between awaits.
+        """
+        # Every mark on disk was read when the journal was opened; add the ones made since.
         marks = dict(self._durable_marks)
-        for segment in list(self._segments):
-            found: list[dict[str, Any]] = []
-            read_segment(_read_bytes(segment.path), found)
-            for entry in found:
-                if entry["k"] == "r":
-                    entries.append(entry)
-                else:
-                    _merge_marks(marks, entry)
         for stream, upto in self._marks.items():
             marks[stream] = max(marks.get(stream, 0), upto)
-        return [(str(e["t"]), decode_record(e)) for e in entries if e["s"] > marks.get(e["t"], 0)]
+        for segment in list(self._segments):
+            for entry in iter_entries(_read_bytes(segment.path)):
+                if entry["k"] == "r" and entry["s"] > marks.get(entry["t"], 0):
+                    yield str(entry["t"]), decode_record(entry)
 
     def stats(self) -> JournalStats:
         """Return counts and sizes of this journal."""
