@@ -16,11 +16,13 @@ from typing import Any
 
 import asyncpg
 import pytest
+from prometheus_client import generate_latest
 
 from _ingest_helpers import create_tick_table, fast_retry, table_name, tick, tick_stream
 from sheetanchor.config import to_asyncpg_dsn
 from sheetanchor.errors import BufferFull, ConfigError, RecordError, ResourceClosed
 from sheetanchor.ingest import DeadLetterStore, Stream, WriteBuffer
+from sheetanchor.observe import REGISTRY
 from sheetanchor.postgres import Database, PoolSettings
 
 
@@ -305,3 +307,13 @@ async def test_close_flushes_and_stats_add_up(db: Database, tmp_path: Path) -> N
     assert s.rows_duplicate == 100
     assert s.held_rows == 0
     assert await db.fetchval(f"SELECT count(*) FROM {table}") == 123
+    metrics = generate_latest(REGISTRY).decode()
+    for name in (
+        "sheetanchor_ingest_rows_in_total",
+        "sheetanchor_ingest_rows_written_total",
+        "sheetanchor_ingest_rows_duplicate_total",
+        "sheetanchor_ingest_fill_ratio",
+        "sheetanchor_ingest_held_rows",
+        "sheetanchor_ingest_flush_seconds_count",
+    ):
+        assert f'{name}{{stream="ticks"}}' in metrics, name

@@ -10,12 +10,11 @@ import asyncpg
 from typer.testing import CliRunner
 
 from _ingest_helpers import table_name, tick, tick_stream
-from sheetanchor.cli import _register, app
+from sheetanchor.cli import app
 from sheetanchor.config import to_asyncpg_dsn
 from sheetanchor.ingest import DeadLetterStore
 from sheetanchor.ingest._validate import Validator
 
-_register()
 runner = CliRunner()
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from _ingest_helpers import create_tick_table, fast_retry, table_name, tick, tick_stream
 from sheetanchor.config import parse_url
+from sheetanchor.errors import BufferFull
 from sheetanchor.ingest import DeadLetterStore, WriteBuffer, replay_files
 from sheetanchor.ingest._validate import Validator
 from sheetanchor.postgres import Database, PoolSettings
@@ -132,6 +133,45 @@ async def test_replay_keeps_the_file_until_rows_commit_and_is_idempotent(
         store.write(stream.describe(), "failed", rows)
         await replay_files(db, store, retry=fast_retry())
         assert await direct.fetchval(f"SELECT count(*) FROM {table}") == 200
+    finally:
+        await db.close()
+        await direct.close()
+
+
+async def test_dead_letter_store_full_keeps_rows_in_flight_bounded_then_writes_them(
+    pg_url: str, fault_proxy: Callable[[str, int], FaultProxy], tmp_path: Path
+) -> None:
+    """Database down AND dead-letter disk full: rows stay in flight (counted against the
+    stream's bound, producers wait) and land once the database is back; none is lost."""
+    proxy = _proxied(pg_url, fault_proxy)
+    direct = _db(pg_url)
+    db = _db(proxy.url(pg_url))
+    try:
+        table = table_name()
+        await create_tick_table(direct, table)
+        stream = tick_stream(
+            table, max_rows=40, batch_rows=10, flush_interval=0.02, put_timeout=0.3
+        )
+        store = DeadLetterStore(tmp_path, max_bytes=64)  # too small for any batch
+        async with WriteBuffer(
+            db, [stream], deadletter=store, retry=fast_retry(), replay_interval=None
+        ) as buffer:
+            proxy.refuse()
+            proxy.reset_all()
+            for i in range(40):
+                await buffer.put("ticks", tick(i))
+            async with asyncio.timeout(30):
+                while "DeadLetterFull" not in (buffer.stream_stats("ticks").last_error or ""):
+                    await asyncio.sleep(0.02)
+            with pytest.raises(BufferFull):
+                await buffer.put("ticks", tick(99))  # bounded: the producer is told to wait
+            assert buffer.stream_stats("ticks").held_rows == 40
+            proxy.pass_through()
+            async with asyncio.timeout(60):
+                while buffer.stream_stats("ticks").held_rows:
+                    await asyncio.sleep(0.05)
+        assert await direct.fetchval(f"SELECT count(*) FROM {table}") == 40
+        assert store.files() == []
     finally:
         await db.close()
         await direct.close()

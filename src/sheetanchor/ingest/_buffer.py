@@ -14,11 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self
+
+import asyncpg
 
 from sheetanchor.errors import (
     BufferFull,
@@ -43,7 +46,6 @@ from sheetanchor.observe import get_logger
 __all__ = ["WriteBuffer"]
 
 _log = get_logger("ingest")
-T = TypeVar("T")
 
 
 class WriteBuffer:
@@ -63,6 +65,8 @@ class WriteBuffer:
         write_timeout: seconds one write attempt may take (then it counts as transient).
         replay_interval: seconds between automatic replays of dead letters; ``None`` = off.
         ledger: record committed batch ids (fast idempotent replay), see ``_sink``.
+        ledger_retention: seconds a ledger row is kept (pruned at open and hourly), so the
+            ledger stays bounded; a replay older than this falls back to the natural key.
         close_timeout: seconds ``close()`` waits for in-flight writes before dead-lettering
             them.
 
@@ -88,6 +92,7 @@ class WriteBuffer:
         write_timeout: float = 60.0,
         replay_interval: float | None = 30.0,
         ledger: bool = True,
+        ledger_retention: float = 7 * 86400.0,
         close_timeout: float = 60.0,
     ) -> None:
         if not streams:
@@ -117,6 +122,8 @@ class WriteBuffer:
         for name, value in (("write_timeout", write_timeout), ("close_timeout", close_timeout)):
             if value <= 0:
                 raise ConfigError(f"WriteBuffer {name} must be > 0, got {value!r}")
+        if ledger_retention <= 0:
+            raise ConfigError(f"WriteBuffer ledger_retention must be > 0, got {ledger_retention!r}")
         if replay_interval is not None and replay_interval <= 0:
             raise ConfigError(
                 f"WriteBuffer replay_interval must be > 0 or None, got {replay_interval!r}"
@@ -140,6 +147,9 @@ class WriteBuffer:
         self._retry: RetryLike = retry if retry is not None else DEFAULT_INGEST_POLICY
         self._write_timeout = write_timeout
         self._replay_interval = replay_interval
+        self._ledger = ledger
+        self._ledger_retention = ledger_retention
+        self._pruned_at = 0.0
         self._close_timeout = close_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flushers: list[asyncio.Task[None]] = []
@@ -178,6 +188,7 @@ class WriteBuffer:
             async with asyncio.timeout(self._write_timeout), self._db.connection() as conn:
                 for st in self._states.values():
                     await st.sink.prepare(conn)
+                await self._prune_ledger(conn)
 
         await self._retry.call(prepare)
         if self._journal is None and self._journal_dir is not None:
@@ -614,10 +625,29 @@ class WriteBuffer:
                 st.counts["quarantined"] += r.quarantined
         return results
 
+    async def _prune_ledger(self, conn: asyncpg.Connection) -> None:
+        # One ledger per schema; prune each once.
+        self._pruned_at = time.monotonic()
+        if not self._ledger:
+            return
+        done: set[str] = set()
+        for st in self._states.values():
+            if st.sink.schema not in done:
+                done.add(st.sink.schema)
+                pruned = await st.sink.prune_ledger(conn, self._ledger_retention)
+                if pruned:
+                    _log.info("pruned %d ledger row(s) in schema %s", pruned, st.sink.schema)
+
     async def _replay_loop(self) -> None:
         assert self._replay_interval is not None
         while True:
             await asyncio.sleep(self._replay_interval)
+            if time.monotonic() - self._pruned_at > 3600.0:
+                try:
+                    async with asyncio.timeout(30.0), self._db.connection() as conn:
+                        await self._prune_ledger(conn)
+                except Exception as exc:  # noqa: BLE001  retried next hour; logged
+                    _log.warning("ledger pruning postponed: %s: %s", type(exc).__name__, exc)
             if not any(
                 f.reason in ("failed", "spilled")
                 for f in self._store.files()

@@ -9,7 +9,7 @@ __all__ = ["all_drills"]
 
 def all_drills() -> list[Drill]:
     """Every drill, in incident order (imported lazily: drills pull in the clients)."""
-    from sheetanchor.demo.drills import d001_startup
+    from sheetanchor.demo.drills import d001_startup, d004_ingest
 
-    drills: list[Drill] = [d001_startup.DRILL]
+    drills: list[Drill] = [d001_startup.DRILL, d004_ingest.DRILL]
     return drills
