@@ -136,6 +136,18 @@ async def test_many_concurrent_appenders_share_group_commits(tmp_path: Path) -> 
         assert all(ks == list(range(10)) for ks in per_producer.values())
 
 
+async def test_appenders_resume_in_sequence_order(tmp_path: Path) -> None:
+    resumed: list[int] = []
+    async with Journal(tmp_path) as journal:
+
+        async def producer(p: int) -> None:
+            for k in range(5):
+                resumed.append(await journal.append(f"s{p % 3}", [{"p": p, "k": k}]))
+
+        await asyncio.gather(*(producer(p) for p in range(40)))
+    assert resumed == sorted(resumed)  # no lock needed to keep journal order downstream
+
+
 @pytest.mark.parametrize("policy", ["batch", "always", "never"])
 async def test_every_fsync_policy_is_durable_across_reopen(tmp_path: Path, policy: Any) -> None:
     async with Journal(tmp_path, fsync=policy, group_commit_interval=0) as journal:
@@ -287,6 +299,7 @@ def test_recover_returns_exactly_the_uncommitted_records_in_order(
             await journal.close()
         async with Journal(directory) as reopened:
             assert reopened.recover() == [(s, r) for _, s, r in model]
+            assert list(reopened.iter_recover()) == reopened.recover()
 
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(scenario(Path(tmp)))

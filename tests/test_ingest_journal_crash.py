@@ -193,3 +193,57 @@ def test_journal_alone_recovers_every_acknowledged_append(tmp_path: Path) -> Non
             assert journal.last_seq >= max(acked)
 
     asyncio.run(check())
+
+
+_DISK_FULL_SCRIPT = """
+import asyncio, resource, signal, sys
+from sheetanchor.errors import JournalError
+from sheetanchor.ingest._journal import Journal
+
+async def main():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+    journal = Journal(sys.argv[1], group_commit_interval=0)
+    acked = 0
+    try:
+        while True:
+            await journal.append("s", [{"i": acked, "pad": "x" * 50}])
+            acked += 1
+    except JournalError as exc:
+        print("first", type(exc).__name__, exc, file=sys.stderr)
+    try:
+        await journal.append("s", [{"i": -1}])
+    except JournalError as exc:
+        print("then", type(exc).__name__, exc, file=sys.stderr)
+    await journal.close()
+    print(acked)
+
+asyncio.run(main())
+"""
+
+
+def test_a_failed_write_is_routed_and_nothing_acknowledged_is_lost(tmp_path: Path) -> None:
+    """A real write failure (file size limit, EFBIG) fails the append, never silently."""
+    result = subprocess.run(
+        [sys.executable, "-c", _DISK_FULL_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=90,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    acked = int(result.stdout)
+    assert acked > 10
+    assert "first JournalError" in result.stderr
+    assert "could not write" in result.stderr
+    assert "then JournalError" in result.stderr
+    assert "failed earlier" in result.stderr
+
+    async def check() -> None:
+        async with Journal(tmp_path) as journal:
+            recovered = [r["i"] for _, r in journal.recover()]
+            assert recovered[:acked] == list(range(acked))  # every acknowledged record
+            assert len(recovered) <= acked + 1  # at most the one whose write failed
+
+    asyncio.run(check())

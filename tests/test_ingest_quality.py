@@ -5,6 +5,7 @@ import logging
 import random
 from collections.abc import Mapping
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -261,3 +262,39 @@ def test_price_outlier_flags_big_jumps_and_spares_small_noise(
         assert check.observe({"price": level * (1 + n)}) == []
     # Noise stays within half a per-mille: a 5 % (or larger) move is always far out.
     assert len(check.observe({"price": level * (1 + jump)})) == 1
+
+
+async def test_checks_run_in_a_write_buffer_stream(pg_url: str, tmp_path: Path) -> None:
+    from sheetanchor.ingest import Stream, WriteBuffer
+    from sheetanchor.postgres import Database
+
+    columns = {"ts": "timestamptz", "symbol": "text", "price": "float8", "volume": "bigint"}
+    stream = Stream(
+        "q_ticks",
+        table="q_ticks",
+        columns=columns,
+        natural_key=("ts", "symbol"),
+        checks=[ZeroVolume(), PriceOutlier(window=20, reject=True)],
+    )
+    db = Database(pg_url)
+    try:
+        await db.execute(
+            "CREATE TABLE q_ticks (ts timestamptz, symbol text, price float8, volume bigint, "
+            "PRIMARY KEY (ts, symbol))"
+        )
+        async with WriteBuffer(
+            db, [stream], deadletter_dir=tmp_path / "dl", replay_interval=None
+        ) as buffer:
+            ticks = _market(seed=3, n=30, symbols=("AAA",))
+            ticks[25]["volume"] = 0  # reported, still written
+            for tick in ticks[:29]:
+                await buffer.put("q_ticks", tick)
+            with pytest.raises(RecordError, match="price") as info:
+                await buffer.put("q_ticks", {**ticks[29], "price": 1e6})  # rejected
+            assert info.value.field == "price"
+        assert await db.fetchval("SELECT count(*) FROM q_ticks") == 29
+        assert await db.fetchval("SELECT count(*) FROM q_ticks WHERE volume = 0") == 1
+        assert _count("q_ticks", "zero_volume") == 1
+        assert _count("q_ticks", "price_outlier") == 1
+    finally:
+        await db.close()

@@ -14,12 +14,13 @@ on the disk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import threading
 import warnings
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -40,6 +41,7 @@ from sheetanchor.ingest._journal_format import (
     commit_frame,
     decode_record,
     encode_record,
+    iter_entries,
     read_segment,
 )
 from sheetanchor.observe import REGISTRY, get_logger, metric_name
@@ -49,7 +51,9 @@ __all__ = ["DEFAULT_JOURNAL_MAX_BYTES", "DEFAULT_SEGMENT_BYTES", "Journal", "Jou
 FsyncPolicy = Literal["batch", "always", "never"]
 _POLICIES: tuple[str, ...] = ("batch", "always", "never")
 
-DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+# Small enough that recovery reads one segment at a time in modest memory, large enough that
+# rotation (a file create and a directory fsync) is rare.
+DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
 DEFAULT_JOURNAL_MAX_BYTES = 1024 * 1024 * 1024
 _SEGMENT_SUFFIX = ".seg"
 _LOCK_NAME = "LOCK"
@@ -127,8 +131,10 @@ class Journal:
         fsync: ``"batch"`` (default): group commit, concurrent appends share one
             write+fdatasync; ``"always"``: one write+fdatasync per :meth:`append` call;
             ``"never"``: written to the OS only (survives a process crash, not a power loss).
-        group_commit_interval: seconds the flusher waits for more appends to join a group
-            (``"batch"`` only); 0 flushes as soon as the previous group is done.
+        group_commit_interval: at most this many seconds the flusher waits for as many
+            appends as joined the previous group (``"batch"`` only). Appends queued while a
+            write runs always share the next one; a lone sequential appender never waits.
+            0 never waits.
         segment_bytes: a segment is closed and a new one started past this size.
         max_bytes: limit on bytes held on disk plus queued; :meth:`append` raises
             :class:`JournalFull` beyond it. At least twice ``segment_bytes``.
@@ -179,6 +185,9 @@ class Journal:
         self._marks: dict[str, int] = {}
         self._marks_pending: dict[str, int] = {}
         self._flusher: asyncio.Task[None] | None = None
+        self._last_group = 0
+        self._group_target = 0
+        self._group_ready = asyncio.Event()
         self._failed: JournalError | None = None
         self._closing = False
         self._closed = True  # until fully open, so __del__ of a failed __init__ stays quiet
@@ -232,6 +241,11 @@ class Journal:
         The records get consecutive sequence numbers; the last one is returned (the first is
         ``seq - len(records) + 1``). An empty list returns :attr:`last_seq` without writing.
 
+        Ordering: the numbers are assigned when ``append`` is called, before it first waits,
+        and concurrent appends are resolved in sequence order (tasks awaiting ``append``
+        directly resume in that order). So a caller does not need a lock around ``append``
+        to keep its records in journal order.
+
         Raises:
             RecordError: a value cannot be encoded (orjson types, plus Decimal and bytes).
             JournalFull: the journal would exceed ``max_bytes``.
@@ -267,6 +281,8 @@ class Journal:
         future: asyncio.Future[int] = loop.create_future()
         self._pending.append(_Append(frames, nbytes, stream, last, future))
         self._pending_bytes += nbytes
+        if self._group_target and len(self._pending) >= self._group_target:
+            self._group_ready.set()
         self._wake(loop)
         return await future
 
@@ -311,20 +327,26 @@ class Journal:
         ``commit(stream, journal.last_seq)`` before appending anything new. A crash before that
         returns them again; the idempotent sink absorbs the duplicates. Damaged frames are
         skipped (counted when the journal was opened); this never raises for bad data.
+
+        This holds every uncommitted record in memory at once; :meth:`iter_recover` yields
+        them one by one instead (memory: one segment's bytes).
         """
-        entries: list[dict[str, Any]] = []
+        return list(self.iter_recover())
+
+    def iter_recover(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yield what :meth:`recover` returns, one record at a time, reading one segment at a time.
+
+        Blocking file reads: at start-up that is fine; on a busy event loop, iterate in a
+        worker thread or between awaits.
+        """
+        # Every mark on disk was read when the journal was opened; add the ones made since.
         marks = dict(self._durable_marks)
-        for segment in list(self._segments):
-            found: list[dict[str, Any]] = []
-            read_segment(_read_bytes(segment.path), found)
-            for entry in found:
-                if entry["k"] == "r":
-                    entries.append(entry)
-                else:
-                    _merge_marks(marks, entry)
         for stream, upto in self._marks.items():
             marks[stream] = max(marks.get(stream, 0), upto)
-        return [(str(e["t"]), decode_record(e)) for e in entries if e["s"] > marks.get(e["t"], 0)]
+        for segment in list(self._segments):
+            for entry in iter_entries(_read_bytes(segment.path)):
+                if entry["k"] == "r" and entry["s"] > marks.get(entry["t"], 0):
+                    yield str(entry["t"]), decode_record(entry)
 
     def stats(self) -> JournalStats:
         """Return counts and sizes of this journal."""
@@ -416,14 +438,14 @@ class Journal:
 
     async def _flush_loop(self) -> None:
         while self._pending or self._marks_pending:
-            if self._fsync == "batch" and self._interval > 0 and self._pending:
-                # Let more appenders join this group; they share the one fsync.
-                await asyncio.sleep(self._interval)
+            if self._fsync == "batch" and self._interval > 0:
+                await self._gather_group()
             if self._fsync == "always" and self._pending:
                 group = [self._pending.popleft()]
             else:
                 group = list(self._pending)
                 self._pending.clear()
+            self._last_group = len(group)
             nbytes = sum(a.nbytes for a in group)
             self._pending_bytes -= nbytes
             self._inflight_bytes += nbytes
@@ -448,11 +470,37 @@ class Journal:
                 _log.error("%s", error)
                 self._fail(error, group)
                 return
+            except Exception as exc:  # noqa: BLE001  routed: logged, every waiter gets it
+                # Not a disk error, so a bug: still, no appender may wait forever on it.
+                error = JournalError(
+                    f"journal {self._dir} failed unexpectedly while writing: {exc!r}; "
+                    "close and reopen the journal"
+                )
+                error.__cause__ = exc
+                _log.exception("%s", error)
+                self._fail(error, group)
+                return
             finally:
                 self._inflight_bytes -= nbytes
             for append in group:
                 if not append.future.done():
                     append.future.set_result(append.last_seq)
+
+    async def _gather_group(self) -> None:
+        # Wait (at most the interval) only while fewer appends are queued than joined the
+        # previous group: under steady concurrency the group is already complete when the
+        # flusher runs, and a lone appender (groups of one) never waits at all.
+        if not 0 < len(self._pending) < self._last_group:
+            return
+        self._group_target = self._last_group
+        self._group_ready.clear()
+        try:
+            # When the interval is up, the group is written as it is.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await self._group_ready.wait()
+        finally:
+            self._group_target = 0
 
     def _fail(self, error: JournalError, group: list[_Append]) -> None:
         self._failed = error

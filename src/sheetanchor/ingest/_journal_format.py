@@ -43,6 +43,7 @@ __all__ = [
     "decode_record",
     "encode_record",
     "frame",
+    "iter_entries",
     "read_segment",
 ]
 
@@ -157,6 +158,15 @@ def read_segment(data: bytes, out: list[dict[str, Any]]) -> ScanResult:
             out.append(entry_or_none)
         offset = next_offset
     return ScanResult(offset, False, corrupt)
+
+
+def iter_entries(data: bytes) -> Iterator[dict[str, Any]]:
+    """Yield the valid entries of a segment's bytes one by one, skipping damaged frames."""
+    for entry, _, status in _frames(data):
+        if status == "torn":
+            return
+        if entry is not None:
+            yield entry
 
 
 def _frames(data: bytes) -> Iterator[tuple[dict[str, Any] | None, int, str]]:

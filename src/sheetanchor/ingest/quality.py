@@ -20,6 +20,10 @@ Example::
     findings = gate.inspect({"symbol": "ABC", "ts": 1700000000.0, "price": 10.0, "volume": 3})
 
 A custom check is any object with ``name``, ``reject`` and ``observe(record)``.
+
+With a ``WriteBuffer``, give the checks to the stream: ``Stream(..., checks=[...])``; the
+buffer runs them through a ``QualityGate`` at ``put``, before accepting the record, so a check
+with ``reject=True`` makes ``put`` raise ``RecordError`` and the record is not written.
 """
 
 from __future__ import annotations
