@@ -95,6 +95,7 @@ def test_bound_raises_dead_letter_full_with_a_clear_message(tmp_path: Path) -> N
     assert len(store.files()) == 1  # nothing partial was written
     metrics = generate_latest(REGISTRY).decode()
     assert 'sheetanchor_ingest_deadletter_bytes{stream="types"}' in metrics
+    assert 'sheetanchor_ingest_deadletter_full_total{stream="types"}' in metrics
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")

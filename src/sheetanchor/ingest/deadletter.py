@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Final, NamedTuple
 
 import orjson
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
 from sheetanchor.config import home_dir
 from sheetanchor.errors import ConfigError, DeadLetterFull
@@ -54,6 +54,12 @@ _log = get_logger("ingest.deadletter")
 _BYTES = Gauge(
     metric_name("ingest", "deadletter", "bytes"),
     "Bytes held in the dead-letter store, per stream.",
+    ["stream"],
+    registry=REGISTRY,
+)
+_FULL = Counter(
+    metric_name("ingest", "deadletter_full", "total"),
+    "Dead-letter writes refused because the store reached max_bytes, per stream.",
     ["stream"],
     registry=REGISTRY,
 )
@@ -191,6 +197,7 @@ class DeadLetterStore:
         with self._lock:
             total = sum(self._bytes.values())
             if total + len(data) > self.max_bytes:
+                _FULL.labels(stream).inc()
                 raise DeadLetterFull(
                     f"dead-letter store {self.directory} holds {total} bytes; writing "
                     f"{len(rows)} {reason} row(s) of stream {stream!r} ({len(data)} bytes) "
