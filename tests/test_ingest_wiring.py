@@ -92,3 +92,18 @@ async def test_quality_checks_count_or_reject_and_tail_is_bounded(
             buffer.tail("strict", 1)
     assert buffer.stream_stats("ticks").rows_written == 10
     assert buffer.stream_stats("strict").rows_rejected == 1
+
+
+async def test_put_from_another_thread_is_a_clear_error(db: Database, tmp_path: Path) -> None:
+    import asyncio
+
+    from sheetanchor.errors import WrongEventLoop
+
+    table = table_name()
+    await create_tick_table(db, table)
+    async with WriteBuffer(
+        db, [tick_stream(table)], deadletter_dir=tmp_path, replay_interval=None
+    ) as buffer:
+        with pytest.raises(WrongEventLoop, match="event loop"):
+            await asyncio.to_thread(buffer.put_nowait, "ticks", tick(1))
+        assert buffer.stream_stats("ticks").rows_in == 0
