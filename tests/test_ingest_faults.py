@@ -175,3 +175,54 @@ async def test_dead_letter_store_full_keeps_rows_in_flight_bounded_then_writes_t
     finally:
         await db.close()
         await direct.close()
+
+
+class _CountingRetry:
+    """A real RetryPolicy that counts how many writes were given a retry budget."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._policy = fast_retry()
+
+    async def call(self, fn: Any, /, *args: Any) -> Any:
+        self.calls += 1
+        return await self._policy.call(fn, *args)
+
+
+async def test_one_exhausted_budget_per_swap_while_the_database_is_down(
+    pg_url: str, fault_proxy: Callable[[str, int], FaultProxy], tmp_path: Path
+) -> None:
+    """A swap of 10 chunks with the database down: the first chunk spends the retry budget,
+    the other nine go straight to the dead letters (the stream does not stay full 10x longer)."""
+    proxy = _proxied(pg_url, fault_proxy)
+    direct = _db(pg_url)
+    db = _db(proxy.url(pg_url))
+    try:
+        table = table_name()
+        await create_tick_table(direct, table)
+        stream = tick_stream(
+            table,
+            max_rows=100,
+            batch_rows=10,
+            high_watermark=1.0,
+            emergency_watermark=1.0,
+            flush_interval=3600.0,
+        )
+        retry = _CountingRetry()
+        store = DeadLetterStore(tmp_path)
+        async with WriteBuffer(
+            db, [stream], deadletter=store, retry=retry, replay_interval=None
+        ) as buffer:
+            retry.calls = 0  # open() used it to check the table
+            for i in range(100):
+                buffer.put_nowait("ticks", tick(i))
+            proxy.refuse()
+            proxy.reset_all()
+            await buffer.flush()
+            assert retry.calls == 1
+            assert buffer.stream_stats("ticks").rows_failed == 100
+            assert len(store.files("ticks", "failed")) == 10
+            proxy.pass_through()
+    finally:
+        await db.close()
+        await direct.close()

@@ -76,7 +76,9 @@ class Stream:
         emergency_watermark: fill fraction past which a best-effort stream spills.
         flush_interval: seconds between flushes of a stream that is not full.
         batch_rows: rows per COPY; a flush starts when this many are buffered.
-        concurrency: batches of this stream written at the same time, at most.
+        concurrency: batches of this stream written at the same time, at most (1: on a small
+            machine two concurrent COPYs of one stream compete with the encoder for CPU;
+            while one batch is written the next one accumulates, so batches grow under load).
         put_timeout: seconds ``await put`` waits for room before raising ``BufferFull``.
         nullable: columns that accept ``None`` (never a natural-key column).
         schema: PostgreSQL schema of ``table``.
@@ -105,7 +107,7 @@ class Stream:
     emergency_watermark: float = 0.9
     flush_interval: float = 1.0
     batch_rows: int = 10_000
-    concurrency: int = 2
+    concurrency: int = 1
     put_timeout: float = 30.0
     nullable: Iterable[str] = ()
     schema: str = "public"

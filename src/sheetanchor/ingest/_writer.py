@@ -72,9 +72,10 @@ class BatchWriter:
         unsaved_before = self.unsaved
         try:
             async with self._global_sem:
+                healthy = True
                 for start in range(0, len(rows), st.batch_rows):
                     chunk = rows[start : start + st.batch_rows]
-                    await self.write_chunk(st, chunk)
+                    healthy = await self.write_chunk(st, chunk, give_up=not healthy)
                     chunk_bytes = nbytes * (start + len(chunk)) // len(rows) - released_bytes
                     st.inflight_rows -= len(chunk)
                     st.inflight_bytes -= chunk_bytes
@@ -117,17 +118,27 @@ class BatchWriter:
         async with asyncio.timeout(self._write_timeout), self._db.connection() as conn:
             return await st.sink.write(conn, rows, batch_id=batch_id)
 
-    async def write_chunk(self, st: StreamState, chunk: list[Row]) -> None:
-        """Write one chunk; every outcome is routed (written, quarantined, dead-lettered)."""
+    async def write_chunk(
+        self, st: StreamState, chunk: list[Row], *, give_up: bool = False
+    ) -> bool:
+        """Write one chunk; every outcome is routed (written, quarantined, dead-lettered).
+
+        Returns False when the chunk was dead-lettered because the database could not take it;
+        with ``give_up`` it goes to the dead letters at once (an earlier chunk of the same swap
+        already spent the retry budget: each chunk waiting out its own budget would keep the
+        stream full for budget x chunks while the database is down).
+        """
         batch_id = str(uuid.uuid4())
-        started = time.perf_counter()
         st.batches += 1
+        if give_up:
+            await self.dead_letter(st, "failed", chunk, batch_id=batch_id)
+            return False
+        started = time.perf_counter()
         try:
             outcome = await self._retry.call(self.attempt, st, chunk, batch_id)
         except Exception as exc:  # noqa: BLE001  routed below: bisect or dead-letter
             if is_data_error(exc):
-                await self.bisect(st, chunk, exc)
-                return
+                return await self.bisect(st, chunk, exc)
             st.last_error = f"{type(exc).__name__}: {exc}"
             _log.warning(
                 "stream %s: batch of %d rows not written (%s); dead-lettering it",
@@ -136,7 +147,7 @@ class BatchWriter:
                 st.last_error,
             )
             await self.dead_letter(st, "failed", chunk, batch_id=batch_id)
-            return
+            return False
         finally:
             FLUSH_SECONDS.labels(st.name).observe(time.perf_counter() - started)
         st.last_error = None
@@ -145,8 +156,10 @@ class BatchWriter:
         else:
             st.counts["written"] += outcome.inserted
             st.counts["duplicate"] += len(chunk) - outcome.inserted
+        return True
 
-    async def bisect(self, st: StreamState, chunk: list[Row], first: Exception) -> None:
+    async def bisect(self, st: StreamState, chunk: list[Row], first: Exception) -> bool:
+        """Isolate poison rows of ``chunk``; False when the database failed meanwhile."""
         inserted = 0
 
         async def write_segment(segment: Sequence[Row]) -> SinkOutcome:
@@ -175,6 +188,7 @@ class BatchWriter:
             await self.dead_letter(st, "poison", rows, errors=errors)
         if remaining:
             await self.dead_letter(st, "failed", remaining)
+        return not remaining
 
     async def dead_letter(
         self,
