@@ -151,9 +151,10 @@ def test_journal_alone_recovers_every_acknowledged_append(tmp_path: Path) -> Non
         "        i = p\n"
         "        while True:\n"
         "            seq = await journal.append('s', [{'id': i}])\n"
+        # Report before committing: a kill between the two must not hide a durable mark.
+        "            sys.stdout.write(f'{i} {seq}\\n'); sys.stdout.flush()\n"
         "            if i % 3 == 0:\n"
         "                journal.commit('s', seq)  # pretend the sink wrote up to here\n"
-        "            sys.stdout.write(f'{i} {seq}\\n'); sys.stdout.flush()\n"
         "            i += 8\n"
         "    await asyncio.gather(*(producer(p) for p in range(8)))\n"
         "asyncio.run(main())\n"
