@@ -40,6 +40,7 @@ PgBouncer (``pool_mode = transaction``): pass ``Database(url_of_pgbouncer, pgbou
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -239,8 +240,7 @@ class Database:
         return self._engines.get().engine
 
     def _connect_args(self) -> dict[str, Any]:
-        import os
-
+        # Built per engine, so a forked child's connections carry the child's pid.
         server_settings = {"application_name": f"sheetanchor:{self.role}:{os.getpid()}"}
         if not self.pgbouncer:
             if self.statement_timeout is not None:

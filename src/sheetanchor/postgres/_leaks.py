@@ -96,18 +96,26 @@ def capture_stack(skip: int = 1) -> tuple[tuple[CodeType, int], ...]:
     """The caller's frames as ``(code, line)`` pairs, innermost first, crossing greenlet hops.
 
     Frames of SQLAlchemy, greenlet, asyncio and this package are skipped as the walk goes (a
-    cached flag per code object), and the walk stops after ``_KEEP`` caller frames.
+    cached flag per code object), and the walk stops after ``_KEEP`` caller frames. Code run
+    inside SQLAlchemy's greenlet (``run_sync`` callbacks) is not shown; the coroutine that
+    awaited it is.
     """
-    frame: FrameType | None = sys._getframe(skip)
+    glet: Any = greenlet.getcurrent()
+    frame: FrameType | None
+    if getattr(glet, "__sqlalchemy_greenlet_provider__", False) and glet.parent is not None:
+        # Inside SQLAlchemy's greenlet every frame is the pool's or SQLAlchemy's: start at the
+        # (suspended) parent greenlet, where the awaiting coroutines are.
+        glet = glet.parent
+        frame = glet.gr_frame
+    else:
+        frame = sys._getframe(skip)
     out: list[tuple[CodeType, int]] = []
     walked = 0
-    glet: Any = None
     internal = _internal_code
     while walked < _MAX_WALK:
         if frame is None:
-            # Top of a greenlet started by SQLAlchemy's greenlet_spawn: continue in the
-            # (suspended) parent greenlet, where the awaiting coroutines are.
-            glet = (glet or greenlet.getcurrent()).parent
+            # Top of a nested greenlet: continue in its (suspended) parent.
+            glet = glet.parent
             if glet is None:
                 break
             frame = glet.gr_frame

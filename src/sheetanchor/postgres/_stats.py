@@ -8,6 +8,7 @@ database's ``name`` (low cardinality by construction: one per ``Database`` objec
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -112,6 +113,15 @@ class _DatabaseCollector(Collector):
 
 
 REGISTRY.register(_DatabaseCollector())
+
+
+def _after_fork_in_child() -> None:
+    # A scrape thread of the parent may have held the lock at fork time.
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def register_source(source: _Source) -> None:
