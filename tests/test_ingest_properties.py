@@ -4,14 +4,16 @@ record is accounted for exactly once and the memory bound is never passed (real 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import tempfile
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from _ingest_helpers import create_tick_table, fast_retry, table_name, tick, tick_stream
-from sheetanchor.errors import BufferFull
-from sheetanchor.ingest import WriteBuffer
+from sheetanchor.errors import BufferFull, RecordError
+from sheetanchor.ingest import Stream, WriteBuffer
+from sheetanchor.ingest._validate import Validator
 from sheetanchor.postgres import Database, PoolSettings
 
 # An op is either a run of puts (keys) or a flush (None).
@@ -80,3 +82,71 @@ def test_every_record_is_accounted_for_once(
     pg_url: str, ops: list[list[int] | None], max_rows: int
 ) -> None:
     asyncio.run(_scenario(pg_url, ops, max_rows))
+
+
+_FAST_STREAM = Stream(
+    "fast",
+    table="t",
+    columns={
+        "i2": "smallint",
+        "i8": "bigint",
+        "f": "float8",
+        "b": "bool",
+        "ts": "timestamptz",
+        "d": "date",
+        "s": "text",
+        "n": "text",
+    },
+    natural_key="i8",
+    nullable=("n",),
+)
+_any_value = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True),
+    st.text(max_size=5),
+    st.datetimes(timezones=st.sampled_from([None, dt.UTC])),
+    st.dates(),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    values=st.fixed_dictionaries({k: _any_value for k in _FAST_STREAM.columns}),
+    drop=st.sampled_from([None, *_FAST_STREAM.columns]),
+)
+def test_fast_validator_accepts_a_subset_with_the_same_result(
+    values: dict[str, object], drop: str | None
+) -> None:
+    if drop is not None:
+        values.pop(drop)
+    validator = Validator(_FAST_STREAM)
+    assert validator._fast is not None
+    quick = validator._fast(values)
+    try:
+        slow = validator._validate(values)
+    except RecordError:
+        assert quick is None
+        return
+    if quick is not None:
+        assert quick == slow
+
+
+def test_fast_validator_takes_a_valid_record() -> None:
+    validator = Validator(_FAST_STREAM)
+    assert validator._fast is not None
+    record = {
+        "i2": 7,
+        "i8": 2**40,
+        "f": 1.5,
+        "b": True,
+        "ts": dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+        "d": dt.date(2026, 1, 1),
+        "s": "abc",
+        "n": None,
+    }
+    quick = validator._fast(record)
+    assert quick is not None
+    assert quick == validator._validate(record)
+    assert validator._fast({**record, "n": "x"}) == validator._validate({**record, "n": "x"})

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from sheetanchor.errors import RecordError
+from sheetanchor.ingest._fastpath import compile_fast
 from sheetanchor.ingest._stream import Stream
 
 __all__ = ["ROW_OVERHEAD", "Row", "Validator"]
@@ -150,7 +151,7 @@ class Validator:
     ``validate(record)`` returns ``(row, estimated_bytes)``.
     """
 
-    __slots__ = ("_checks", "_json_idx", "_n", "_names", "_nullable", "stream")
+    __slots__ = ("_checks", "_fast", "_json_idx", "_n", "_names", "_nullable", "stream")
 
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
@@ -161,6 +162,7 @@ class Validator:
         self._json_idx = tuple(
             i for i, t in enumerate(stream.columns.values()) if t in ("json", "jsonb")
         )
+        self._fast = compile_fast(stream, row_overhead=ROW_OVERHEAD)
 
     def validate(self, record: Mapping[str, Any]) -> tuple[Row, int]:
         """Check ``record`` and return it as a tuple in COPY order with its size estimate.
@@ -169,6 +171,13 @@ class Validator:
             RecordError: a field is missing or unknown, has the wrong type, a NUL byte, or
                 is out of range. The error names the stream, the field and the value.
         """
+        if self._fast is not None:
+            quick = self._fast(record)
+            if quick is not None:
+                return quick
+        return self._validate(record)
+
+    def _validate(self, record: Mapping[str, Any]) -> tuple[Row, int]:
         try:
             values = [record[name] for name in self._names]
         except KeyError as exc:
