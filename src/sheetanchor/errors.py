@@ -19,6 +19,8 @@ TimeoutError`` keeps working::
     │   └── PoisonRecord                    a record PostgreSQL itself refused (quarantined)
     ├── BufferFull                          an authoritative stream is full: slow down or wait
     ├── DeadLetterFull                      the dead-letter store reached its byte limit
+    ├── JournalError                        the disk journal cannot be used (write failed, locked)
+    │   └── JournalFull                     the journal reached its byte limit: commit or raise it
     ├── VersionConflict                     optimistic concurrency lost too many times
     └── EmbeddedServerError (RuntimeError)  an embedded PostgreSQL/Redis could not start
 
@@ -36,6 +38,8 @@ __all__ = [
     "ConnectionLost",
     "DeadLetterFull",
     "EmbeddedServerError",
+    "JournalError",
+    "JournalFull",
     "NotReady",
     "PoisonRecord",
     "PoolTimeout",
@@ -123,6 +127,20 @@ class BufferFull(SheetAnchorError):
 
 class DeadLetterFull(SheetAnchorError):
     """The dead-letter store reached its byte limit: replay or purge it, or raise the limit."""
+
+
+class JournalError(SheetAnchorError):
+    """The ingest journal cannot be used: a write or fsync failed, or another process holds it.
+
+    After a failed write the journal refuses further appends (the state of a file after a
+    failed fsync is unknown); close it and open a new ``Journal`` on the same directory, which
+    recovers everything that was durably written.
+    """
+
+
+class JournalFull(JournalError):
+    """The journal reached its byte limit: commit written records (is the sink down?) or
+    raise ``max_bytes``."""
 
 
 class VersionConflict(SheetAnchorError):

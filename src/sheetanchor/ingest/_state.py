@@ -1,0 +1,183 @@
+"""Per-stream state of a write buffer: the buffer list, accounting, counters and stats."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from sheetanchor.ingest._metrics import BUFFERED_BYTES, BUFFERED_ROWS, FILL, ROWS
+from sheetanchor.ingest._sink import CopySink
+from sheetanchor.ingest._stream import Stream
+from sheetanchor.ingest._tail import Tail
+from sheetanchor.ingest._validate import Row, Validator
+from sheetanchor.ingest.quality import QualityGate
+
+__all__ = ["StreamState", "StreamStats", "WriteBufferStats"]
+
+_COUNTERS = (
+    "in",
+    "written",
+    "duplicate",
+    "failed",
+    "quarantined",
+    "spilled",
+    "rejected",
+    "replayed",
+)
+
+
+class StreamStats(NamedTuple):
+    """One stream's figures (``WriteBuffer.stream_stats(name)``).
+
+    ``held_*`` count what is in memory: buffered plus being written plus awaiting spill;
+    they never pass ``max_rows`` / ``max_bytes``.
+    """
+
+    stream: str
+    kind: str
+    buffered_rows: int
+    inflight_rows: int
+    spill_rows: int
+    held_rows: int
+    held_bytes: int
+    fill: float
+    max_rows: int
+    max_bytes: int
+    rows_in: int
+    rows_written: int
+    rows_duplicate: int
+    rows_failed: int
+    rows_quarantined: int
+    rows_spilled: int
+    rows_rejected: int
+    rows_replayed: int
+    batches: int
+    waits: int
+    last_error: str | None
+
+
+class WriteBufferStats(NamedTuple):
+    """Totals over all streams of a buffer (``WriteBuffer.stats()``)."""
+
+    streams: int
+    held_rows: int
+    held_bytes: int
+    rows_in: int
+    rows_written: int
+    rows_duplicate: int
+    rows_failed: int
+    rows_quarantined: int
+    rows_spilled: int
+    rows_rejected: int
+    rows_replayed: int
+    batches: int
+    deadletter_bytes: int
+
+
+class StreamState:
+    """Mutable state of one stream. Only touched from the buffer's event loop.
+
+    Every mutation happens in synchronous code between two awaits, so the event loop itself
+    is the lock: a swap of ``rows`` is one assignment, O(1), and nothing interleaves with it.
+    """
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.name = stream.name
+        self.best_effort = stream.kind == "best_effort"
+        self.validator = Validator(stream)
+        self.sink = CopySink(stream.describe())
+        self.describe: dict[str, Any] = stream.describe()
+        self.gate = QualityGate(stream.name, stream.checks) if stream.checks else None
+        self.tail: Tail[Mapping[str, Any]] | None = (
+            Tail(stream.tail_rows) if stream.tail_rows else None
+        )
+        self.max_rows = stream.max_rows
+        self.max_bytes = stream.max_bytes
+        self.batch_rows = stream.batch_rows
+        # Thresholds precomputed as absolute numbers: put_nowait compares ints only.
+        self.high_rows = max(1, math.ceil(stream.high_watermark * stream.max_rows))
+        self.high_bytes = max(1, math.ceil(stream.high_watermark * stream.max_bytes))
+        self.emergency_rows = max(1, math.ceil(stream.emergency_watermark * stream.max_rows))
+        self.emergency_bytes = max(1, math.ceil(stream.emergency_watermark * stream.max_bytes))
+        self.rows: list[Row] = []
+        self.bytes = 0
+        self.inflight_rows = 0
+        self.inflight_bytes = 0
+        self.spill: list[Row] = []
+        self.spill_bytes = 0
+        self.counts = dict.fromkeys(_COUNTERS, 0)
+        self._reported = dict.fromkeys(_COUNTERS, 0)
+        self.batches = 0
+        self.waits = 0
+        self.last_error: str | None = None
+        self.wake = asyncio.Event()
+        self.spill_wake = asyncio.Event()
+        self.room = asyncio.Event()
+        self.sem = asyncio.Semaphore(stream.concurrency)
+        # Room taken by puts waiting for the journal to make their records durable.
+        self.reserved_rows = 0
+        self.reserved_bytes = 0
+        self.last_seq = 0
+        # Batches in swap order as [max journal seq, done]; see WriteBuffer._journal_done.
+        self.commits: collections.deque[list[int]] = collections.deque()
+
+    @property
+    def held_rows(self) -> int:
+        """Rows in memory: buffered, being written, awaiting spill or the journal."""
+        return len(self.rows) + self.inflight_rows + len(self.spill) + self.reserved_rows
+
+    @property
+    def held_bytes(self) -> int:
+        """Estimated bytes in memory: buffered, being written, awaiting spill or the journal."""
+        return self.bytes + self.inflight_bytes + self.spill_bytes + self.reserved_bytes
+
+    def has_room(self, size: int, rows: int = 1) -> bool:
+        """True when ``rows`` more records of ``size`` bytes in all fit under both limits."""
+        return self.held_rows + rows <= self.max_rows and self.held_bytes + size <= self.max_bytes
+
+    @property
+    def fill(self) -> float:
+        """Held rows or bytes over their limit, whichever is larger."""
+        return max(self.held_rows / self.max_rows, self.held_bytes / self.max_bytes)
+
+    def publish(self) -> None:
+        """Fold counters and gauges into Prometheus (batched: put_nowait stays cheap)."""
+        for key, value in self.counts.items():
+            delta = value - self._reported[key]
+            if delta:
+                ROWS[key].labels(self.name).inc(delta)
+                self._reported[key] = value
+        FILL.labels(self.name).set(self.fill)
+        BUFFERED_ROWS.labels(self.name).set(self.held_rows)
+        BUFFERED_BYTES.labels(self.name).set(self.held_bytes)
+
+    def stats(self) -> StreamStats:
+        """A snapshot of this stream's figures."""
+        c = self.counts
+        return StreamStats(
+            stream=self.name,
+            kind=self.stream.kind,
+            buffered_rows=len(self.rows),
+            inflight_rows=self.inflight_rows,
+            spill_rows=len(self.spill),
+            held_rows=self.held_rows,
+            held_bytes=self.held_bytes,
+            fill=self.fill,
+            max_rows=self.max_rows,
+            max_bytes=self.max_bytes,
+            rows_in=c["in"],
+            rows_written=c["written"],
+            rows_duplicate=c["duplicate"],
+            rows_failed=c["failed"],
+            rows_quarantined=c["quarantined"],
+            rows_spilled=c["spilled"],
+            rows_rejected=c["rejected"],
+            rows_replayed=c["replayed"],
+            batches=self.batches,
+            waits=self.waits,
+            last_error=self.last_error,
+        )
