@@ -299,9 +299,10 @@ def fault_proxy() -> Iterator[Callable[[str, int], FaultProxy]]:
     made: list[FaultProxy] = []
 
     def make(host: str, port: int) -> FaultProxy:
-        proxy = FaultProxy(host, port).start()
+        proxy = FaultProxy(host, port)
+        # Tracked before it starts: whatever start() leaves behind is closed at teardown.
         made.append(proxy)
-        return proxy
+        return proxy.start()
 
     try:
         yield make
