@@ -25,9 +25,9 @@ pytestmark = pytest.mark.faults
 ProxyFactory = Callable[[str, int], FaultProxy]
 
 # asyncpg reports a dropped connection as one of these, depending on when it notices.
+# Not OSError: TimeoutError is one, and a hang that ends in a timeout must not pass for a reset.
 CONNECTION_ERRORS = (
     ConnectionError,
-    OSError,
     asyncpg.ConnectionDoesNotExistError,
     asyncpg.PostgresConnectionError,
 )
@@ -150,6 +150,12 @@ async def test_blackhole_stalls_an_open_connection(pg_proxy: FaultProxy, pg_via_
     finally:
         conn.terminate()
     pg_proxy.pass_through()
+
+
+def test_connection_errors_do_not_include_timeouts() -> None:
+    # The reset tests below must fail if a query hangs and then times out.
+    assert not issubclass(TimeoutError, CONNECTION_ERRORS)
+    assert not issubclass(asyncio.TimeoutError, CONNECTION_ERRORS)
 
 
 async def test_reset_all_breaks_open_connections(pg_proxy: FaultProxy, pg_via_proxy: str) -> None:
