@@ -78,6 +78,9 @@ def test_second_start_reuses_the_running_server() -> None:
     assert (again_pg.pid, again_redis.pid) == (pid_pg, pid_redis)
 
 
+# Tests that run a child process set a per-test timeout above the child's own (the global
+# 120 s would otherwise cut a cold start on a slow machine short, with a less useful error).
+@pytest.mark.timeout(180)
 def test_another_process_reuses_the_running_server() -> None:
     pg = EmbeddedPostgres()
     pg.start()
@@ -194,6 +197,7 @@ def scratch() -> Iterator[Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # two children, each waited for up to 120 s
 def test_two_processes_initialising_at_once_share_one_server(scratch: Path) -> None:
     data_dir = scratch / "pg"
     code = textwrap.dedent(
@@ -217,6 +221,7 @@ def test_two_processes_initialising_at_once_share_one_server(scratch: Path) -> N
         EmbeddedPostgres(data_dir, private=True).remove()
 
 
+@pytest.mark.timeout(180)
 def test_orphaned_private_instance_is_reaped() -> None:
     # A run killed with SIGKILL never tears down; the next private instance cleans up.
     code = textwrap.dedent(
@@ -249,6 +254,7 @@ def _reachable_by_others(path: Path) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(240)  # the child may take 120 s, then both servers are stopped
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as another user")
 def test_non_root_user_path(scratch: Path) -> None:
     """The path of an ordinary user: no system user, no chmod, servers run as that user."""

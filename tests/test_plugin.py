@@ -129,6 +129,7 @@ def test_fixtures(pg_url, redis_url, sheetanchor_pg_server_url, private_pg):
 
 @pytest.mark.slow
 @pytest.mark.embedded
+@pytest.mark.timeout(420)  # above the inner run's own 300 s, which includes a cold start
 def test_whole_flow_without_server_urls() -> None:
     """A user with no servers: a suite using our fixtures starts embedded ones itself."""
     # A fresh SHEETANCHOR_HOME (outside pytest's tmp: see test_embedded.scratch) means a
