@@ -49,6 +49,7 @@ from sheetanchor.config import (
     pg_url_from_env,
     redact,
     redis_url_from_env,
+    with_database,
 )
 from sheetanchor.embedded import EmbeddedPostgres, EmbeddedRedis
 from sheetanchor.embedded._os import run_in_thread
@@ -77,13 +78,6 @@ _DB_PREFIX = "sa_test_"
 _TEMPLATE_PREFIX = "sa_tpl_"
 _STALE_AFTER = 24 * 3600.0  # databases of sessions that died without cleaning up
 _CLAIM_PREFIX = "sheetanchor-test-db:"
-
-
-def _with_database(url: str, database: str) -> str:
-    """``url`` with its path (the database name or Redis index) replaced by ``database``."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
 
 
 def _new_name(prefix: str) -> str:
@@ -183,7 +177,7 @@ def pg_url(sheetanchor_pg_server_url: str, sheetanchor_pg_template: str) -> Iter
         sheetanchor_pg_server_url, f'CREATE DATABASE "{name}" TEMPLATE "{sheetanchor_pg_template}"'
     )
     try:
-        yield _with_database(sheetanchor_pg_server_url, name)
+        yield with_database(sheetanchor_pg_server_url, name)
     finally:
         _pg_admin(sheetanchor_pg_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -276,7 +270,7 @@ def redis_url(sheetanchor_redis_server_url: str, sheetanchor_redis_db: int) -> s
     """URL of this session's Redis database, flushed before the test."""
     import redis
 
-    url = _with_database(sheetanchor_redis_server_url, str(sheetanchor_redis_db))
+    url = with_database(sheetanchor_redis_server_url, str(sheetanchor_redis_db))
     parse_url(url)
     client = redis.Redis.from_url(url)
     try:
