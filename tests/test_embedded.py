@@ -162,6 +162,23 @@ def test_busy_port_gives_a_clear_error(tmp_path: Path) -> None:
             server.start()
 
 
+def test_restart_keeps_the_port_or_says_it_cannot() -> None:
+    with EmbeddedRedis(private=True) as server:
+        url = server.url
+        port = server.port
+        server.stop()
+        # A stopped server has no address: no stale URL for a port someone else may take.
+        with pytest.raises(EmbeddedServerError, match="not running"):
+            _ = server.url
+        with socket.socket() as squatter:
+            squatter.bind(("127.0.0.1", port))
+            squatter.listen()
+            with pytest.raises(EmbeddedServerError, match=rf"same port: 127\.0\.0\.1:{port}"):
+                server.restart()
+        assert server.restart() == url
+        assert ping(url)
+
+
 def test_unusable_directory_gives_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -111,7 +111,7 @@ class EmbeddedRedis(Server):
             if self._launch_on(port):
                 break
             # Another process took the free port between our check and redis' bind.
-            if attempt == 2 or self._requested_port is not None:
+            if attempt == 2 or self._fixed_port is not None:
                 raise EmbeddedServerError(
                     f"redis-server could not listen on {HOST}:{port} (port in use?); pass "
                     f"another port or port=None. Last lines of {self._log_file}:\n"

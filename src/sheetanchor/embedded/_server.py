@@ -68,6 +68,8 @@ class Server:
         else:
             self._dir = (home_dir() / "embedded" / default_name).absolute()
         self._requested_port = port
+        # The port restart() must get back (it is not free to pick another), if any.
+        self._restart_port: int | None = None
         self._port: int | None = None
         self._start_timeout = start_timeout
 
@@ -139,8 +141,14 @@ class Server:
         return self.url
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """Stop the server if it runs (a fast shutdown: sessions are ended); idempotent."""
+        """Stop the server if it runs (a fast shutdown: sessions are ended); idempotent.
+
+        Afterwards :attr:`port` and :attr:`url` raise until the next :meth:`start`: a
+        stopped server has no address, and the old one may soon belong to another process.
+        The port stays remembered in the directory and is tried first on the next start.
+        """
         with self._locked():
+            self._port = None
             running = self._running()
             if running is None:
                 return
@@ -151,9 +159,23 @@ class Server:
         log.info("embedded %s in %s stopped", self._kind, self._dir)
 
     def restart(self) -> str:
-        """Stop then start again on the same port; return the URL."""
+        """Stop, then start again on the same port (the one it last ran on); return the URL.
+
+        Clients, proxies and configuration that know the address keep working.
+
+        Raises:
+            EmbeddedServerError: that port was taken by another process while the server
+                was down (use :meth:`stop` and :meth:`start` to accept a new port), or
+                the server did not start.
+        """
+        running = self._running()
+        port = running[1] if running is not None else self._remembered_port()
         self.stop()
-        return self.start()
+        self._restart_port = port
+        try:
+            return self.start()
+        finally:
+            self._restart_port = None
 
     def is_ready(self, timeout: float = 2.0) -> bool:
         """True when the server answers a real request (``SELECT 1`` / ``PING``)."""
@@ -248,6 +270,15 @@ class Server:
     def _state_file(self) -> Path:
         return self._dir / "state.json"
 
+    @property
+    def _fixed_port(self) -> int | None:
+        """The port this start must use (asked for, or kept by restart), else ``None``."""
+        return self._requested_port if self._requested_port is not None else self._restart_port
+
+    def _remembered_port(self) -> int | None:
+        remembered = read_state(self._state_file).get("port")
+        return remembered if isinstance(remembered, int) else None
+
     def _choose_port(self) -> int:
         if self._requested_port is not None:
             if not port_is_free(self._requested_port):
@@ -257,8 +288,16 @@ class Server:
                     "port, or port=None to pick a free one"
                 )
             return self._requested_port
-        remembered = read_state(self._state_file).get("port")
-        if isinstance(remembered, int):
+        if self._restart_port is not None:
+            if not port_is_free(self._restart_port):
+                raise EmbeddedServerError(
+                    f"cannot restart the embedded {self._kind} on the same port: "
+                    f"{HOST}:{self._restart_port} was taken by another process while it was "
+                    "stopped; call start() to accept a new port, or free that one"
+                )
+            return self._restart_port
+        remembered = self._remembered_port()
+        if remembered is not None:
             if port_is_free(remembered):
                 return remembered
             log.warning(
