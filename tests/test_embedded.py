@@ -8,6 +8,7 @@ other servers, so both paths are always covered. Nothing here stops the *shared*
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import shutil
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +29,7 @@ import pytest
 import redis
 
 from sheetanchor.embedded import EmbeddedPostgres, EmbeddedRedis, ensure_servers, pg_major_version
+from sheetanchor.embedded._os import file_lock
 from sheetanchor.errors import EmbeddedServerError
 
 pytestmark = pytest.mark.embedded
@@ -177,6 +181,61 @@ def test_restart_keeps_the_port_or_says_it_cannot() -> None:
                 server.restart()
         assert server.restart() == url
         assert ping(url)
+
+
+def test_a_held_lock_times_out_naming_the_lock_file(tmp_path: Path) -> None:
+    lock = tmp_path / "lock"
+    # flock locks belong to an open file, so a second open in this process conflicts.
+    with (
+        file_lock(lock, timeout=5.0),
+        pytest.raises(EmbeddedServerError, match=f"lock file {lock}"),
+        file_lock(lock, timeout=0.1),
+    ):
+        pass
+    with file_lock(lock, timeout=0.1):
+        pass  # free again
+
+
+def _open_count(path: Path) -> int:
+    fds = Path("/proc/self/fd")
+    count = 0
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) == str(path):
+                count += 1
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_remove_waiting_for_a_removal_does_not_resurrect_the_directory() -> None:
+    # Two reapers of one orphan: the second waits for the lock while the first deletes the
+    # directory. The second must then find nothing to do, not fail or re-create it.
+    first = EmbeddedRedis(private=True)  # creates its directory (owner.json), not started
+    data_dir = first.data_dir
+    lock = data_dir / "lock"
+    errors: list[BaseException] = []
+
+    def second_reaper() -> None:
+        try:
+            EmbeddedRedis(data_dir, private=True).remove()
+        except BaseException as exc:
+            errors.append(exc)
+
+    with file_lock(lock, timeout=5.0):
+        thread = threading.Thread(target=second_reaper)
+        thread.start()
+        # A condition, not a sleep: the second reaper has opened the lock file to wait on it.
+        while _open_count(lock) < 2 and thread.is_alive():
+            time.sleep(0.01)
+        # What the first reaper does while holding the lock: delete everything.
+        for child in data_dir.iterdir():
+            child.unlink()
+        data_dir.rmdir()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert errors == []
+    assert not data_dir.exists()
+    first.remove()  # idempotent
 
 
 def test_unusable_directory_gives_a_clear_error(tmp_path: Path) -> None:
