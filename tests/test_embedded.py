@@ -238,6 +238,19 @@ def test_remove_waiting_for_a_removal_does_not_resurrect_the_directory() -> None
     first.remove()  # idempotent
 
 
+def test_redis_that_exits_while_starting_fails_at_once_with_its_log(tmp_path: Path) -> None:
+    # Not a busy port: redis-server listens, writes its pid file, then cannot load a
+    # corrupt dump.rdb and exits. The error must say so (not wait out start_timeout).
+    data_dir = tmp_path / "redis"
+    data_dir.mkdir()
+    (data_dir / "dump.rdb").write_bytes(b"REDIS0009 this is not an RDB file")
+    server = EmbeddedRedis(data_dir, start_timeout=30)
+    with pytest.raises(EmbeddedServerError, match="exited while starting") as info:
+        server.start()
+    assert "loading DB" in str(info.value)  # the log tail says why
+    assert server.pid is None
+
+
 def test_unusable_directory_gives_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
