@@ -4,7 +4,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sheetanchor.config import parse_url, redact, to_asyncpg_dsn, to_sqlalchemy_url
+from sheetanchor.config import (
+    parse_url,
+    redact,
+    to_asyncpg_dsn,
+    to_sqlalchemy_url,
+    with_database,
+)
 from sheetanchor.errors import ConfigError
 
 
@@ -64,3 +70,72 @@ def test_redact_masks_quoted_keyword_passwords(quote: str) -> None:
     assert "two" not in out
     assert "words" not in out
     assert out.endswith(" user=x")
+
+
+_WORD = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_", min_size=1, max_size=12)
+_NAMES = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=20)
+
+
+@given(
+    scheme=st.sampled_from(["postgresql", "postgres", "postgresql+asyncpg", "redis", "rediss"]),
+    user=st.none() | _WORD,
+    password=st.none() | _WORD,
+    host=st.none() | _WORD,
+    port=st.none() | st.integers(1, 65535),
+    path=st.sampled_from(["", "/", "/postgres", "/3", "/a%2Fb"]),
+    query=st.lists(st.tuples(_WORD, _WORD), max_size=3),
+    database=_NAMES,
+)
+def test_with_database_replaces_only_the_database(
+    scheme: str,
+    user: str | None,
+    password: str | None,
+    host: str | None,
+    port: int | None,
+    path: str,
+    query: list[tuple[str, str]],
+    database: str,
+) -> None:
+    userinfo = ""
+    if user is not None:
+        userinfo = user + (f":{password}" if password is not None else "") + "@"
+    netloc = userinfo + (host or "") + (f":{port}" if port is not None and host else "")
+    qs = "&".join(f"{k}={v}" for k, v in query)
+    url = f"{scheme}://{netloc}{path}" + (f"?{qs}" if qs else "")
+
+    result = with_database(url, database)
+
+    before, after = parse_url(url), parse_url(result)
+    assert after.database == database
+    assert (after.scheme, after.host, after.port, after.user, after.password, after.query) == (
+        before.scheme,
+        before.host,
+        before.port,
+        before.user,
+        before.password,
+        before.query,
+    )
+    assert result.endswith(f"?{qs}") if qs else "?" not in result
+
+
+def test_with_database_examples() -> None:
+    assert (
+        with_database("postgresql://u:p@db:5432/postgres?sslmode=disable", "orders")
+        == "postgresql://u:p@db:5432/orders?sslmode=disable"
+    )
+    assert with_database("redis://127.0.0.1:6379", "3") == "redis://127.0.0.1:6379/3"
+    assert with_database("redis://h:1?protocol=3", "2") == "redis://h:1/2?protocol=3"
+    assert with_database("postgresql://h/x", "a b/c") == "postgresql://h/a%20b%2Fc"
+    # No host (libpq's socket directory in the query): the "//" must stay.
+    assert (
+        with_database("postgresql:///x?host=/run/postgresql", "y")
+        == "postgresql:///y?host=/run/postgresql"
+    )
+    assert (
+        with_database("unix:///tmp/redis.sock?db=0&protocol=3", "5")
+        == "unix:///tmp/redis.sock?protocol=3&db=5"
+    )
+    with pytest.raises(ConfigError, match="database"):
+        with_database("postgresql://h/x", "")
+    with pytest.raises(ConfigError, match="expected a URL"):
+        with_database("localhost:5432", "x")

@@ -8,6 +8,7 @@ other servers, so both paths are always covered. Nothing here stops the *shared*
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import shutil
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +29,7 @@ import pytest
 import redis
 
 from sheetanchor.embedded import EmbeddedPostgres, EmbeddedRedis, ensure_servers, pg_major_version
+from sheetanchor.embedded._os import file_lock
 from sheetanchor.errors import EmbeddedServerError
 
 pytestmark = pytest.mark.embedded
@@ -78,6 +82,9 @@ def test_second_start_reuses_the_running_server() -> None:
     assert (again_pg.pid, again_redis.pid) == (pid_pg, pid_redis)
 
 
+# Tests that run a child process set a per-test timeout above the child's own (the global
+# 120 s would otherwise cut a cold start on a slow machine short, with a less useful error).
+@pytest.mark.timeout(180)
 def test_another_process_reuses_the_running_server() -> None:
     pg = EmbeddedPostgres()
     pg.start()
@@ -159,6 +166,91 @@ def test_busy_port_gives_a_clear_error(tmp_path: Path) -> None:
             server.start()
 
 
+def test_restart_keeps_the_port_or_says_it_cannot() -> None:
+    with EmbeddedRedis(private=True) as server:
+        url = server.url
+        port = server.port
+        server.stop()
+        # A stopped server has no address: no stale URL for a port someone else may take.
+        with pytest.raises(EmbeddedServerError, match="not running"):
+            _ = server.url
+        with socket.socket() as squatter:
+            squatter.bind(("127.0.0.1", port))
+            squatter.listen()
+            with pytest.raises(EmbeddedServerError, match=rf"same port: 127\.0\.0\.1:{port}"):
+                server.restart()
+        assert server.restart() == url
+        assert ping(url)
+
+
+def test_a_held_lock_times_out_naming_the_lock_file(tmp_path: Path) -> None:
+    lock = tmp_path / "lock"
+    # flock locks belong to an open file, so a second open in this process conflicts.
+    with (
+        file_lock(lock, timeout=5.0),
+        pytest.raises(EmbeddedServerError, match=f"lock file {lock}"),
+        file_lock(lock, timeout=0.1),
+    ):
+        pass
+    with file_lock(lock, timeout=0.1):
+        pass  # free again
+
+
+def _open_count(path: Path) -> int:
+    fds = Path("/proc/self/fd")
+    count = 0
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) == str(path):
+                count += 1
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_remove_waiting_for_a_removal_does_not_resurrect_the_directory() -> None:
+    # Two reapers of one orphan: the second waits for the lock while the first deletes the
+    # directory. The second must then find nothing to do, not fail or re-create it.
+    first = EmbeddedRedis(private=True)  # creates its directory (owner.json), not started
+    data_dir = first.data_dir
+    lock = data_dir / "lock"
+    errors: list[BaseException] = []
+
+    def second_reaper() -> None:
+        try:
+            EmbeddedRedis(data_dir, private=True).remove()
+        except BaseException as exc:
+            errors.append(exc)
+
+    with file_lock(lock, timeout=5.0):
+        thread = threading.Thread(target=second_reaper)
+        thread.start()
+        # A condition, not a sleep: the second reaper has opened the lock file to wait on it.
+        while _open_count(lock) < 2 and thread.is_alive():
+            time.sleep(0.01)
+        # What the first reaper does while holding the lock: delete everything.
+        for child in data_dir.iterdir():
+            child.unlink()
+        data_dir.rmdir()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert errors == []
+    assert not data_dir.exists()
+    first.remove()  # idempotent
+
+
+def test_redis_that_exits_while_starting_fails_at_once_with_its_log(tmp_path: Path) -> None:
+    # Not a busy port: redis-server listens, writes its pid file, then cannot load a
+    # corrupt dump.rdb and exits. The error must say so (not wait out start_timeout).
+    data_dir = tmp_path / "redis"
+    data_dir.mkdir()
+    (data_dir / "dump.rdb").write_bytes(b"REDIS0009 this is not an RDB file")
+    server = EmbeddedRedis(data_dir, start_timeout=30)
+    with pytest.raises(EmbeddedServerError, match="exited while starting") as info:
+        server.start()
+    assert "loading DB" in str(info.value)  # the log tail says why
+    assert server.pid is None
+
+
 def test_unusable_directory_gives_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
@@ -194,6 +286,7 @@ def scratch() -> Iterator[Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # two children, each waited for up to 120 s
 def test_two_processes_initialising_at_once_share_one_server(scratch: Path) -> None:
     data_dir = scratch / "pg"
     code = textwrap.dedent(
@@ -217,6 +310,7 @@ def test_two_processes_initialising_at_once_share_one_server(scratch: Path) -> N
         EmbeddedPostgres(data_dir, private=True).remove()
 
 
+@pytest.mark.timeout(180)
 def test_orphaned_private_instance_is_reaped() -> None:
     # A run killed with SIGKILL never tears down; the next private instance cleans up.
     code = textwrap.dedent(
@@ -249,6 +343,7 @@ def _reachable_by_others(path: Path) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(240)  # the child may take 120 s, then both servers are stopped
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as another user")
 def test_non_root_user_path(scratch: Path) -> None:
     """The path of an ordinary user: no system user, no chmod, servers run as that user."""

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +20,9 @@ import redis
 
 from sheetanchor.config import parse_url, to_asyncpg_dsn
 from sheetanchor.embedded import EmbeddedPostgres, EmbeddedRedis, pg_major_version
+from sheetanchor.embedded._os import free_port, redis_server_bin
 from sheetanchor.testing import FaultProxy
+from sheetanchor.testing._redis_claim import CLAIM_PREFIX, RedisClaim, claim_redis_db
 from sheetanchor.testing.plugin import _claim_redis_db
 
 
@@ -129,6 +132,7 @@ def test_fixtures(pg_url, redis_url, sheetanchor_pg_server_url, private_pg):
 
 @pytest.mark.slow
 @pytest.mark.embedded
+@pytest.mark.timeout(420)  # above the inner run's own 300 s, which includes a cold start
 def test_whole_flow_without_server_urls() -> None:
     """A user with no servers: a suite using our fixtures starts embedded ones itself."""
     # A fresh SHEETANCHOR_HOME (outside pytest's tmp: see test_embedded.scratch) means a
@@ -165,3 +169,80 @@ def test_whole_flow_without_server_urls() -> None:
         EmbeddedPostgres(home / "embedded" / f"pg{pg_major_version()}").stop()
         EmbeddedRedis(home / "embedded" / "redis").stop()
         shutil.rmtree(home)
+
+
+def _client_names(client: redis.Redis) -> dict[int, str]:
+    return {int(e["id"]): e.get("name", "") for e in client.client_list()}
+
+
+def test_redis_claim_outlives_the_servers_idle_timeout(private_redis: EmbeddedRedis) -> None:
+    admin = redis.Redis.from_url(private_redis.url, single_connection_client=True)
+    idle = redis.Redis.from_url(private_redis.url, single_connection_client=True)
+    admin.config_set("timeout", 1)
+    claim = RedisClaim(private_redis.url, where="the private Redis")
+    try:
+        name = f"{CLAIM_PREFIX}{claim.index}"
+        idle.client_setname("idle-control")
+        # A condition, not a sleep: wait until the server dropped an idle connection.
+        deadline = time.monotonic() + 30
+        while "idle-control" in _client_names(admin).values():
+            assert time.monotonic() < deadline, "the server never dropped the idle connection"
+            admin.ping()  # keep the admin connection itself from idling out
+            time.sleep(0.1)
+        assert name in _client_names(admin).values()  # the claim was kept alive
+        claim.verify()
+    finally:
+        claim.close()
+        admin.config_set("timeout", 0)
+        admin.close()
+        idle.close()
+
+
+def test_a_lost_redis_claim_is_retaken_or_refused(private_redis: EmbeddedRedis) -> None:
+    admin = redis.Redis.from_url(private_redis.url, single_connection_client=True)
+    first = RedisClaim(private_redis.url, where="the private Redis")
+    try:
+        name = f"{CLAIM_PREFIX}{first.index}"
+        (claim_id,) = [cid for cid, n in _client_names(admin).items() if n == name]
+        admin.client_kill_filter(_id=str(claim_id))  # the claim connection drops
+        second = RedisClaim(private_redis.url, where="the private Redis")
+        try:
+            assert second.index == first.index  # the index looked free to a new session
+            with pytest.raises(RuntimeError, match="lost its claim on Redis database"):
+                first.verify()
+        finally:
+            second.close()
+        first.verify()  # free again: taken back
+        assert name in _client_names(admin).values()
+    finally:
+        first.close()
+        admin.close()
+
+
+def test_a_server_with_one_database_gets_an_accurate_message(tmp_path: Path) -> None:
+    # `databases` is fixed at startup: run a real redis-server with `databases 1`.
+    port = free_port()
+    args = [str(redis_server_bin()), "--port", str(port), "--bind", "127.0.0.1"]
+    args += ["--databases", "1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
+    server = subprocess.Popen(
+        args,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port, single_connection_client=True, socket_connect_timeout=5)
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # until it answers
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert server.poll() is None, "redis-server exited"
+                assert time.monotonic() < deadline, "redis-server did not answer"
+                time.sleep(0.05)
+        with pytest.raises(RuntimeError, match=r"only 1 database\(s\) \(`databases 1`\)"):
+            claim_redis_db(client, where=f"redis://127.0.0.1:{port}")
+    finally:
+        client.close()
+        server.terminate()
+        server.wait(timeout=30)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import threading
 import time
 from collections.abc import Callable
 
@@ -24,9 +25,9 @@ pytestmark = pytest.mark.faults
 ProxyFactory = Callable[[str, int], FaultProxy]
 
 # asyncpg reports a dropped connection as one of these, depending on when it notices.
+# Not OSError: TimeoutError is one, and a hang that ends in a timeout must not pass for a reset.
 CONNECTION_ERRORS = (
     ConnectionError,
-    OSError,
     asyncpg.ConnectionDoesNotExistError,
     asyncpg.PostgresConnectionError,
 )
@@ -149,6 +150,12 @@ async def test_blackhole_stalls_an_open_connection(pg_proxy: FaultProxy, pg_via_
     finally:
         conn.terminate()
     pg_proxy.pass_through()
+
+
+def test_connection_errors_do_not_include_timeouts() -> None:
+    # The reset tests below must fail if a query hangs and then times out.
+    assert not issubclass(TimeoutError, CONNECTION_ERRORS)
+    assert not issubclass(asyncio.TimeoutError, CONNECTION_ERRORS)
 
 
 async def test_reset_all_breaks_open_connections(pg_proxy: FaultProxy, pg_via_proxy: str) -> None:
@@ -302,3 +309,35 @@ def test_arguments_are_validated() -> None:
             proxy.add_latency(-1)
         with pytest.raises(ValueError, match="nbytes"):
             proxy.cut_after(-1)
+
+
+def _proxy_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("sheetanchor-proxy->")]
+
+
+def test_failed_start_leaves_no_thread_behind(sheetanchor_redis_server_url: str) -> None:
+    before = set(_proxy_threads())
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        proxy = FaultProxy(*_address(sheetanchor_redis_server_url), port=busy.getsockname()[1])
+        with pytest.raises(OSError, match="cannot listen"):
+            proxy.start()
+    # The failed start closed the proxy: its thread stopped, no ResourceWarning comes later.
+    assert proxy.closed
+    assert set(_proxy_threads()) == before
+    with pytest.raises(ResourceClosed):
+        proxy.start()
+
+
+def test_unclosed_proxy_warns_where_it_was_created(sheetanchor_redis_server_url: str) -> None:
+    proxy = FaultProxy(*_address(sheetanchor_redis_server_url)).start()
+    try:
+        with pytest.warns(ResourceWarning, match="was not closed") as record:
+            proxy.__del__()  # what the garbage collector would call
+    finally:
+        proxy.close()
+    message = str(record[0].message)
+    assert "created at" in message
+    assert "test_unclosed_proxy_warns_where_it_was_created" in message
+    assert __file__ in message

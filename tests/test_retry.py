@@ -37,6 +37,7 @@ from sheetanchor.config import to_asyncpg_dsn, to_sqlalchemy_url
 from sheetanchor.errors import (
     ConnectionLost,
     NotReady,
+    OperationTimeout,
     PoolTimeout,
     TransientError,
     WrongEventLoop,
@@ -538,6 +539,7 @@ def test_redis_error_replies(reply: str, transient: bool) -> None:
         (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), False),
         (TransientError("x"), True),
         (ConnectionLost("x"), True),
+        (OperationTimeout("x"), True),
         (NotReady("x"), False),
         (PoolTimeout("x"), False),
         (WrongEventLoop("x"), False),
@@ -816,6 +818,21 @@ async def test_deadline_stops_retries_and_says_so() -> None:
     assert attempts == 3
     assert "deadline of 10.0 s" in str(info.value)
     assert isinstance(info.value, ConnectionError)
+
+
+async def test_exhausted_timeouts_stay_timeout_errors() -> None:
+    clock = FakeClock()
+
+    async def times_out() -> None:
+        raise TimeoutError("read timed out")
+
+    policy = fake_policy(clock, max_attempts=3, initial=0.0, maximum=0.0)
+    with pytest.raises(OperationTimeout) as info:
+        await policy.call(times_out)
+    assert isinstance(info.value, TimeoutError)
+    assert isinstance(info.value, TransientError)
+    assert not isinstance(info.value, ConnectionLost)
+    assert "3 attempt(s)" in str(info.value)
 
 
 async def test_wrap_and_retrying() -> None:

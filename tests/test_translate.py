@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 
 import asyncpg
 import pytest
 import redis.asyncio as aredis
+import redis.exceptions
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 
 from sheetanchor._translate import translate_errors
-from sheetanchor.config import to_asyncpg_dsn
-from sheetanchor.errors import ConnectionLost, TransientError
+from sheetanchor.config import parse_url, to_asyncpg_dsn
+from sheetanchor.errors import ConnectionLost, OperationTimeout, TransientError
+from sheetanchor.retry import is_transient
+from sheetanchor.testing import FaultProxy
 
 SECRET = "SuperSecret123"
 
@@ -97,3 +101,56 @@ def test_sync_use_and_passthrough_of_own_errors_and_cancellation() -> None:
         raise ConnectionResetError("reset")
     with translate_errors("x"):
         pass
+
+
+async def test_query_timeout_stays_a_timeout_error(pg_url: str) -> None:
+    # A client-side timeout is not a lost connection: callers' `except TimeoutError` must
+    # still catch it after the boundary, and it stays retryable.
+    conn = await asyncpg.connect(to_asyncpg_dsn(pg_url))
+    try:
+        with pytest.raises(TimeoutError) as info:
+            async with translate_errors("PostgreSQL"):
+                await conn.execute("SELECT pg_sleep(60)", timeout=0.2)
+    finally:
+        conn.terminate()
+    exc = info.value
+    assert isinstance(exc, OperationTimeout)
+    assert isinstance(exc, TransientError)
+    assert not isinstance(exc, ConnectionLost)
+    assert isinstance(exc.__cause__, TimeoutError)
+    assert is_transient(exc)
+    assert "PostgreSQL" in str(exc)
+    assert "idempotent" in str(exc)
+
+
+async def test_redis_read_timeout_stays_a_timeout_error(
+    fault_proxy: Callable[[str, int], FaultProxy], sheetanchor_redis_server_url: str
+) -> None:
+    parsed = parse_url(sheetanchor_redis_server_url)
+    assert parsed.host is not None
+    assert parsed.port is not None
+    proxy = fault_proxy(parsed.host, parsed.port)
+    client = aredis.Redis.from_url(
+        proxy.url(sheetanchor_redis_server_url),
+        socket_timeout=0.2,
+        retry=AsyncRetry(NoBackoff(), 0),
+    )
+    try:
+        assert await client.ping()
+        proxy.blackhole()
+        with pytest.raises(OperationTimeout) as info:
+            async with translate_errors("Redis"):
+                await client.ping()
+    finally:
+        proxy.pass_through()
+        await client.aclose()
+    assert isinstance(info.value, TimeoutError)
+    assert isinstance(info.value.__cause__, redis.exceptions.TimeoutError)
+
+
+def test_timeouts_and_resets_are_told_apart() -> None:
+    with pytest.raises(OperationTimeout), translate_errors("x"):
+        raise TimeoutError("read timed out")
+    with pytest.raises(ConnectionLost) as info, translate_errors("x"):
+        raise ConnectionResetError("reset")
+    assert not isinstance(info.value, TimeoutError)

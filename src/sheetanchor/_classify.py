@@ -20,13 +20,14 @@ import redis.exceptions as redis_exc
 import sqlalchemy.exc as sa_exc
 
 from sheetanchor.config import redact
-from sheetanchor.errors import ConnectionLost, SheetAnchorError, TransientError
+from sheetanchor.errors import ConnectionLost, OperationTimeout, SheetAnchorError, TransientError
 
 __all__ = [
     "LOCK_NOT_AVAILABLE",
     "TRANSIENT_SQLSTATES",
     "describe_error",
     "is_connection_error",
+    "is_timeout",
     "is_transient",
 ]
 
@@ -174,6 +175,23 @@ def is_connection_error(exc: BaseException) -> bool:
     return _classify(exc, False, set(), 0) is _Verdict.CONNECTION
 
 
+def is_timeout(exc: BaseException) -> bool:
+    """Return True when ``exc`` is a connection-family error because something timed out.
+
+    A subset of :func:`is_connection_error`: the exception or what it wraps (``orig``,
+    ``__cause__``) is a ``TimeoutError`` (``asyncio.TimeoutError``, a socket timeout) or
+    redis-py's ``TimeoutError``. Used to pick :class:`~sheetanchor.errors.OperationTimeout`,
+    which is a ``TimeoutError``, over :class:`~sheetanchor.errors.ConnectionLost`, so that
+    callers' ``except TimeoutError`` keeps working after translation.
+    """
+    if not is_connection_error(exc):
+        return False
+    return any(
+        isinstance(link, TimeoutError | redis_exc.TimeoutError | OperationTimeout)
+        for link in _chain(exc)
+    )
+
+
 def _classify(exc: BaseException, lock_ok: bool, seen: set[int], depth: int) -> _Verdict:
     """Walk ``exc`` and what it wraps; the first definite verdict wins."""
     current: BaseException | None = exc
@@ -255,7 +273,9 @@ def _classify_one(exc: BaseException, lock_ok: bool) -> _Verdict:
         # CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit: never retried.
         return _Verdict.PERMANENT
     if isinstance(exc, SheetAnchorError):
-        if isinstance(exc, ConnectionLost):
+        # A timed-out connection is in an unknown state (a query may still be running on
+        # it): like a lost one, it must be replaced, not reused.
+        if isinstance(exc, ConnectionLost | OperationTimeout):
             return _Verdict.CONNECTION
         return _Verdict.TRANSIENT if isinstance(exc, TransientError) else _Verdict.PERMANENT
     if isinstance(exc, sa_exc.DBAPIError):

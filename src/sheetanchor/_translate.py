@@ -2,7 +2,8 @@
 
 Code that talks to asyncpg, SQLAlchemy or redis-py wraps the call in
 :func:`translate_errors` (or calls :func:`translate` where it already catches); connection
-failures come out as :class:`~sheetanchor.errors.ConnectionLost` and an exhausted SQLAlchemy
+failures come out as :class:`~sheetanchor.errors.ConnectionLost`, client-side timeouts as
+:class:`~sheetanchor.errors.OperationTimeout` (a ``TimeoutError``) and an exhausted SQLAlchemy
 pool as :class:`~sheetanchor.errors.PoolTimeout`, naming the (redacted) target and chained
 ``from`` the driver error; everything else passes through unchanged so callers and the
 retry classifier still see SQLSTATEs, constraint names and so on::
@@ -21,9 +22,9 @@ from types import TracebackType
 
 import sqlalchemy.exc as sa_exc
 
-from sheetanchor._classify import describe_error, is_connection_error
+from sheetanchor._classify import describe_error, is_connection_error, is_timeout
 from sheetanchor.config import redact
-from sheetanchor.errors import ConnectionLost, PoolTimeout, SheetAnchorError
+from sheetanchor.errors import ConnectionLost, OperationTimeout, PoolTimeout, SheetAnchorError
 
 __all__ = ["translate", "translate_errors"]
 
@@ -41,6 +42,14 @@ _RULES: tuple[tuple[Callable[[BaseException], bool], type[SheetAnchorError], str
         "no pooled connection to {target} became free in time ({error}); release connections "
         "sooner (use `async with db.session()`), or raise PoolSettings(size=, max_overflow=, "
         "timeout=)",
+    ),
+    (
+        # Before ConnectionLost: a timeout must stay a TimeoutError for the caller.
+        is_timeout,
+        OperationTimeout,
+        "{target} did not answer in time ({error}); the work may or may not have taken "
+        "effect, so retry only if it is idempotent (sheetanchor.retry.DEFAULT_POLICY retries "
+        "this), or raise the timeout",
     ),
     (
         is_connection_error,
@@ -74,6 +83,8 @@ class translate_errors:
 
     Raises:
         PoolTimeout: SQLAlchemy's pool had no free connection in time.
+        OperationTimeout: the wrapped code timed out talking to the server (a
+            ``TimeoutError``, also transient); the original is ``__cause__``.
         ConnectionLost: the wrapped code raised a connection-family error (see
             :func:`sheetanchor.retry.is_connection_error`); the original is ``__cause__``.
 

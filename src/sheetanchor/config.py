@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from sheetanchor.errors import ConfigError
 
@@ -39,6 +39,7 @@ __all__ = [
     "redis_url_from_env",
     "to_asyncpg_dsn",
     "to_sqlalchemy_url",
+    "with_database",
 ]
 
 ENV_PG_URL = "SHEETANCHOR_PG_URL"
@@ -182,6 +183,39 @@ def parse_url(url: str) -> ParsedURL:
         query=tuple(parse_qsl(parts.query)),
         raw=url.strip(),
     )
+
+
+def with_database(url: str, database: str) -> str:
+    """Return ``url`` pointing at ``database`` (a PostgreSQL database or a Redis index).
+
+    Everything else is kept as written: scheme, user, password, host, port, query string.
+    A URL without a path gets one. ``database`` is percent-encoded, so any name survives
+    :func:`parse_url`. For ``unix://`` Redis URLs, whose path is the socket, the ``db``
+    query parameter is set instead.
+
+    Raises:
+        ConfigError: ``database`` is empty, or ``url`` has no ``scheme://``.
+
+    >>> with_database("postgresql://app@db:5432/postgres?sslmode=disable", "orders")
+    'postgresql://app@db:5432/orders?sslmode=disable'
+    """
+    if not database:
+        raise ConfigError(f"database must be a non-empty name or index, got {database!r}")
+    # Plain string surgery, not urlunsplit: that drops the "//" of a URL without a host
+    # (postgresql:///db?host=/run/postgresql), which then no longer parses the same.
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ConfigError(f"expected a URL like postgresql://host/db, got {redact(url)!r}")
+    authority_end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority, tail = rest[:authority_end], rest[authority_end:]
+    path_end = min((i for i in (tail.find(c) for c in "?#") if i >= 0), default=len(tail))
+    path, suffix = tail[:path_end], tail[path_end:]
+    name = quote(database, safe="")
+    if scheme.lower() != "unix":
+        return f"{scheme}://{authority}/{name}{suffix}"
+    query, hash_, fragment = suffix.removeprefix("?").partition("#")
+    kept = [p for p in query.split("&") if p and not p.startswith("db=")]
+    return f"{scheme}://{authority}{path}?{'&'.join([*kept, f'db={name}'])}{hash_}{fragment}"
 
 
 def to_sqlalchemy_url(url: str) -> str:

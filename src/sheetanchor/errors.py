@@ -10,7 +10,8 @@ TimeoutError`` keeps working::
     │   └── BudgetExceeded                  pool sizes could exceed max_connections
     ├── NotReady (TimeoutError)             a server did not answer in time at start-up
     ├── TransientError                      retryable; retries were exhausted or not allowed
-    │   └── ConnectionLost (ConnectionError) the connection dropped or could not be made
+    │   ├── ConnectionLost (ConnectionError) the connection dropped or could not be made
+    │   └── OperationTimeout (TimeoutError)  no answer in time; the work may have taken effect
     ├── PoolTimeout (TimeoutError)          no pooled connection became free in time
     ├── CommitFailed                        the transaction did NOT commit; nothing was saved
     ├── WrongEventLoop (RuntimeError)       a resource was used from a loop it does not belong to
@@ -41,6 +42,7 @@ __all__ = [
     "JournalError",
     "JournalFull",
     "NotReady",
+    "OperationTimeout",
     "PoisonRecord",
     "PoolTimeout",
     "RecordError",
@@ -84,6 +86,15 @@ class TransientError(SheetAnchorError):
 
 class ConnectionLost(TransientError, ConnectionError):
     """The connection to a server was lost or could not be established."""
+
+
+class OperationTimeout(TransientError, TimeoutError):
+    """A connect, query or command got no answer in time (a client-side timeout).
+
+    Transient, but unlike :class:`ConnectionLost` the outcome is unknown: a write that
+    timed out may still have been applied (even committed) by the server. Retry only work
+    that is idempotent. The driver's timeout error is ``__cause__``.
+    """
 
 
 class PoolTimeout(SheetAnchorError, TimeoutError):

@@ -16,8 +16,11 @@ Example::
 
 When the attempts or the deadline run out on a transient error, the policy raises
 :class:`~sheetanchor.errors.TransientError` (:class:`~sheetanchor.errors.ConnectionLost` when
-the connection itself failed), chained ``from`` the last error. Any other error propagates at
-once, untouched.
+the connection itself failed, :class:`~sheetanchor.errors.OperationTimeout` when it timed out),
+chained ``from`` the last error. Any other error propagates at once, untouched.
+
+Retried work must be idempotent: a timeout or a connection lost mid-request says nothing about
+whether the server applied the work, and a write that timed out may well have committed.
 """
 
 from __future__ import annotations
@@ -39,10 +42,11 @@ from sheetanchor._classify import (
     TRANSIENT_SQLSTATES,
     describe_error,
     is_connection_error,
+    is_timeout,
     is_transient,
 )
 from sheetanchor.config import redact
-from sheetanchor.errors import ConfigError, ConnectionLost, TransientError
+from sheetanchor.errors import ConfigError, ConnectionLost, OperationTimeout, TransientError
 from sheetanchor.observe import REGISTRY, get_logger, metric_name
 
 __all__ = [
@@ -119,6 +123,11 @@ class RetryPolicy:
     ``wait_random_exponential``, "full jitter"), cut so that the total time never passes
     ``deadline``. Only errors for which ``retry_if`` is True are retried; the others
     propagate at once, untouched.
+
+    Only retry work that is idempotent (safe to apply twice). Timeouts and lost connections
+    are transient, but they do not tell whether the failed attempt took effect: a write
+    whose answer timed out may have committed, and retrying it then applies it again. Make
+    such writes idempotent (an upsert, a unique request id) or do not retry them.
 
     Args:
         max_attempts: attempts in total, the first one included (>= 1).
@@ -201,8 +210,8 @@ class RetryPolicy:
         """A fresh tenacity ``AsyncRetrying`` configured by this policy.
 
         Use it as ``async for attempt in policy.retrying(): with attempt: ...``. On
-        exhaustion it raises :class:`TransientError` / :class:`ConnectionLost` rather than
-        tenacity's ``RetryError``.
+        exhaustion it raises :class:`TransientError` / :class:`ConnectionLost` /
+        :class:`OperationTimeout` rather than tenacity's ``RetryError``.
         """
         run = _Run(self.clock)
         jitter = tenacity.wait_random_exponential(
@@ -268,12 +277,14 @@ class RetryPolicy:
             if self.deadline is not None and elapsed >= self.deadline
             else f"max_attempts={self.max_attempts} reached"
         )
-        cls = ConnectionLost if is_connection_error(exc) else TransientError
-        what_to_do = (
-            "check that the server is running and reachable"
-            if cls is ConnectionLost
-            else "the conflict may clear on its own; reduce contention"
-        )
+        cls: type[TransientError]
+        if is_timeout(exc):
+            # Still a TimeoutError after the retries, for callers' `except TimeoutError`.
+            cls, what_to_do = OperationTimeout, "check the server's load and the timeouts"
+        elif is_connection_error(exc):
+            cls, what_to_do = ConnectionLost, "check that the server is running and reachable"
+        else:
+            cls, what_to_do = TransientError, "the conflict may clear on its own; reduce contention"
         return cls(
             f"{self.name} failed after {attempts} attempt(s) over {elapsed:.1f} s ({why}; "
             f"last error: {describe_error(exc)}); {what_to_do}, or raise max_attempts/deadline "
@@ -285,7 +296,8 @@ class RetryPolicy:
 
         Raises:
             TransientError: attempts or deadline exhausted (``ConnectionLost`` when the
-                connection failed); the last error is ``__cause__``.
+                connection failed, ``OperationTimeout`` when it timed out); the last error
+                is ``__cause__``.
             Exception: any error ``retry_if`` rejects, unchanged and at once.
         """
         async for attempt in self.retrying():

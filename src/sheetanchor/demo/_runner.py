@@ -9,11 +9,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sheetanchor.config import pg_url_from_env, redact, redis_url_from_env, to_asyncpg_dsn
+from sheetanchor.config import (
+    pg_url_from_env,
+    redact,
+    redis_url_from_env,
+    to_asyncpg_dsn,
+    with_database,
+)
 from sheetanchor.demo._drill import DemoContext, Drill, DrillResult
 from sheetanchor.observe import get_logger
 
-__all__ = ["DemoServers", "resolve_servers", "run_drills", "with_database"]
+__all__ = ["DemoServers", "resolve_servers", "run_drills"]
 
 _log = get_logger("demo")
 
@@ -36,14 +42,6 @@ def resolve_servers() -> DemoServers:
 
     source = "embedded" if not (pg or redis) else "environment + embedded"
     return DemoServers(pg or EmbeddedPostgres().start(), redis or EmbeddedRedis().start(), source)
-
-
-def with_database(url: str, database: str) -> str:
-    """Return ``url`` pointing at ``database`` instead (query string kept)."""
-    base, sep, query = url.partition("?")
-    scheme, rest = base.split("://", 1)
-    authority = rest.split("/", 1)[0]
-    return f"{scheme}://{authority}/{database}{sep}{query}"
 
 
 async def _admin(url: str, sql: str) -> None:

@@ -43,6 +43,7 @@ DEFAULT_START_TIMEOUT = 60.0
 
 STOP_TIMEOUT = 30.0
 _LOG_TAIL_LINES = 20
+_LOCK_POLL = 0.05  # seconds between attempts to take a busy lock
 
 _T = TypeVar("_T")
 
@@ -199,21 +200,69 @@ def tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``fcntl`` lock on ``path`` (other processes block until released)."""
+def file_lock(path: Path, *, timeout: float) -> Iterator[None]:
+    """Hold an exclusive ``fcntl`` lock on ``path``; wait for it at most ``timeout`` seconds.
+
+    Raises:
+        EmbeddedServerError: another process held the lock for ``timeout`` seconds (the
+            message names the lock file), or the lock file cannot be created.
+        FileNotFoundError: the directory of ``path`` does not exist, or was removed (by a
+            holder of the lock) while this process waited for it.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except FileNotFoundError:
+            raise  # the directory is gone: the caller decides what that means
+        except OSError as exc:
+            raise EmbeddedServerError(
+                f"cannot create the lock file {path}: {exc.strerror}; make its directory "
+                "writable or choose another data_dir (or SHEETANCHOR_HOME)"
+            ) from exc
+        try:
+            _flock_until(fd, path, deadline, timeout)
+            # Whoever held the lock may have deleted the file (Server.remove() deletes the
+            # directory while holding it). A lock on a deleted file guards nothing: open
+            # the path again (which fails if the directory is gone, too).
+            if _same_file(fd, path):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        raise EmbeddedServerError(
-            f"cannot create the lock file {path}: {exc.strerror}; make its directory "
-            "writable or choose another data_dir (or SHEETANCHOR_HOME)"
-        ) from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        # Closing the descriptor releases the lock, also if the flock call was interrupted.
+        # Closing the descriptor releases the lock.
         os.close(fd)
+
+
+def _flock_until(fd: int, path: Path, deadline: float, timeout: float) -> None:
+    # Polling with LOCK_NB, not a blocking flock: a blocking call cannot time out, and a
+    # process stuck while holding the lock would hang every other one for good.
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        if time.monotonic() >= deadline:
+            raise EmbeddedServerError(
+                f"waited {timeout:.0f} s for the lock file {path}, which another process "
+                "holds (it is starting, stopping or removing this server); wait and retry, "
+                f"or find the holder with `fuser {path}`"
+            )
+        time.sleep(_LOCK_POLL)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        current = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino)
 
 
 def read_state(path: Path) -> dict[str, Any]:

@@ -268,7 +268,7 @@ class EmbeddedPostgres(Server):
                 )
             except EmbeddedServerError:
                 # Another process may have taken the free port between check and bind.
-                if attempt == 1 and self._requested_port is None and not port_is_free(port):
+                if attempt == 1 and self._fixed_port is None and not port_is_free(port):
                     log.warning("port %d was taken while starting; retrying on another", port)
                     continue
                 raise

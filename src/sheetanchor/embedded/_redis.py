@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
@@ -111,7 +112,7 @@ class EmbeddedRedis(Server):
             if self._launch_on(port):
                 break
             # Another process took the free port between our check and redis' bind.
-            if attempt == 2 or self._requested_port is not None:
+            if attempt == 2 or self._fixed_port is not None:
                 raise EmbeddedServerError(
                     f"redis-server could not listen on {HOST}:{port} (port in use?); pass "
                     f"another port or port=None. Last lines of {self._log_file}:\n"
@@ -154,8 +155,17 @@ class EmbeddedRedis(Server):
         # logs why it could not and exits.
         deadline = time.monotonic() + self._start_timeout
         while self._running() is None:
-            if _bind_failed(self._log_file, log_start):
+            new_log = _log_since(self._log_file, log_start)
+            if _bind_failed(new_log):
                 return False
+            if self._daemon_exited(new_log):
+                # It may have logged a bind failure just before exiting.
+                if _bind_failed(_log_since(self._log_file, log_start)):
+                    return False
+                raise EmbeddedServerError(
+                    f"redis-server exited while starting on {HOST}:{port}. Last lines of "
+                    f"{self._log_file}:\n{tail(self._log_file)}"
+                )
             if time.monotonic() > deadline:
                 raise EmbeddedServerError(
                     f"redis-server on {HOST}:{port} did not start within "
@@ -165,13 +175,36 @@ class EmbeddedRedis(Server):
             time.sleep(0.05)
         return True
 
+    def _daemon_exited(self, new_log: bytes) -> bool:
+        """Whether the daemon that logged ``new_log`` is gone without having started.
 
-def _bind_failed(log_file: Path, offset: int) -> bool:
-    """Whether redis-server logged a failure to listen after ``offset`` in its log."""
+        Its pid is known before its pid file exists: right after daemonizing it logs
+        "pid=N, just started". Without this, a server that dies for any reason but a busy
+        port (a corrupt dump.rdb, an unusable setting) went unnoticed for start_timeout.
+        """
+        found = _STARTED.search(new_log)
+        if found is None:
+            return False  # not daemonized yet (or died before logging: start_timeout applies)
+        pid = int(found.group(1))
+        return live_process(pid, self._needle, self._dir) is None and self._running() is None
+
+
+# Logged by redis-server right after daemonizing, with the daemon's own pid.
+_STARTED = re.compile(rb"\bpid=(\d+), just started")
+
+
+def _log_since(log_file: Path, offset: int) -> bytes:
+    """What redis-server wrote to its log after ``offset``."""
     try:
         with log_file.open("rb") as fh:
             fh.seek(offset)
-            new = fh.read()
+            return fh.read()
     except FileNotFoundError:
-        return False
-    return b"Could not create server TCP listening socket" in new or b"Failed listening" in new
+        return b""
+
+
+def _bind_failed(new_log: bytes) -> bool:
+    """Whether this part of the log reports a failure to listen."""
+    return b"Could not create server TCP listening socket" in new_log or (
+        b"Failed listening" in new_log
+    )

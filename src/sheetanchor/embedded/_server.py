@@ -33,6 +33,7 @@ from sheetanchor.embedded._os import (
 from sheetanchor.errors import EmbeddedServerError
 
 _OWNER_FILE = "owner.json"
+_LOCK_FILE = "lock"
 
 
 class Server:
@@ -68,6 +69,8 @@ class Server:
         else:
             self._dir = (home_dir() / "embedded" / default_name).absolute()
         self._requested_port = port
+        # The port restart() must get back (it is not free to pick another), if any.
+        self._restart_port: int | None = None
         self._port: int | None = None
         self._start_timeout = start_timeout
 
@@ -139,21 +142,51 @@ class Server:
         return self.url
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """Stop the server if it runs (a fast shutdown: sessions are ended); idempotent."""
-        with self._locked():
-            running = self._running()
-            if running is None:
-                return
-            proc = live_process(running[0], self._needle, self._workdir)
-            if proc is not None:
-                terminate(proc, self._stop_signal, f"embedded {self._kind}", timeout)
-            self._after_stop()
-        log.info("embedded %s in %s stopped", self._kind, self._dir)
+        """Stop the server if it runs (a fast shutdown: sessions are ended); idempotent.
+
+        Afterwards :attr:`port` and :attr:`url` raise until the next :meth:`start`: a
+        stopped server has no address, and the old one may soon belong to another process.
+        The port stays remembered in the directory and is tried first on the next start.
+        """
+        self._port = None
+        try:
+            with self._locked(create=False):
+                stopped = self._stop_locked(timeout)
+        except FileNotFoundError:
+            return  # no directory, so nothing can be running from it
+        if stopped:
+            log.info("embedded %s in %s stopped", self._kind, self._dir)
+
+    def _stop_locked(self, timeout: float) -> bool:
+        """Stop the server (the caller holds the lock); False when it was not running."""
+        self._port = None
+        running = self._running()
+        if running is None:
+            return False
+        proc = live_process(running[0], self._needle, self._workdir)
+        if proc is not None:
+            terminate(proc, self._stop_signal, f"embedded {self._kind}", timeout)
+        self._after_stop()
+        return True
 
     def restart(self) -> str:
-        """Stop then start again on the same port; return the URL."""
+        """Stop, then start again on the same port (the one it last ran on); return the URL.
+
+        Clients, proxies and configuration that know the address keep working.
+
+        Raises:
+            EmbeddedServerError: that port was taken by another process while the server
+                was down (use :meth:`stop` and :meth:`start` to accept a new port), or
+                the server did not start.
+        """
+        running = self._running()
+        port = running[1] if running is not None else self._remembered_port()
         self.stop()
-        return self.start()
+        self._restart_port = port
+        try:
+            return self.start()
+        finally:
+            self._restart_port = None
 
     def is_ready(self, timeout: float = 2.0) -> bool:
         """True when the server answers a real request (``SELECT 1`` / ``PING``)."""
@@ -163,10 +196,28 @@ class Server:
         return self._ping(running[1], timeout)
 
     def remove(self) -> None:
-        """Stop the server and delete its directory (all its data)."""
-        self.stop()
-        shutil.rmtree(self._dir, ignore_errors=False)
+        """Stop the server and delete its directory (all its data); idempotent."""
         self._port = None
+        try:
+            with self._locked(create=False):
+                self._stop_locked(STOP_TIMEOUT)
+                # All of it under the lock, the lock file last: a process that waits for
+                # the lock meanwhile (another reaper, a start) then finds its lock file
+                # deleted, and file_lock() reports the directory gone instead of letting
+                # it re-create the directory half-way through this deletion.
+                for child in self._dir.iterdir():
+                    if child.name == _LOCK_FILE:
+                        continue
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
+                (self._dir / _LOCK_FILE).unlink()
+                self._dir.rmdir()
+        except FileNotFoundError:
+            if self._dir.exists():
+                raise  # something inside vanished under us: not "already removed"
+        log.debug("removed embedded %s directory %s", self._kind, self._dir)
 
     def __enter__(self) -> Self:
         self.start()
@@ -225,10 +276,32 @@ class Server:
     _needle = ""
     _stop_signal = signal.SIGTERM
 
+    @property
+    def _lock_timeout(self) -> float:
+        # Longer than anything another process does while holding the lock: initdb (up to
+        # 300 s), pg_ctl start (start_timeout + 30 s), the readiness wait (start_timeout),
+        # a stop with its escalation (STOP_TIMEOUT + 10 s).
+        return 300.0 + 2 * self._start_timeout + 30.0 + STOP_TIMEOUT + 10.0
+
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self._make_dir()
-        with file_lock(self._dir / "lock"):
+    def _locked(self, *, create: bool = True) -> Iterator[None]:
+        """Hold this directory's lock; with ``create``, make the directory first.
+
+        Without ``create``, a missing directory raises ``FileNotFoundError`` (stop and
+        remove must not bring back a directory that another process just removed).
+        """
+        with contextlib.ExitStack() as stack:
+            if create:
+                self._make_dir()
+            try:
+                stack.enter_context(file_lock(self._dir / _LOCK_FILE, timeout=self._lock_timeout))
+            except FileNotFoundError as exc:
+                if not create:
+                    raise
+                raise EmbeddedServerError(
+                    f"the {self._kind} directory {self._dir} was removed by another process "
+                    "while this one waited for its lock; start again to create it afresh"
+                ) from exc
             yield
 
     def _make_dir(self) -> None:
@@ -248,6 +321,15 @@ class Server:
     def _state_file(self) -> Path:
         return self._dir / "state.json"
 
+    @property
+    def _fixed_port(self) -> int | None:
+        """The port this start must use (asked for, or kept by restart), else ``None``."""
+        return self._requested_port if self._requested_port is not None else self._restart_port
+
+    def _remembered_port(self) -> int | None:
+        remembered = read_state(self._state_file).get("port")
+        return remembered if isinstance(remembered, int) else None
+
     def _choose_port(self) -> int:
         if self._requested_port is not None:
             if not port_is_free(self._requested_port):
@@ -257,8 +339,16 @@ class Server:
                     "port, or port=None to pick a free one"
                 )
             return self._requested_port
-        remembered = read_state(self._state_file).get("port")
-        if isinstance(remembered, int):
+        if self._restart_port is not None:
+            if not port_is_free(self._restart_port):
+                raise EmbeddedServerError(
+                    f"cannot restart the embedded {self._kind} on the same port: "
+                    f"{HOST}:{self._restart_port} was taken by another process while it was "
+                    "stopped; call start() to accept a new port, or free that one"
+                )
+            return self._restart_port
+        remembered = self._remembered_port()
+        if remembered is not None:
             if port_is_free(remembered):
                 return remembered
             log.warning(

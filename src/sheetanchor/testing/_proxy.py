@@ -15,7 +15,9 @@ import functools
 import logging
 import socket
 import struct
+import sys
 import threading
+import traceback
 import warnings
 from collections.abc import Callable, Coroutine
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -35,6 +37,7 @@ DEFAULT_MAX_CONNECTIONS = 256
 
 _CHUNK = 65536
 _CONTROL_TIMEOUT = 10.0
+_CREATED_AT_DEPTH = 8  # frames kept of where a proxy was created, for the unclosed warning
 _T = TypeVar("_T")
 
 
@@ -148,6 +151,12 @@ class FaultProxy:
         self._rejected = 0
         self._to_server = 0
         self._to_client = 0
+        # Where this proxy was created, for the warning if it is never closed. Line texts
+        # are not read now (lookup_lines=False): only a leaked proxy pays for them.
+        self._created_at = traceback.StackSummary.extract(
+            traceback.walk_stack(sys._getframe(1)), limit=_CREATED_AT_DEPTH, lookup_lines=False
+        )
+        self._created_at.reverse()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -163,7 +172,13 @@ class FaultProxy:
         )
         self._loop, self._thread = loop, thread
         thread.start()
-        self._call(self._setup)
+        try:
+            self._call(self._setup)
+        except BaseException:
+            # The port may be busy: stop the thread and close the loop now, so a failed
+            # start leaks nothing and the caller gets the error, not a ResourceWarning later.
+            self.close()
+            raise
         _log.debug("proxy %s:%d -> %s:%d started", self._host, self._port, *self._target)
         return self
 
@@ -204,8 +219,10 @@ class FaultProxy:
     def __del__(self) -> None:
         # getattr: __init__ may have raised before the attributes existed.
         if getattr(self, "_loop", None) is not None and not getattr(self, "_closed", True):
+            created = "".join(self._created_at.format()).rstrip()
             warnings.warn(
-                f"FaultProxy on port {self._port} was not closed; use close() or `with`",
+                f"FaultProxy on port {self._port} was not closed; use close() or `with`. "
+                f"It was created at (most recent call last):\n{created}",
                 ResourceWarning,
                 stacklevel=1,
             )

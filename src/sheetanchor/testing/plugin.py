@@ -13,7 +13,8 @@ Fixtures (names are the public contract):
                                   end of the session
 
 Also available: ``sheetanchor_pg_template`` (session: the template's name),
-``sheetanchor_redis_db`` (session: the claimed Redis index), and
+``sheetanchor_redis_db`` (session: the claimed Redis index), ``sheetanchor_redis_claim``
+(session: the claim itself, see :mod:`sheetanchor.testing._redis_claim`), and
 ``sheetanchor_private_pg_server`` / ``sheetanchor_private_redis_server`` (session: the
 private servers themselves, for module- or session-scoped fixtures of your own).
 
@@ -28,8 +29,10 @@ Isolation on a shared server:
     * Redis: each session claims one database index (1 to ``databases - 1``; 0 is left to
       applications) by naming a connection it holds open ``sheetanchor-test-db:<index>``.
       Concurrent sessions on the same server see each other's claims in ``CLIENT LIST``,
-      and a claim vanishes with the process that held it. ``redis_url`` flushes that
-      database before every test.
+      and a claim vanishes with the process that held it. The connection is pinged within
+      the server's idle ``timeout``, and ``redis_url`` checks the claim (taking it back if
+      it was dropped and is still free, failing if another session took it) before it
+      flushes that database for every test.
 """
 
 from __future__ import annotations
@@ -49,10 +52,12 @@ from sheetanchor.config import (
     pg_url_from_env,
     redact,
     redis_url_from_env,
+    with_database,
 )
 from sheetanchor.embedded import EmbeddedPostgres, EmbeddedRedis
 from sheetanchor.embedded._os import run_in_thread
 from sheetanchor.testing._proxy import FaultProxy
+from sheetanchor.testing._redis_claim import RedisClaim, claim_redis_db
 
 if TYPE_CHECKING:
     import redis
@@ -67,6 +72,7 @@ __all__ = [
     "sheetanchor_pg_template",
     "sheetanchor_private_pg_server",
     "sheetanchor_private_redis_server",
+    "sheetanchor_redis_claim",
     "sheetanchor_redis_db",
     "sheetanchor_redis_server_url",
 ]
@@ -76,14 +82,6 @@ _log = logging.getLogger("sheetanchor.testing")
 _DB_PREFIX = "sa_test_"
 _TEMPLATE_PREFIX = "sa_tpl_"
 _STALE_AFTER = 24 * 3600.0  # databases of sessions that died without cleaning up
-_CLAIM_PREFIX = "sheetanchor-test-db:"
-
-
-def _with_database(url: str, database: str) -> str:
-    """``url`` with its path (the database name or Redis index) replaced by ``database``."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
 
 
 def _new_name(prefix: str) -> str:
@@ -183,7 +181,7 @@ def pg_url(sheetanchor_pg_server_url: str, sheetanchor_pg_template: str) -> Iter
         sheetanchor_pg_server_url, f'CREATE DATABASE "{name}" TEMPLATE "{sheetanchor_pg_template}"'
     )
     try:
-        yield _with_database(sheetanchor_pg_server_url, name)
+        yield with_database(sheetanchor_pg_server_url, name)
     finally:
         _pg_admin(sheetanchor_pg_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -215,69 +213,56 @@ def sheetanchor_redis_server_url() -> str:
 
 def _claim_redis_db(client: redis.Redis) -> int:
     """Claim a database index for this session by naming ``client``'s connection."""
-    import redis
-
-    try:
-        databases = int(client.config_get("databases").get("databases") or 16)
-    except redis.ResponseError:
-        databases = 16  # CONFIG may be disabled on managed servers; 16 is the default
-    my_id = client.client_id()
-    for _ in range(50):
-        taken: dict[int, int] = {}
-        for entry in client.client_list():
-            name, cid = entry.get("name", ""), int(entry["id"])
-            if name.startswith(_CLAIM_PREFIX) and cid != my_id:
-                taken[int(name[len(_CLAIM_PREFIX) :])] = cid
-        free = [i for i in range(1, databases) if i not in taken]
-        if not free:
-            raise RuntimeError(
-                f"all {databases - 1} Redis databases of this server are claimed by other "
-                "test sessions; wait for them, or raise `databases` in the Redis config"
-            )
-        index = free[0]
-        client.client_setname(f"{_CLAIM_PREFIX}{index}")
-        # Two sessions may have picked the same index at once: the older connection wins.
-        rivals = [
-            int(e["id"])
-            for e in client.client_list()
-            if e.get("name") == f"{_CLAIM_PREFIX}{index}" and int(e["id"]) != my_id
-        ]
-        if not rivals or my_id < min(rivals):
-            return index
-        client.client_setname("sheetanchor-test-unclaimed")
-    raise RuntimeError("could not claim a Redis database for the tests after 50 attempts")
+    return claim_redis_db(client)
 
 
 @pytest.fixture(scope="session")
-def sheetanchor_redis_db(sheetanchor_redis_server_url: str) -> Iterator[int]:
-    """The Redis database index this session claimed (held until the session ends)."""
+def sheetanchor_redis_claim(sheetanchor_redis_server_url: str) -> Iterator[RedisClaim | None]:
+    """This session's claim on a Redis database (``None`` where the server forbids claims)."""
     import redis
 
-    client = redis.Redis.from_url(sheetanchor_redis_server_url, single_connection_client=True)
     try:
-        try:
-            index = _claim_redis_db(client)
-        except redis.ResponseError as exc:
-            # CLIENT LIST / SETNAME refused (ACLs, managed Redis): use the URL's database.
-            index = int(parse_url(sheetanchor_redis_server_url).database or 0)
-            _log.warning(
-                "cannot claim a Redis database (%s); the tests use and flush database %d of %s",
-                exc,
-                index,
-                redact(sheetanchor_redis_server_url),
-            )
-        yield index
+        claim = RedisClaim(sheetanchor_redis_server_url, where=redact(sheetanchor_redis_server_url))
+    except redis.ResponseError as exc:
+        # CLIENT LIST / SETNAME refused (ACLs, managed Redis): use the URL's database.
+        _log.warning(
+            "cannot claim a Redis database (%s); the tests use and flush database %s of %s",
+            exc,
+            parse_url(sheetanchor_redis_server_url).database or 0,
+            redact(sheetanchor_redis_server_url),
+        )
+        yield None
+        return
+    try:
+        yield claim
     finally:
-        client.close()
+        claim.close()
+
+
+@pytest.fixture(scope="session")
+def sheetanchor_redis_db(
+    sheetanchor_redis_server_url: str, sheetanchor_redis_claim: RedisClaim | None
+) -> int:
+    """The Redis database index this session claimed (held until the session ends)."""
+    if sheetanchor_redis_claim is None:
+        return int(parse_url(sheetanchor_redis_server_url).database or 0)
+    return sheetanchor_redis_claim.index
 
 
 @pytest.fixture
-def redis_url(sheetanchor_redis_server_url: str, sheetanchor_redis_db: int) -> str:
+def redis_url(
+    sheetanchor_redis_server_url: str,
+    sheetanchor_redis_db: int,
+    sheetanchor_redis_claim: RedisClaim | None,
+) -> str:
     """URL of this session's Redis database, flushed before the test."""
     import redis
 
-    url = _with_database(sheetanchor_redis_server_url, str(sheetanchor_redis_db))
+    url = with_database(sheetanchor_redis_server_url, str(sheetanchor_redis_db))
     parse_url(url)
+    if sheetanchor_redis_claim is not None:
+        # Never flush a database that another session may have claimed meanwhile.
+        sheetanchor_redis_claim.verify()
     client = redis.Redis.from_url(url)
     try:
         client.flushdb()
@@ -299,9 +284,10 @@ def fault_proxy() -> Iterator[Callable[[str, int], FaultProxy]]:
     made: list[FaultProxy] = []
 
     def make(host: str, port: int) -> FaultProxy:
-        proxy = FaultProxy(host, port).start()
+        proxy = FaultProxy(host, port)
+        # Tracked before it starts: whatever start() leaves behind is closed at teardown.
         made.append(proxy)
-        return proxy
+        return proxy.start()
 
     try:
         yield make
