@@ -226,3 +226,20 @@ async def test_corrupt_and_invalid_entries_are_misses(env: Any) -> None:
     assert store.stats().corrupt == 3
     assert await store.get(1) == Item("a")
     assert store.stats().hits == 1
+
+
+async def test_a_read_after_a_write_never_joins_an_older_lookup(env: Any) -> None:
+    db, rc, table = env
+    pause = _Pause()
+    store = CachedStore(
+        db, rc, table=table, value_columns=["name"], hooks=StoreHooks(after_db_read=pause)
+    )
+    await store.put(1, {"name": "v1"})
+    await rc.client().delete(store.redis_key(1))
+    slow = asyncio.create_task(store.get(1))  # a lookup that read v1, then stalls
+    await asyncio.wait_for(pause.paused.wait(), 30)
+    await store.put(1, {"name": "v2"})
+    # Started after the write returned: must not share the stalled lookup's v1.
+    assert await store.get(1) == {"name": "v2"}
+    pause.resume.set()
+    assert await slow == {"name": "v1"}

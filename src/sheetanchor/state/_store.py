@@ -266,8 +266,6 @@ class CachedStore:
                 return _CORRUPT
             if self.settings.early_refresh and self._refresh_now(entry):
                 return _MISS
-            self._m_hit.inc()
-            self._counts["hit"] += 1
             return value
         if entry.kind == _entry.KIND_TOMBSTONE and entry.version == 0:
             # A cached "no such row". Deletion tombstones (version > 0) are not trusted for
@@ -298,11 +296,15 @@ class CachedStore:
     async def get(self, key: Hashable) -> Any:
         """The value of ``key``, or ``None`` when the table has no such row.
 
-        Never older than the last acknowledged write: the cache only ever holds the newest
-        version it was given, and while Redis is unreachable reads go to PostgreSQL.
+        Concurrent calls for one key in this process share one lookup (single-flight); a
+        write from this process detaches the running lookup, so a read that starts after a
+        write returned sees it. While Redis is unreachable, reads go to PostgreSQL.
         """
         sql = self._sql or await self.prepare()
         rkey = self.redis_key(key)
+        return await self._flights.run(rkey, lambda: self._get(sql, key, rkey))
+
+    async def _get(self, sql: TableSQL, key: Hashable, rkey: str) -> Any:
         data = await self.cache.get(rkey)
         if data is DOWN:
             self._m_skipped.inc()
@@ -313,10 +315,13 @@ class CachedStore:
             if value is _CORRUPT:
                 await self.cache.delete_if_equal(rkey, data)  # type: ignore[arg-type]
             elif value is not _MISS:
+                if value is not None:
+                    self._m_hit.inc()
+                    self._counts["hit"] += 1
                 return value
         self._m_miss.inc()
         self._counts["miss"] += 1
-        return await self._flights.run(rkey, lambda: self._load(sql, key, rkey))
+        return await self._load(sql, key, rkey)
 
     async def _load(self, sql: TableSQL, key: Hashable, rkey: str) -> Any:
         # Across processes only the lease holder reads PostgreSQL; the others watch Redis.
@@ -402,6 +407,7 @@ class CachedStore:
         datas = await self.cache.mget(rkeys)
         out: dict[Any, Any] = {}
         missing: list[Hashable] = []
+        hits = 0
         if datas is DOWN:
             self._m_skipped.inc(len(unique))
             self._counts["skipped"] += len(unique)
@@ -416,6 +422,9 @@ class CachedStore:
                     missing.append(k)
                 elif value is not None:
                     out[k] = value
+                    hits += 1
+            self._m_hit.inc(hits)
+            self._counts["hit"] += hits
             if missing:
                 self._m_miss.inc(len(missing))
                 self._counts["miss"] += len(missing)
@@ -447,6 +456,12 @@ class CachedStore:
 
     # -- writes --------------------------------------------------------------------------
 
+    async def _written(self, items: list[FencedItem]) -> None:
+        # After the commit: detach in-flight reads of these keys, then the fenced set.
+        for item in items:
+            self._flights.forget(item[0])
+        await self.cache.after_write(items)
+
     def _params(self, sql: TableSQL, value: Any) -> tuple[dict[str, Any], list[Any]]:
         assert self._codec is not None
         row = self._codec.to_row(value)
@@ -471,7 +486,7 @@ class CachedStore:
             return None
         version = int(rec[1])
         payload = orjson.dumps(row, default=_json_default)
-        await self.cache.after_write([self._value_item(self.redis_key(key), version, payload, 0)])
+        await self._written([self._value_item(self.redis_key(key), version, payload, 0)])
         return version
 
     async def put_many(self, values: Mapping[Hashable, Any]) -> dict[Any, int]:
@@ -498,7 +513,7 @@ class CachedStore:
             for k, v in changed.items()
         ]
         if items:
-            await self.cache.after_write(items)
+            await self._written(items)
         return changed
 
     async def create(self, value: Any) -> Any:
@@ -508,7 +523,7 @@ class CachedStore:
         rec = await self.db.fetchrow(sql.create, *params)
         key, version = rec[0], int(rec[1])
         payload = orjson.dumps(row, default=_json_default)
-        await self.cache.after_write([self._value_item(self.redis_key(key), version, payload, 0)])
+        await self._written([self._value_item(self.redis_key(key), version, payload, 0)])
         return key
 
     async def update(self, key: Hashable, fn: Callable[[Any], Any]) -> Any:
@@ -535,7 +550,7 @@ class CachedStore:
                 version = await self.db.fetchval(sql.update_cas, key, *params, cur[1])
             if version is not None:
                 payload = orjson.dumps(row, default=_json_default)
-                await self.cache.after_write(
+                await self._written(
                     [self._value_item(self.redis_key(key), int(version), payload, 0)]
                 )
                 return self._codec.loads(payload)
@@ -552,7 +567,7 @@ class CachedStore:
         version = await self.db.fetchval(sql.delete, key)
         if version is None:
             return False
-        await self.cache.after_write(
+        await self._written(
             [self._tomb_item(self.redis_key(key), int(version), self.settings.tombstone_ttl)]
         )
         return True
