@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from sheetanchor.state._breaker import CircuitBreaker
+from sheetanchor.state._ids import uuid7
+from sheetanchor.state._links import Links
 from sheetanchor.state._settings import (
     DEFAULT_CACHE_SETTINGS,
     CacheSettings,
@@ -16,8 +18,10 @@ __all__ = [
     "CacheSettings",
     "CachedStore",
     "CircuitBreaker",
+    "Links",
     "PgExecutor",
     "StoreClock",
     "StoreHooks",
     "StoreStats",
+    "uuid7",
 ]
