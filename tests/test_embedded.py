@@ -123,14 +123,24 @@ def test_private_instance_leaves_nothing_behind() -> None:
     assert not data_dir.exists()
 
 
-def test_stale_pid_file_from_another_process_is_ignored(
-    private_pg_server: EmbeddedPostgres,
+@pytest.mark.parametrize("owner", ["this-python", "another-postgres"])
+def test_stale_pid_file_naming_another_process_is_ignored(
+    private_pg_server: EmbeddedPostgres, owner: str
 ) -> None:
-    # After a container restart the PID in postmaster.pid often belongs to someone else.
+    # After a container restart the PID in postmaster.pid often belongs to someone else,
+    # possibly to another PostgreSQL.
     server = private_pg_server
+    port = server.port
     server.stop()
+    if owner == "this-python":
+        pid = os.getpid()
+    else:
+        shared = EmbeddedPostgres()
+        shared.start()
+        assert shared.pid is not None
+        pid = shared.pid
     pid_file = server.pgdata / "postmaster.pid"
-    pid_file.write_text(f"{os.getpid()}\n{server.pgdata}\n0\n{server.port}\n\n\n\nready\n")
+    pid_file.write_text(f"{pid}\n{server.pgdata}\n0\n{port}\n\n\n\nready\n")
     assert server.pid is None
     assert not server.is_ready()
     server.start()

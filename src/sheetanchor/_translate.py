@@ -18,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from types import TracebackType
 
+from sheetanchor._classify import describe_error, is_connection_error
 from sheetanchor.config import redact
 from sheetanchor.errors import ConnectionLost, SheetAnchorError
-from sheetanchor.retry import describe_error, is_connection_error
 
 __all__ = ["translate_errors"]
 

@@ -30,17 +30,14 @@ def version() -> None:
     typer.echo(__version__)
 
 
-def _register() -> None:
-    # Command modules import heavier parts (SQLAlchemy, redis); keep them out of `--help` cost
-    # only where it matters. Order here is the order in `--help`.
-    from sheetanchor.cli import _commands  # noqa: F401  (registers on import)
-
-
 def main() -> None:
     """Entry point of the ``sheetanchor`` script: errors print as ``TypeName: message``."""
-    _register()
     try:
         app()
     except SheetAnchorError as exc:
         typer.echo(f"{type(exc).__name__}: {exc}", err=True)
         sys.exit(1)
+
+
+# Command modules register themselves on `app` when imported; `app` must exist first.
+from sheetanchor.cli import _commands  # noqa: E402, F401

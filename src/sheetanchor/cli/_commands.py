@@ -1,3 +1,5 @@
 """Registers every command module on the CLI app (one import per command group)."""
 
 from __future__ import annotations
+
+from sheetanchor.cli import _demo, _wait  # noqa: F401

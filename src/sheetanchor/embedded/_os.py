@@ -134,25 +134,33 @@ def check_port_arg(port: int | None) -> None:
         raise ValueError(f"port must be between 1 and 65535 (or None to pick one), got {port!r}")
 
 
-def live_process(pid: int, needle: str) -> psutil.Process | None:
-    """The process ``pid`` if it is alive (not a zombie) and its command line has ``needle``.
+def live_process(pid: int, needle: str, workdir: Path) -> psutil.Process | None:
+    """The process ``pid`` if it is alive, is ``needle`` and works in ``workdir``; else None.
 
     Zombies count as dead: in containers PID 1 often never reaps, and ``kill(pid, 0)``
-    succeeds on a zombie. The name check guards against PID reuse after a reboot or a
-    container restart, where a stale pid file names somebody else's process.
+    succeeds on a zombie. The name and directory checks guard against PID reuse after a
+    reboot or a container restart, where a stale pid file names somebody else's process
+    (maybe even another PostgreSQL). Both servers ``chdir`` into their data directory.
     """
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
             return None
         cmdline = " ".join(proc.cmdline()) or proc.name()
+        cwd = Path(proc.cwd())
     except psutil.NoSuchProcess:
         return None
     except psutil.AccessDenied:
-        # Cannot read its command line: alive, but not provably ours.
+        # Cannot inspect it: alive, but not provably ours.
         log.debug("cannot inspect pid %d; assuming it is not ours", pid)
         return None
-    return proc if needle in cmdline else None
+    if needle not in cmdline:
+        return None
+    try:
+        same_dir = cwd.samefile(workdir)
+    except OSError:
+        return None  # our directory is gone, so the process cannot be serving it
+    return proc if same_dir else None
 
 
 def _wait_gone(proc: psutil.Process, timeout: float) -> bool:

@@ -92,6 +92,10 @@ class EmbeddedPostgres(Server):
     def _log_file(self) -> Path:
         return self._dir / "postgres.log"
 
+    @property
+    def _workdir(self) -> Path:
+        return self.pgdata
+
     def _url(self, port: int) -> str:
         return f"postgresql://postgres@{HOST}:{port}/postgres"
 
@@ -111,7 +115,7 @@ class EmbeddedPostgres(Server):
             # Written line by line at start-up: a partial file means "starting".
             log.debug("incomplete %s: %r", pid_file, lines)
             return None
-        return (pid, port) if live_process(pid, self._needle) else None
+        return (pid, port) if live_process(pid, self._needle, self.pgdata) else None
 
     def _ping(self, port: int, timeout: float) -> bool:
         import asyncpg

@@ -81,7 +81,7 @@ class EmbeddedRedis(Server):
             log.debug("unreadable %s: %r", self._pid_file, exc)
             return None
         port = read_state(self._state_file).get("port")
-        if not isinstance(port, int) or live_process(pid, self._needle) is None:
+        if not isinstance(port, int) or live_process(pid, self._needle, self._dir) is None:
             return None
         return pid, port
 

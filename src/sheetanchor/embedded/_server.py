@@ -38,7 +38,6 @@ class Server:
     """What both servers share: a directory, a lock, a remembered port, start/stop."""
 
     _kind = "server"
-    _env = ""
 
     def __init__(
         self,
@@ -144,7 +143,7 @@ class Server:
             running = self._running()
             if running is None:
                 return
-            proc = live_process(running[0], self._needle)
+            proc = live_process(running[0], self._needle, self._workdir)
             if proc is not None:
                 terminate(proc, self._stop_signal, f"embedded {self._kind}", timeout)
             self._after_stop()
@@ -276,7 +275,7 @@ class Server:
         while True:
             if self._ping(port, timeout=2.0):
                 return
-            if live_process(pid, self._needle) is None:
+            if live_process(pid, self._needle, self._workdir) is None:
                 raise EmbeddedServerError(
                     f"embedded {self._kind} (pid {pid}) exited while starting on "
                     f"{HOST}:{port}. Last log lines of {self._log_file}:\n{tail(self._log_file)}"
@@ -294,6 +293,11 @@ class Server:
     @property
     def _log_file(self) -> Path:
         raise NotImplementedError
+
+    @property
+    def _workdir(self) -> Path:
+        """The directory the server process runs in (its data directory)."""
+        return self._dir
 
     def _url(self, port: int) -> str:
         raise NotImplementedError

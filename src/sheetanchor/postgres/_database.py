@@ -8,6 +8,7 @@ that always go back to the pool; a leak watch; driver errors mapped at one bound
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import uuid
@@ -266,7 +267,7 @@ class Database:
             idle_since = rec.info.get(_IDLE_SINCE)
             if idle_since is not None and time.monotonic() - idle_since >= idle_limit:
                 try:
-                    _await(driver.execute(";"))  # simple query: one round trip, no statement
+                    _await(driver.execute("SELECT 1"))  # simple query: one round trip
                 except Exception as exc:
                     raise DisconnectionError(f"ping failed: {exc}") from exc
 
@@ -298,11 +299,13 @@ class Database:
         await entry.engine.dispose()
 
     def _abandon_engine(self, entry: _Engine) -> None:
-        # The loop that owned the sockets is closed or gone: no I/O is possible or safe.
-        if entry.timer is not None:
-            entry.timer = None
+        # The loop that owned the sockets is closed or gone: no protocol I/O is possible. Close
+        # the idle sockets (the server sees the disconnect at once) and drop the pool.
+        entry.timer = None
         entry.forget_leaks()
-        entry.engine.sync_engine.dispose(close=False)
+        sync_engine = entry.engine.sync_engine
+        _close_dead_loop_sockets(sync_engine.pool)
+        sync_engine.dispose(close=False)
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -513,7 +516,7 @@ class Database:
 
     # -- readiness, stats, lifecycle ----------------------------------------------------------
 
-    async def wait_ready(self, timeout: float = 30.0) -> float:  # noqa: ASYNC109
+    async def wait_ready(self, timeout: float = 30.0) -> float:
         """Wait until a real query succeeds; return the seconds it took.
 
         Retries with bounded exponential backoff (0.05 s doubling to 2 s, jittered).
@@ -622,6 +625,27 @@ def _on_connect_mark(dbapi_conn: Any, rec: Any) -> None:
 
 def _on_checkin_mark(dbapi_conn: Any, rec: Any) -> None:
     rec.info[_IDLE_SINCE] = time.monotonic()
+
+
+def _close_dead_loop_sockets(pool: Any) -> None:
+    """Close the sockets of a closed loop's idle connections without that loop.
+
+    Only for a loop that is already closed (its selector is gone, so nothing is shared with a
+    live loop). Uses private attributes of asyncio's selector transports and asyncpg, guarded:
+    where they are missing (uvloop) the sockets are left to the garbage collector.
+    """
+    queue = getattr(getattr(pool, "_pool", None), "__dict__", {}).get("_queue")
+    for rec in list(getattr(queue, "_queue", ())):
+        driver = getattr(getattr(rec, "dbapi_connection", None), "driver_connection", None)
+        transport = getattr(driver, "_transport", None)
+        sock = getattr(transport, "_sock", None)
+        if sock is None:
+            continue
+        with contextlib.suppress(OSError):
+            sock.close()
+        with contextlib.suppress(AttributeError):
+            transport._sock = None  # type: ignore[union-attr]  # nothing left for __del__
+            driver._aborted = True  # type: ignore[union-attr]  # asyncpg: is_closed() is True
 
 
 def _waiters(pool: Any) -> int:

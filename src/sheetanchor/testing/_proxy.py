@@ -414,6 +414,8 @@ class FaultProxy:
             if conn.task is not None:
                 conn.task.cancel()
         await asyncio.gather(*(c.task for c in conns if c.task is not None), return_exceptions=True)
+        # getaddrinfo ran in the loop's default executor: join its threads, leak none.
+        await asyncio.get_running_loop().shutdown_default_executor()
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()

@@ -9,5 +9,7 @@ __all__ = ["all_drills"]
 
 def all_drills() -> list[Drill]:
     """Every drill, in incident order (imported lazily: drills pull in the clients)."""
-    drills: list[Drill] = []
+    from sheetanchor.demo.drills import d001_startup
+
+    drills: list[Drill] = [d001_startup.DRILL]
     return drills

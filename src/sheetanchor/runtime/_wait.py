@@ -1,0 +1,97 @@
+"""Wait until PostgreSQL answers a real query and Redis answers PING (incident 001).
+
+A container that starts before its database must wait with bounded backoff, not crash-loop.
+The loop (what is retried, how long to wait) is `sheetanchor._readiness.wait_until_ready`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from sheetanchor._readiness import Attempt, wait_until_ready
+from sheetanchor.config import parse_url, to_asyncpg_dsn
+
+__all__ = ["Attempt", "wait_for_postgres", "wait_for_redis", "wait_for_services"]
+
+
+async def _probe_postgres(url: str, timeout: float) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(to_asyncpg_dsn(url), timeout=timeout)
+    try:
+        # A real query, not just TCP: a server in recovery accepts sockets but not queries.
+        await conn.fetchval("SELECT 1", timeout=timeout)
+    finally:
+        await conn.close(timeout=timeout)
+
+
+async def _probe_redis(url: str, timeout: float) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(
+        url, socket_connect_timeout=timeout, socket_timeout=timeout, retry_on_timeout=False
+    )
+    try:
+        await client.ping()
+    finally:
+        await client.aclose()
+
+
+async def wait_for_postgres(
+    url: str, *, timeout: float = 60.0, on_attempt: Callable[[Attempt], None] | None = None
+) -> float:
+    """Wait until PostgreSQL at ``url`` answers ``SELECT 1``; return the seconds it took.
+
+    Raises:
+        NotReady: not ready within ``timeout`` seconds, or failed with an error that waiting
+            cannot fix (wrong password, unknown database). The message has the last error.
+        ValueError: ``timeout`` is not positive.
+    """
+    return await wait_until_ready(
+        "PostgreSQL",
+        parse_url(url).display,
+        lambda budget: _probe_postgres(url, budget),
+        timeout=timeout,
+        on_attempt=on_attempt,
+    )
+
+
+async def wait_for_redis(
+    url: str, *, timeout: float = 60.0, on_attempt: Callable[[Attempt], None] | None = None
+) -> float:
+    """Wait until Redis at ``url`` answers ``PING``; return the seconds it took.
+
+    Raises:
+        NotReady: not ready within ``timeout`` seconds (the message has the last error).
+        ValueError: ``timeout`` is not positive.
+    """
+    return await wait_until_ready(
+        "Redis",
+        parse_url(url).display,
+        lambda budget: _probe_redis(url, budget),
+        timeout=timeout,
+        on_attempt=on_attempt,
+    )
+
+
+async def wait_for_services(
+    *,
+    pg: str | None = None,
+    redis: str | None = None,
+    timeout: float = 60.0,
+    on_attempt: Callable[[Attempt], None] | None = None,
+) -> dict[str, float]:
+    """Wait for PostgreSQL and Redis concurrently, both within one ``timeout``.
+
+    Returns the seconds each took, keyed ``"postgres"`` / ``"redis"``.
+    """
+    jobs: dict[str, Awaitable[float]] = {}
+    if pg:
+        jobs["postgres"] = wait_for_postgres(pg, timeout=timeout, on_attempt=on_attempt)
+    if redis:
+        jobs["redis"] = wait_for_redis(redis, timeout=timeout, on_attempt=on_attempt)
+    if not jobs:
+        raise ValueError("nothing to wait for: pass pg= and/or redis= (or set the URL variables)")
+    results = await asyncio.gather(*jobs.values())
+    return dict(zip(jobs.keys(), results, strict=True))

@@ -1,0 +1,47 @@
+"""CLI conventions: --help everywhere, exit codes 0/1/2, `TypeName: message` on errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from sheetanchor import __version__
+from sheetanchor.cli import app
+
+
+def test_version_and_help() -> None:
+    runner = CliRunner()
+    assert runner.invoke(app, ["version"]).output.strip() == __version__
+    top = runner.invoke(app, ["--help"])
+    assert top.exit_code == 0
+    for command in ("demo", "wait"):
+        assert command in top.output
+        sub = runner.invoke(app, [command, "--help"])
+        assert sub.exit_code == 0, sub.output
+        assert "Example" in sub.output or "e.g." in sub.output
+
+
+def test_demo_lists_drills_and_rejects_unknown_ones() -> None:
+    runner = CliRunner()
+    listed = runner.invoke(app, ["demo", "--list"])
+    assert listed.exit_code == 0
+    assert "001" in listed.output
+    unknown = runner.invoke(app, ["demo", "--only", "999"])
+    assert unknown.exit_code == 2
+    assert "unknown drill" in unknown.output
+
+
+def test_errors_print_type_and_message_not_a_traceback() -> None:
+    # A malformed URL is a ConfigError raised inside the command.
+    proc = subprocess.run(
+        [sys.executable, "-m", "sheetanchor", "wait", "--pg", "mysql://x@y/z", "--timeout", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "ConfigError: unsupported URL scheme" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,159 @@
+"""Incident 003: sessions never returned exhaust the pool; ``db.session()`` cannot leak, and the
+leak watch names the code that took a connection it did not give back."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+
+import pytest
+import sqlalchemy.exc
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+from sheetanchor.config import to_sqlalchemy_url
+from sheetanchor.errors import PoolTimeout
+from sheetanchor.postgres import Database, PoolSettings
+
+POOL = PoolSettings(size=2, max_overflow=0, timeout=0.5)
+
+
+async def test_naive_leaky_handler_exhausts_the_pool(pg_url: str) -> None:
+    engine = create_async_engine(
+        to_sqlalchemy_url(pg_url), pool_size=2, max_overflow=0, pool_timeout=0.5
+    )
+    held: list[AsyncSession] = []  # what a WebSocket handler's dict of sessions amounts to
+
+    async def leaky_handler() -> None:
+        session = AsyncSession(engine)
+        held.append(session)
+        await session.execute(text("SELECT 1"))  # never closed, never committed
+
+    await leaky_handler()
+    await leaky_handler()
+    with pytest.raises(sqlalchemy.exc.TimeoutError):
+        await leaky_handler()
+    for session in held:
+        await session.close()
+    await engine.dispose()
+
+
+async def test_database_session_cannot_leak(pg_url: str) -> None:
+    db = Database(pg_url, pool=POOL)
+
+    async def handler(i: int) -> int:
+        async with db.session() as session:
+            value: int = (
+                await session.execute(text("SELECT CAST(:i AS int)"), {"i": i})
+            ).scalar_one()
+        return value
+
+    assert await asyncio.gather(*(handler(i) for i in range(50))) == list(range(50))
+    stats = db.stats()
+    assert (stats.checked_out, stats.leaks, stats.waiting) == (0, 0, 0)
+    await db.close()
+
+
+async def test_pool_exhaustion_surfaces_as_pool_timeout(pg_url: str) -> None:
+    db = Database(pg_url, pool=POOL, leak_threshold=None)
+    held = [AsyncSession(db.engine()) for _ in range(2)]
+    for session in held:
+        await session.execute(text("SELECT 1"))
+    with pytest.raises(PoolTimeout, match="release connections sooner") as info:
+        await db.fetchval("SELECT 1")
+    assert isinstance(info.value, TimeoutError)
+    assert isinstance(info.value.__cause__, sqlalchemy.exc.TimeoutError)
+    for session in held:
+        await session.close()
+    await db.close()
+
+
+async def leaky_ws_handler(db: Database, held: list[AsyncSession]) -> None:
+    # The incident's pattern, on our engine: a session opened and never closed.
+    session = AsyncSession(db.engine())
+    held.append(session)
+    await session.execute(text("SELECT 1"))
+
+
+async def test_leak_watch_reports_a_connection_held_too_long_with_its_stack(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = Database(pg_url, pool=POOL, leak_threshold=0.1)
+    held: list[AsyncSession] = []
+    with caplog.at_level(logging.WARNING, logger="sheetanchor.postgres"):
+        await leaky_ws_handler(db, held)
+        async with asyncio.timeout(5):
+            while not db.leak_reports():
+                await asyncio.sleep(0.05)
+    [report] = db.leak_reports()
+    assert report.kind == "held"
+    assert report.held_for >= 0.1
+    functions = [frame.function for frame in report.stack]
+    assert "leaky_ws_handler" in functions
+    assert "test_leak_watch_reports_a_connection_held_too_long_with_its_stack" in functions
+    assert "leaky_ws_handler" in caplog.text  # logged with the stack, once
+    assert db.stats().leaks == 1
+    await asyncio.sleep(0.3)
+    assert db.stats().leaks == 1  # reported once, not on every sweep
+    await held[0].close()
+    assert db.stats().checked_out == 0
+    await db.close()
+
+
+@pytest.mark.filterwarnings("ignore:The garbage collector is trying to clean up")
+async def test_leak_watch_reports_a_connection_garbage_collected_without_return(
+    pg_url: str,
+) -> None:
+    db = Database(pg_url, pool=POOL, leak_threshold=None)
+    held: list[AsyncSession] = []
+    await leaky_ws_handler(db, held)
+    held.clear()  # dropped without close(): SQLAlchemy's "non-checked-in connection" case
+    gc.collect()
+    [report] = db.leak_reports()
+    assert report.kind == "unreturned"
+    assert "leaky_ws_handler" in [frame.function for frame in report.stack]
+    stats = db.stats()
+    assert (stats.leaks, stats.leaks_unreturned, stats.checked_out) == (1, 1, 0)
+    assert await db.fetchval("SELECT 1") == 1  # the pool recovered the slot
+    await db.close()
+
+
+async def test_cancelled_session_returns_its_connection(pg_url: str) -> None:
+    db = Database(pg_url, pool=POOL)
+    started = asyncio.Event()
+
+    async def slow() -> None:
+        async with db.session() as session:
+            started.set()
+            await session.execute(text("SELECT pg_sleep(10)"))
+
+    task = asyncio.create_task(slow())
+    await started.wait()
+    await asyncio.sleep(0.1)  # inside the statement
+    assert db.stats().checked_out == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert db.stats().checked_out == 0
+    assert await db.fetchval("SELECT 1") == 1
+    await db.close()
+
+
+async def test_cancelled_raw_reads_return_their_connection(pg_url: str) -> None:
+    db = Database(pg_url, pool=POOL)
+
+    async def in_connection() -> None:
+        async with db.connection() as conn:
+            await conn.execute("SELECT pg_sleep(10)")
+
+    for coro in (db.fetchval("SELECT pg_sleep(10)"), in_connection()):
+        task = asyncio.create_task(coro)
+        await asyncio.sleep(0.2)
+        assert db.stats().checked_out == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert db.stats().checked_out == 0
+    assert await db.fetchval("SELECT 1") == 1
+    await db.close()

@@ -1,0 +1,228 @@
+"""Incident 002: one engine per (process, event loop); never a dead loop's engine.
+
+The naive half reproduces the incident: a module-level ``create_async_engine`` used by
+successive ``asyncio.run`` calls fails with "attached to a different loop" / "another
+operation is in progress". ``Database`` passes every run, in threads with their own loops, in
+pytest-asyncio's per-test loops, and in a forked child, and disposes the engines of closed loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import multiprocessing
+import os
+import threading
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+from sheetanchor.config import to_sqlalchemy_url
+from sheetanchor.postgres import Database, PoolSettings
+from sheetanchor.postgres._loops import PerLoop
+
+INCIDENT_002 = ("attached to a different loop", "another operation is in progress")
+
+
+def _small(url: str, **kwargs: Any) -> Database:
+    return Database(url, pool=PoolSettings(size=2, max_overflow=0), **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_naive_global_engine_fails_across_asyncio_run(pg_url: str) -> None:
+    naive = {"engine": create_async_engine(to_sqlalchemy_url(pg_url), pool_size=2)}
+
+    async def handler() -> int:
+        async with AsyncSession(naive["engine"]) as session:
+            value: int = (await session.execute(text("SELECT 1"))).scalar_one()
+            return value
+
+    errors: list[str] = []
+    for _ in range(5):
+        try:
+            asyncio.run(handler())
+        except Exception as exc:
+            errors.append(str(exc))
+    assert errors, "the naive pattern should fail: the test would prove nothing"
+    assert all(any(kind in e for kind in INCIDENT_002) for e in errors), errors
+    naive["engine"].sync_engine.dispose(close=False)  # its sockets belong to closed loops
+    naive.clear()
+    gc.collect()  # their ResourceWarnings belong to this test, not the next one
+
+
+def test_database_passes_every_asyncio_run_and_disposes_each_engine(pg_url: str) -> None:
+    db = _small(pg_url)
+
+    async def handler() -> int:
+        async with db.session() as session:
+            value: int = (await session.execute(text("SELECT 1"))).scalar_one()
+        return value + await db.fetchval("SELECT 1")
+
+    assert [asyncio.run(handler()) for _ in range(5)] == [2] * 5
+    stats = db.stats()
+    assert (stats.engines_alive, stats.engines_disposed, stats.pool_size) == (0, 5, 0)
+
+
+def test_loop_closed_by_hand_disposes_its_engine(pg_url: str) -> None:
+    # The usual Celery helper: new_event_loop / run_until_complete / close, no asyncio.run.
+    db = _small(pg_url)
+    for _ in range(3):
+        loop = asyncio.new_event_loop()
+        try:
+            assert loop.run_until_complete(db.fetchval("SELECT 7")) == 7
+        finally:
+            loop.close()
+    stats = db.stats()
+    assert (stats.engines_alive, stats.engines_disposed) == (0, 3)
+
+
+def test_engine_of_a_loop_closed_without_hooks_is_abandoned_and_counted(pg_url: str) -> None:
+    db = _small(pg_url, role="abandon")
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(db.fetchval("SELECT 1"))
+    type(loop).close(loop)  # bypasses the instance hook, like a loop we cannot patch (uvloop)
+    assert asyncio.run(db.fetchval("SELECT 2")) == 2  # reaps the dead loop's engine
+    stats = db.stats()
+    assert (stats.engines_alive, stats.engines_disposed) == (0, 2)
+    gc.collect()  # no ResourceWarning: the abandoned sockets were closed, not left to the GC
+
+    async def backends() -> int:
+        async with asyncio.timeout(10):
+            while True:  # the server notices the closed sockets within milliseconds
+                count: int = await db.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE $1",
+                    "sheetanchor:abandon:%",
+                )
+                if count == 1:  # only the connection asking
+                    return count
+                await asyncio.sleep(0.02)
+
+    assert asyncio.run(backends()) == 1
+
+
+def test_threads_with_their_own_loops(pg_url: str) -> None:
+    db = Database(pg_url, pool=PoolSettings(size=1, max_overflow=0))
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    async def work(n: int) -> None:
+        engine = db.engine()
+        await asyncio.to_thread(barrier.wait, 10)  # all four loops are alive at once
+        assert db.stats().engines_alive == 4
+        for i in range(5):
+            assert await db.fetchval("SELECT $1::int", n * 10 + i) == n * 10 + i
+            async with db.session() as s:
+                await s.execute(text("SELECT 1"))
+        assert db.engine() is engine
+
+    def thread(n: int) -> None:
+        try:
+            asyncio.run(work(n))
+            asyncio.run(work2())
+        except BaseException as exc:
+            errors.append(exc)
+
+    async def work2() -> None:
+        await db.fetchval("SELECT 1")
+
+    threads = [threading.Thread(target=thread, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    stats = db.stats()
+    assert (stats.engines_alive, stats.engines_disposed, stats.checked_out) == (0, 8, 0)
+
+
+def test_recycled_loop_ids_never_get_a_dead_loops_value() -> None:
+    made: list[object] = []
+    closed: list[object] = []
+
+    def create() -> object:
+        made.append(object())
+        return made[-1]
+
+    async def aclose(value: object) -> None:
+        closed.append(value)
+
+    registry: PerLoop[object] = PerLoop(create, aclose, lambda value: None, what="thing")
+    naive: dict[int, object] = {}
+    naive_stale = 0
+
+    async def use() -> tuple[int, object]:
+        nonlocal naive_stale
+        loop_id = id(asyncio.get_running_loop())
+        if loop_id in naive:
+            naive_stale += 1  # incident 002's fix would hand out a dead loop's engine here
+        naive[loop_id] = object()
+        return loop_id, registry.get()
+
+    seen = []
+    for _ in range(20):
+        seen.append(asyncio.run(use()))
+        gc.collect()
+    ids = [loop_id for loop_id, _ in seen]
+    values = [value for _, value in seen]
+    if len(set(ids)) == len(ids):
+        pytest.skip("the interpreter did not reuse a loop address this time")
+    assert naive_stale > 0
+    assert len({id(v) for v in values}) == 20  # a fresh value for every loop
+    assert closed == made  # each disposed inside its own loop
+    assert registry.alive == 0
+    assert registry.disposed == 20
+
+
+@pytest.fixture(scope="module")
+def shared_db(pg_url: str) -> Database:
+    # One Database for several pytest-asyncio tests: each test has its own loop.
+    return _small(pg_url, name="shared")
+
+
+async def test_pytest_asyncio_loop_one(shared_db: Database) -> None:
+    assert await shared_db.fetchval("SELECT 1") == 1
+
+
+async def test_pytest_asyncio_loop_two(shared_db: Database) -> None:
+    assert await shared_db.fetchval("SELECT 2") == 2
+    stats = shared_db.stats()
+    assert stats.engines_alive == 1
+    assert stats.engines_disposed >= 1  # the previous test's loop took its engine with it
+
+
+def _child_uses_inherited_db(db: Database, queue: Any) -> None:
+    async def main() -> tuple[int, str]:
+        pid: int = await db.fetchval("SELECT pg_backend_pid()")
+        async with db.session() as s:
+            name = (await s.execute(text("SELECT current_setting('application_name')"))).scalar()
+        return pid, str(name)
+
+    try:
+        queue.put(("ok", *asyncio.run(main()), db.stats().engines_alive))
+    except BaseException as exc:
+        queue.put(("error", repr(exc), "", 0))
+
+
+async def test_fork_child_builds_its_own_engine_and_parent_pool_survives(pg_url: str) -> None:
+    db = _small(pg_url)
+    parent_backend = await db.fetchval("SELECT pg_backend_pid()")
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_uses_inherited_db, args=(db, queue))
+    child.start()  # forks while this loop runs and the pool holds a connection
+    try:
+        status, child_backend, app_name, child_alive = queue.get(timeout=60)
+    finally:
+        child.join(30)
+    assert status == "ok", child_backend
+    assert child.exitcode == 0
+    assert child_backend != parent_backend
+    assert app_name == f"sheetanchor:app:{child.pid}"
+    assert child_alive == 0  # disposed when the child's asyncio.run ended
+    # The child never touched the parent's connection: same backend, still working.
+    assert await db.fetchval("SELECT pg_backend_pid()") == parent_backend
+    assert os.getpid() != child.pid
+    await db.close()
