@@ -9,7 +9,7 @@ __all__ = ["all_drills"]
 
 def all_drills() -> list[Drill]:
     """Every drill, in incident order (imported lazily: drills pull in the clients)."""
-    from sheetanchor.demo.drills import d001_startup
+    from sheetanchor.demo.drills import d000_cache, d001_startup
 
-    drills: list[Drill] = [d001_startup.DRILL]
+    drills: list[Drill] = [d000_cache.DRILL, d001_startup.DRILL]
     return drills
