@@ -22,7 +22,13 @@ from sheetanchor.observe import get_logger
 from sheetanchor.redis import RedisClient
 from sheetanchor.state import _metrics
 from sheetanchor.state._breaker import ALLOW, DENY, CircuitBreaker
-from sheetanchor.state._fence import DELETE_IF_EQUAL, FENCED_SET, LEASE_RELEASE
+from sheetanchor.state._fence import (
+    DELETE_IF_EQUAL,
+    FENCED_SET,
+    FENCED_SET_RELEASE,
+    GET_OR_LEASE,
+    LEASE_RELEASE,
+)
 from sheetanchor.state._pending import PendingInvalidations
 
 __all__ = ["DOWN", "REDIS_DOWN_ERRORS", "CacheSide", "FencedItem"]
@@ -167,6 +173,43 @@ class CacheSide:
         except REDIS_DOWN_ERRORS as exc:
             self.failed(exc)
             return DOWN
+
+    async def get_or_lease(
+        self, rkey: str, lease_key: str, token: str, ttl_ms: int
+    ) -> bytes | int | _Down:
+        """The entry, or (when there is none) 1 if we took the lease, 0 if another holds it."""
+        if not await self.usable():
+            return DOWN
+        try:
+            async with asyncio.timeout(self.timeout):
+                res = await GET_OR_LEASE(
+                    self.rc.client(), keys=(rkey, lease_key), args=(token, ttl_ms)
+                )
+        except REDIS_DOWN_ERRORS as exc:
+            self.failed(exc)
+            return DOWN
+        return res if isinstance(res, bytes) else int(res)
+
+    async def fenced_set_release(
+        self, item: FencedItem, lease_key: str, token: str
+    ) -> bool | _Down:
+        """Fenced set of a backfill and release of our lease, in one call."""
+        rkey, entry, version, rank, ttl_ms = item
+        try:
+            async with asyncio.timeout(self.timeout):
+                ok = bool(
+                    await FENCED_SET_RELEASE(
+                        self.rc.client(),
+                        keys=(rkey, lease_key),
+                        args=(entry, version, rank, ttl_ms, token),
+                    )
+                )
+        except REDIS_DOWN_ERRORS as exc:
+            self.failed(exc)
+            return DOWN
+        if not ok:
+            self._refused.inc()
+        return ok
 
     async def mget(self, rkeys: Sequence[str]) -> list[bytes | None] | _Down:
         """MGET, or :data:`DOWN`."""

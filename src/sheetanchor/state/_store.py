@@ -11,7 +11,9 @@ invalidated before Redis is read again.
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 import secrets
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from decimal import Decimal
@@ -41,6 +43,17 @@ __all__ = ["CachedStore", "PgExecutor", "StoreStats"]
 _log = get_logger("state")
 _MISS = object()  # "not usable from the cache": load it
 _CORRUPT = object()  # undecodable: remove it, then load
+
+# Lease tokens: a random prefix per process (new after fork) and a counter per lookup.
+_TOKEN_PREFIX = [secrets.token_hex(8) + ":"]
+_TOKENS = itertools.count()
+
+
+def _new_token_prefix() -> None:
+    _TOKEN_PREFIX[0] = secrets.token_hex(8) + ":"
+
+
+os.register_at_fork(after_in_child=_new_token_prefix)
 
 
 class PgExecutor(Protocol):
@@ -305,41 +318,55 @@ class CachedStore:
         return await self._flights.run(rkey, lambda: self._get(sql, key, rkey))
 
     async def _get(self, sql: TableSQL, key: Hashable, rkey: str) -> Any:
-        data = await self.cache.get(rkey)
-        if data is DOWN:
+        # One round trip on a hit; on a miss the same call tried to take the load lease.
+        lease_key = rkey + ":lease"
+        token = f"{_TOKEN_PREFIX[0]}{next(_TOKENS)}"
+        lease_ms = int(self.settings.lease_ttl * 1000)
+        res = await self.cache.get_or_lease(rkey, lease_key, token, lease_ms)
+        if res is DOWN:
             self._m_skipped.inc()
             self._counts["skipped"] += 1
             return await self._read(sql, key, rkey, fill=False)
-        if data is not None:
-            value = self._from_cache(data)  # type: ignore[arg-type]
+        held: bool | None = None
+        if isinstance(res, bytes):
+            value = self._from_cache(res)
             if value is _CORRUPT:
-                await self.cache.delete_if_equal(rkey, data)  # type: ignore[arg-type]
+                await self.cache.delete_if_equal(rkey, res)
             elif value is not _MISS:
                 if value is not None:
                     self._m_hit.inc()
                     self._counts["hit"] += 1
                 return value
+        else:
+            held = bool(res)
         self._m_miss.inc()
         self._counts["miss"] += 1
-        return await self._load(sql, key, rkey)
+        return await self._load(sql, key, rkey, lease_key, token, held)
 
-    async def _load(self, sql: TableSQL, key: Hashable, rkey: str) -> Any:
+    async def _load(
+        self,
+        sql: TableSQL,
+        key: Hashable,
+        rkey: str,
+        lease_key: str,
+        token: str,
+        held: bool | None,
+    ) -> Any:
         # Across processes only the lease holder reads PostgreSQL; the others watch Redis.
+        # `held`: the lease outcome already known from GET_OR_LEASE (None: not tried yet).
         s, clock = self.settings, self._clock
-        lease_key = rkey + ":lease"
-        token = secrets.token_hex(8)
         deadline = clock.monotonic() + s.lease_wait
         delay = 0.002
         while True:
-            got = await self.cache.acquire_lease(lease_key, token, int(s.lease_ttl * 1000))
-            if got is DOWN:
-                return await self._read(sql, key, rkey, fill=False)
-            if got:
+            if held is None:
+                got = await self.cache.acquire_lease(lease_key, token, int(s.lease_ttl * 1000))
+                if got is DOWN:
+                    return await self._read(sql, key, rkey, fill=False)
+                held = bool(got)
+            if held:
                 self._lease("acquired")
-                try:
-                    return await self._read(sql, key, rkey, fill=True)
-                finally:
-                    await self.cache.release_lease(lease_key, token)
+                return await self._read(sql, key, rkey, fill=True, lease=(lease_key, token))
+            held = None
             while True:
                 if clock.monotonic() >= deadline:
                     self._lease("timeout")
@@ -349,7 +376,7 @@ class CachedStore:
                 peek = await self.cache.peek(rkey, lease_key)
                 if peek is DOWN:
                     return await self._read(sql, key, rkey, fill=False)
-                data, held = peek  # type: ignore[misc]
+                data, lease_held = peek  # type: ignore[misc]
                 if data is not None:
                     value = self._from_cache(data)
                     if value is _CORRUPT:
@@ -357,37 +384,62 @@ class CachedStore:
                     elif value is not _MISS:
                         self._lease("waited")
                         return value
-                if not held:
+                if not lease_held:
                     break  # the holder is gone without a usable entry: try to take over
 
     def _lease(self, outcome: str) -> None:
         self._m_lease[outcome].inc()
         self._counts[outcome] += 1
 
-    async def _read(self, sql: TableSQL, key: Hashable, rkey: str, *, fill: bool) -> Any:
+    async def _read(
+        self,
+        sql: TableSQL,
+        key: Hashable,
+        rkey: str,
+        *,
+        fill: bool,
+        lease: tuple[str, str] | None = None,
+    ) -> Any:
+        """Read the row from PostgreSQL; with ``fill``, backfill Redis through the fence.
+
+        With ``lease`` (key, token) the lease is released in every case: together with the
+        backfill when there is one, else on its own.
+        """
         assert self._codec is not None
         clock = self._clock
-        started = clock.monotonic()
-        row = await self.db.fetchrow(sql.read_one, key)
-        self._m_pg.inc()
-        self._counts["pg"] += 1
-        if self._hooks.after_db_read is not None:
-            await self._hooks.after_db_read(key, None if row is None else row[1])
-        if row is None:
-            value = None
-            item = self._tomb_item(rkey, 0, self.settings.absent_ttl)
-        else:
-            payload = self._row_payload(sql, row)
-            value = self._codec.loads(payload)
-            delta_ms = max(1, int((clock.monotonic() - started) * 1000))
-            item = self._value_item(rkey, row[1], payload, delta_ms)
-        if fill:
+        released = False
+        try:
+            started = clock.monotonic()
+            row = await self.db.fetchrow(sql.read_one, key)
+            self._m_pg.inc()
+            self._counts["pg"] += 1
+            if self._hooks.after_db_read is not None:
+                await self._hooks.after_db_read(key, None if row is None else row[1])
+            if row is None:
+                value = None
+                item = self._tomb_item(rkey, 0, self.settings.absent_ttl)
+            else:
+                payload = self._row_payload(sql, row)
+                value = self._codec.loads(payload)
+                delta_ms = max(1, int((clock.monotonic() - started) * 1000))
+                item = self._value_item(rkey, row[1], payload, delta_ms)
+            if not fill:
+                return value
             if clock.monotonic() - started > self.settings.backfill_age:
                 # Too old to be sure a newer entry has not expired meanwhile: don't cache.
                 self._refused()
-            elif await self.cache.fenced_set(item) is False:
+                return value
+            if lease is not None:
+                ok = await self.cache.fenced_set_release(item, *lease)
+                released = True
+            else:
+                ok = await self.cache.fenced_set(item)
+            if ok is False:
                 self._counts["refused"] += 1  # a newer entry is there (the metric is counted)
-        return value
+            return value
+        finally:
+            if lease is not None and not released:
+                await self.cache.release_lease(*lease)
 
     def _refused(self) -> None:
         self._m_refused.inc()
