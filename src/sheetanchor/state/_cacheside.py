@@ -10,6 +10,7 @@ keys are invalidated (with the fence) *before* the cache is trusted again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterable, Sequence
 from typing import Any, Final, cast
 
@@ -54,6 +55,8 @@ REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
+_NO_TIMEOUT = contextlib.nullcontext()
+
 # (redis key, entry bytes, version, rank, ttl ms)
 FencedItem = tuple[str, bytes, int, int, int]
 
@@ -67,7 +70,8 @@ class CacheSide:
         namespace: key prefix (``SCAN`` pattern for the overflow flush).
         breaker: the circuit breaker.
         pending: the pending-invalidation set.
-        timeout: seconds any single cache call may take before it counts as a failure.
+        timeout: seconds any single cache call may take before it counts as a failure;
+            ``None``: only the Redis client's own socket timeouts apply.
     """
 
     def __init__(
@@ -78,7 +82,7 @@ class CacheSide:
         namespace: str,
         breaker: CircuitBreaker,
         pending: PendingInvalidations,
-        timeout: float,
+        timeout: float | None,
     ) -> None:
         self.rc = rc
         self.table = table
@@ -96,11 +100,17 @@ class CacheSide:
     async def usable(self) -> bool:
         """True when the store may call Redis now (runs the recovery when it is the probe)."""
         verdict = self.breaker.check()
-        if verdict == ALLOW:
-            return True
+        return verdict == ALLOW or await self._admit(verdict)
+
+    async def _admit(self, verdict: int) -> bool:
+        # Not ALLOW: DENY skips Redis; PROBE (exactly one caller) must recover it first.
         if verdict == DENY:
             return False
         return await self._recover()
+
+    def _deadline(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        # asyncio.timeout costs a timer per call (several microseconds): only when asked for.
+        return _NO_TIMEOUT if self.timeout is None else asyncio.timeout(self.timeout)
 
     def failed(self, exc: BaseException) -> None:
         """Count a failed Redis call and tell the breaker."""
@@ -121,7 +131,7 @@ class CacheSide:
         # We are the single probe. Nothing may read the cache before every key written while
         # Redis was away is invalidated, so the breaker closes only after that succeeded.
         try:
-            async with asyncio.timeout(max(self.timeout, 1.0) * 10):
+            async with asyncio.timeout(max(self.timeout or 1.0, 1.0) * 10):
                 client = self.rc.client()
                 await client.ping()
                 items, overflowed = self.pending.snapshot()
@@ -164,10 +174,10 @@ class CacheSide:
 
     async def get(self, rkey: str) -> bytes | _Down | None:
         """GET, or :data:`DOWN` when Redis is skipped or failed."""
-        if not await self.usable():
+        if (verdict := self.breaker.check()) != ALLOW and not await self._admit(verdict):
             return DOWN
         try:
-            async with asyncio.timeout(self.timeout):
+            async with self._deadline():
                 data = cast(bytes | None, await self.rc.client().get(rkey))
                 return data
         except REDIS_DOWN_ERRORS as exc:
@@ -178,10 +188,10 @@ class CacheSide:
         self, rkey: str, lease_key: str, token: str, ttl_ms: int
     ) -> bytes | int | _Down:
         """The entry, or (when there is none) 1 if we took the lease, 0 if another holds it."""
-        if not await self.usable():
+        if (verdict := self.breaker.check()) != ALLOW and not await self._admit(verdict):
             return DOWN
         try:
-            async with asyncio.timeout(self.timeout):
+            async with self._deadline():
                 res = await GET_OR_LEASE(
                     self.rc.client(), keys=(rkey, lease_key), args=(token, ttl_ms)
                 )
@@ -196,7 +206,7 @@ class CacheSide:
         """Fenced set of a backfill and release of our lease, in one call."""
         rkey, entry, version, rank, ttl_ms = item
         try:
-            async with asyncio.timeout(self.timeout):
+            async with self._deadline():
                 ok = bool(
                     await FENCED_SET_RELEASE(
                         self.rc.client(),
@@ -213,10 +223,10 @@ class CacheSide:
 
     async def mget(self, rkeys: Sequence[str]) -> list[bytes | None] | _Down:
         """MGET, or :data:`DOWN`."""
-        if not await self.usable():
+        if (verdict := self.breaker.check()) != ALLOW and not await self._admit(verdict):
             return DOWN
         try:
-            async with asyncio.timeout(self.timeout):
+            async with self._deadline():
                 data = cast(list[bytes | None], await self.rc.client().mget(rkeys))
                 return data
         except REDIS_DOWN_ERRORS as exc:
@@ -227,11 +237,11 @@ class CacheSide:
 
     async def fenced_set(self, item: FencedItem) -> bool | _Down:
         """Write one entry unless Redis holds a newer one; False when refused."""
-        if not await self.usable():
+        if (verdict := self.breaker.check()) != ALLOW and not await self._admit(verdict):
             return DOWN
         rkey, entry, version, rank, ttl_ms = item
         try:
-            async with asyncio.timeout(self.timeout):
+            async with self._deadline():
                 ok = bool(
                     await FENCED_SET(
                         self.rc.client(), keys=(rkey,), args=(entry, version, rank, ttl_ms)
@@ -248,10 +258,10 @@ class CacheSide:
         """Write many entries with the fence in one round trip (a pipeline)."""
         if not items:
             return []
-        if not await self.usable():
+        if (verdict := self.breaker.check()) != ALLOW and not await self._admit(verdict):
             return DOWN
         try:
-            async with asyncio.timeout(self.timeout * 4):
+            async with self._deadline():
                 results = await self._fenced_many(self.rc.client(), items)
         except REDIS_DOWN_ERRORS as exc:
             self.failed(exc)
@@ -292,7 +302,7 @@ class CacheSide:
     async def delete_if_equal(self, rkey: str, data: bytes) -> None:
         """Remove an entry that could not be decoded, unless it changed meanwhile."""
         try:
-            async with asyncio.timeout(self.timeout):
+            async with self._deadline():
                 await DELETE_IF_EQUAL(self.rc.client(), keys=(rkey,), args=(data,))
         except REDIS_DOWN_ERRORS as exc:
             self.failed(exc)
@@ -302,7 +312,7 @@ class CacheSide:
     async def acquire_lease(self, lease_key: str, token: str, ttl_ms: int) -> bool | _Down:
         """``SET lease token NX PX ttl``: True when we hold it now."""
         try:
-            async with asyncio.timeout(self.timeout):
+            async with self._deadline():
                 return bool(await self.rc.client().set(lease_key, token, nx=True, px=ttl_ms))
         except REDIS_DOWN_ERRORS as exc:
             self.failed(exc)
@@ -311,7 +321,7 @@ class CacheSide:
     async def release_lease(self, lease_key: str, token: str) -> None:
         """Delete the lease if it is still ours (a Lua compare-and-delete)."""
         try:
-            async with asyncio.timeout(self.timeout):
+            async with self._deadline():
                 await LEASE_RELEASE(self.rc.client(), keys=(lease_key,), args=(token,))
         except REDIS_DOWN_ERRORS as exc:
             # The lease expires on its own (PX); only the breaker needs to know.
@@ -320,7 +330,7 @@ class CacheSide:
     async def peek(self, rkey: str, lease_key: str) -> tuple[bytes | None, bool] | _Down:
         """The entry and whether the lease is still held, in one round trip."""
         try:
-            async with asyncio.timeout(self.timeout):
+            async with self._deadline():
                 pipe = self.rc.client().pipeline(transaction=False)
                 pipe.get(rkey)
                 pipe.exists(lease_key)

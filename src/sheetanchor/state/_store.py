@@ -309,23 +309,39 @@ class CachedStore:
     async def get(self, key: Hashable) -> Any:
         """The value of ``key``, or ``None`` when the table has no such row.
 
-        Concurrent calls for one key in this process share one lookup (single-flight); a
-        write from this process detaches the running lookup, so a read that starts after a
-        write returned sees it. While Redis is unreachable, reads go to PostgreSQL.
+        A hit is one GET. A miss is loaded once per key however many callers want it: in
+        this process they share one load (single-flight), across processes the holder of the
+        key's lease loads while the others wait for its entry. A write from this process
+        detaches the running load, so a read that starts after a write returned sees it.
+        While Redis is unreachable, reads go to PostgreSQL (one per key at a time).
         """
         sql = self._sql or await self.prepare()
         rkey = self.redis_key(key)
-        return await self._flights.run(rkey, lambda: self._get(sql, key, rkey))
+        data = await self.cache.get(rkey)
+        if data is not None and data is not DOWN:
+            value = self._from_cache(data)  # type: ignore[arg-type]
+            if value is _CORRUPT:
+                await self.cache.delete_if_equal(rkey, data)  # type: ignore[arg-type]
+            elif value is not _MISS:
+                if value is not None:
+                    self._m_hit.inc()
+                    self._counts["hit"] += 1
+                return value
+        if data is DOWN:
+            self._m_skipped.inc()
+            self._counts["skipped"] += 1
+        else:
+            self._m_miss.inc()
+            self._counts["miss"] += 1
+        return await self._flights.run(rkey, lambda: self._miss(sql, key, rkey))
 
-    async def _get(self, sql: TableSQL, key: Hashable, rkey: str) -> Any:
-        # One round trip on a hit; on a miss the same call tried to take the load lease.
+    async def _miss(self, sql: TableSQL, key: Hashable, rkey: str) -> Any:
+        # Look again and try to take the load lease, in one round trip.
         lease_key = rkey + ":lease"
         token = f"{_TOKEN_PREFIX[0]}{next(_TOKENS)}"
         lease_ms = int(self.settings.lease_ttl * 1000)
         res = await self.cache.get_or_lease(rkey, lease_key, token, lease_ms)
         if res is DOWN:
-            self._m_skipped.inc()
-            self._counts["skipped"] += 1
             return await self._read(sql, key, rkey, fill=False)
         held: bool | None = None
         if isinstance(res, bytes):
@@ -333,14 +349,9 @@ class CachedStore:
             if value is _CORRUPT:
                 await self.cache.delete_if_equal(rkey, res)
             elif value is not _MISS:
-                if value is not None:
-                    self._m_hit.inc()
-                    self._counts["hit"] += 1
-                return value
+                return value  # filled by someone else meanwhile
         else:
             held = bool(res)
-        self._m_miss.inc()
-        self._counts["miss"] += 1
         return await self._load(sql, key, rkey, lease_key, token, held)
 
     async def _load(
