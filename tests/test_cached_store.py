@@ -243,3 +243,18 @@ async def test_a_read_after_a_write_never_joins_an_older_lookup(env: Any) -> Non
     assert await store.get(1) == {"name": "v2"}
     pause.resume.set()
     assert await slow == {"name": "v1"}
+
+
+async def test_get_many_with_corrupt_entries_among_good_ones(env: Any) -> None:
+    db, rc, table = env
+    store = CachedStore(db, rc, table=table, value_columns=["name"])
+    await store.put_many({i: {"name": f"n{i}"} for i in range(6)})
+    r = rc.client()
+    await r.set(store.redis_key(1), b"garbage")
+    await r.set(store.redis_key(3), b'v999999|0|0|{"name":"x"},{"name":"y"}')  # would shift
+    await r.set(store.redis_key(4), b"v999999|0|0|[1]")
+    got = await store.get_many(range(6))
+    assert got == {i: {"name": f"n{i}"} for i in range(6)}
+    assert store.stats().corrupt == 3
+    assert await store.get_many(range(6)) == got
+    assert store.stats().corrupt == 3  # repaired: removed, then filled afresh
