@@ -21,7 +21,7 @@ from tests._store_helpers import make_items_table, table_name
 from sheetanchor.errors import VersionConflict
 from sheetanchor.postgres import Database
 from sheetanchor.redis import RedisClient
-from sheetanchor.state import CachedStore, CacheSettings, StoreHooks
+from sheetanchor.state import CachedStore, CacheSettings, StoreClock, StoreHooks
 
 
 class _Pause:
@@ -258,3 +258,25 @@ async def test_get_many_with_corrupt_entries_among_good_ones(env: Any) -> None:
     assert store.stats().corrupt == 3
     assert await store.get_many(range(6)) == got
     assert store.stats().corrupt == 3  # repaired: removed, then filled afresh
+
+
+async def test_ttl_jitter_and_probabilistic_early_refresh(env: Any) -> None:
+    db, rc, table = env
+    now = [1_000_000.0]
+    rand = [0.5]
+    clock = StoreClock(wall=lambda: now[0], rand=lambda: rand[0])
+    settings = CacheSettings(ttl=100.0, ttl_jitter=0.2, early_refresh=True)
+    store = CachedStore(db, rc, table=table, value_columns=["name"], settings=settings, clock=clock)
+    await store.put(1, {"name": "a"})
+    await rc.client().delete(store.redis_key(1))
+    assert await store.get(1) == {"name": "a"}  # miss: loaded, cached with its load time
+    ttl_ms = await rc.client().pttl(store.redis_key(1))
+    assert 80_000 - 1_000 <= ttl_ms <= 90_000  # 100 s minus 20 % * 0.5 of jitter
+    reads = store.stats().pg_reads
+    assert await store.get(1) == {"name": "a"}  # far from expiry: a plain hit
+    assert store.stats().pg_reads == reads
+    now[0] += 89.99  # a hair before expiry...
+    rand[0] = 1e-9  # ...and an unlucky draw: this reader refreshes early
+    assert await store.get(1) == {"name": "a"}
+    assert store.stats().pg_reads == reads + 1
+    assert await rc.client().pttl(store.redis_key(1)) > 0
