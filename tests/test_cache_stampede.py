@@ -120,7 +120,8 @@ def test_one_postgres_read_for_a_thousand_callers_in_four_processes(
     assert asyncio.run(_reads(pg_url, table)) == 1, stats
     assert sum(s["pg_reads"] for s in stats) == 1
     assert sum(s["leases_acquired"] for s in stats) == 1
-    assert sum(s["lease_waits"] for s in stats) == PROCESSES - 1
+    # The other processes waited for the holder's entry (or found it already there).
+    assert sum(s["lease_waits"] for s in stats) <= PROCESSES - 1
     assert sum(s["lease_timeouts"] for s in stats) == 0
     # Every caller was served: from Redis, or by its process's one shared load.
     assert sum(s["hits"] + s["misses"] for s in stats) == PROCESSES * CALLERS

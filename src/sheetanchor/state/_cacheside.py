@@ -20,7 +20,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sheetanchor.observe import get_logger
-from sheetanchor.redis import RedisClient
+from sheetanchor.redis import AnyRedis, RedisClient
 from sheetanchor.state import _metrics
 from sheetanchor.state._breaker import ALLOW, DENY, CircuitBreaker
 from sheetanchor.state._fence import (
@@ -32,7 +32,7 @@ from sheetanchor.state._fence import (
 )
 from sheetanchor.state._pending import PendingInvalidations
 
-__all__ = ["DOWN", "REDIS_DOWN_ERRORS", "CacheSide", "FencedItem"]
+__all__ = ["DOWN", "REDIS_DOWN_ERRORS", "CacheSide", "FencedItem", "mget"]
 
 _log = get_logger("state")
 
@@ -56,9 +56,17 @@ REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 _NO_TIMEOUT = contextlib.nullcontext()
+_CLUSTER_CONCURRENCY = 16
 
 # (redis key, entry bytes, version, rank, ttl ms)
 FencedItem = tuple[str, bytes, int, int, int]
+
+
+async def mget(client: AnyRedis, rkeys: Sequence[str]) -> list[bytes | None]:
+    """MGET; on a cluster, split by hash slot (one MGET per slot, in parallel)."""
+    if isinstance(client, aioredis.RedisCluster):
+        return cast(list[bytes | None], await client.mget_nonatomic(rkeys))
+    return cast(list[bytes | None], await client.mget(rkeys))
 
 
 class CacheSide:
@@ -132,7 +140,7 @@ class CacheSide:
         # Redis was away is invalidated, so the breaker closes only after that succeeded.
         try:
             async with asyncio.timeout(max(self.timeout or 1.0, 1.0) * 10):
-                client = self.rc.client()
+                client = self.rc.any_client()
                 await client.ping()
                 items, overflowed = self.pending.snapshot()
                 if overflowed:
@@ -158,7 +166,7 @@ class CacheSide:
         )
         return True
 
-    async def _drop_namespace(self, client: aioredis.Redis) -> None:
+    async def _drop_namespace(self, client: AnyRedis) -> None:
         # The pending set overflowed: we no longer know which keys went stale, so every
         # entry of this store goes. Readers of this process do not use Redis meanwhile.
         batch: list[bytes] = []
@@ -178,7 +186,7 @@ class CacheSide:
             return DOWN
         try:
             async with self._deadline():
-                data = cast(bytes | None, await self.rc.client().get(rkey))
+                data = cast(bytes | None, await self.rc.any_client().get(rkey))
                 return data
         except REDIS_DOWN_ERRORS as exc:
             self.failed(exc)
@@ -193,7 +201,7 @@ class CacheSide:
         try:
             async with self._deadline():
                 res = await GET_OR_LEASE(
-                    self.rc.client(), keys=(rkey, lease_key), args=(token, ttl_ms)
+                    self.rc.any_client(), keys=(rkey, lease_key), args=(token, ttl_ms)
                 )
         except REDIS_DOWN_ERRORS as exc:
             self.failed(exc)
@@ -209,7 +217,7 @@ class CacheSide:
             async with self._deadline():
                 ok = bool(
                     await FENCED_SET_RELEASE(
-                        self.rc.client(),
+                        self.rc.any_client(),
                         keys=(rkey, lease_key),
                         args=(entry, version, rank, ttl_ms, token),
                     )
@@ -227,7 +235,7 @@ class CacheSide:
             return DOWN
         try:
             async with self._deadline():
-                data = cast(list[bytes | None], await self.rc.client().mget(rkeys))
+                data = await mget(self.rc.any_client(), rkeys)
                 return data
         except REDIS_DOWN_ERRORS as exc:
             self.failed(exc)
@@ -244,7 +252,7 @@ class CacheSide:
             async with self._deadline():
                 ok = bool(
                     await FENCED_SET(
-                        self.rc.client(), keys=(rkey,), args=(entry, version, rank, ttl_ms)
+                        self.rc.any_client(), keys=(rkey,), args=(entry, version, rank, ttl_ms)
                     )
                 )
         except REDIS_DOWN_ERRORS as exc:
@@ -262,7 +270,7 @@ class CacheSide:
             return DOWN
         try:
             async with self._deadline():
-                results = await self._fenced_many(self.rc.client(), items)
+                results = await self._fenced_many(self.rc.any_client(), items)
         except REDIS_DOWN_ERRORS as exc:
             self.failed(exc)
             return DOWN
@@ -271,7 +279,20 @@ class CacheSide:
             self._refused.inc(refused)
         return results
 
-    async def _fenced_many(self, client: aioredis.Redis, items: Sequence[FencedItem]) -> list[bool]:
+    async def _fenced_many(self, client: AnyRedis, items: Sequence[FencedItem]) -> list[bool]:
+        if isinstance(client, aioredis.RedisCluster):
+            # redis-py refuses EVALSHA in cluster pipelines: run the scripts concurrently
+            # instead (bounded, so a big batch cannot exhaust the per-node pools).
+            gate = asyncio.Semaphore(_CLUSTER_CONCURRENCY)
+
+            async def one(item: FencedItem) -> bool:
+                rkey, entry, version, rank, ttl_ms = item
+                async with gate:
+                    return bool(
+                        await FENCED_SET(client, keys=(rkey,), args=(entry, version, rank, ttl_ms))
+                    )
+
+            return list(await asyncio.gather(*(one(item) for item in items)))
         results = await self._pipeline(client, items)
         if any(isinstance(r, NoScriptError) for r in results):
             # The server lost its scripts (restart, flush): load once, run the pipeline again.
@@ -282,7 +303,7 @@ class CacheSide:
                 raise r
         return [bool(r) for r in results]
 
-    async def _pipeline(self, client: aioredis.Redis, items: Iterable[FencedItem]) -> list[Any]:
+    async def _pipeline(self, client: AnyRedis, items: Iterable[FencedItem]) -> list[Any]:
         pipe = client.pipeline(transaction=False)
         for rkey, entry, version, rank, ttl_ms in items:
             pipe.evalsha(FENCED_SET.sha, 1, rkey, entry, version, rank, ttl_ms)
@@ -303,7 +324,7 @@ class CacheSide:
         """Remove an entry that could not be decoded, unless it changed meanwhile."""
         try:
             async with self._deadline():
-                await DELETE_IF_EQUAL(self.rc.client(), keys=(rkey,), args=(data,))
+                await DELETE_IF_EQUAL(self.rc.any_client(), keys=(rkey,), args=(data,))
         except REDIS_DOWN_ERRORS as exc:
             self.failed(exc)
 
@@ -313,7 +334,7 @@ class CacheSide:
         """``SET lease token NX PX ttl``: True when we hold it now."""
         try:
             async with self._deadline():
-                return bool(await self.rc.client().set(lease_key, token, nx=True, px=ttl_ms))
+                return bool(await self.rc.any_client().set(lease_key, token, nx=True, px=ttl_ms))
         except REDIS_DOWN_ERRORS as exc:
             self.failed(exc)
             return DOWN
@@ -322,7 +343,7 @@ class CacheSide:
         """Delete the lease if it is still ours (a Lua compare-and-delete)."""
         try:
             async with self._deadline():
-                await LEASE_RELEASE(self.rc.client(), keys=(lease_key,), args=(token,))
+                await LEASE_RELEASE(self.rc.any_client(), keys=(lease_key,), args=(token,))
         except REDIS_DOWN_ERRORS as exc:
             # The lease expires on its own (PX); only the breaker needs to know.
             self.failed(exc)
@@ -331,7 +352,7 @@ class CacheSide:
         """The entry and whether the lease is still held, in one round trip."""
         try:
             async with self._deadline():
-                pipe = self.rc.client().pipeline(transaction=False)
+                pipe = self.rc.any_client().pipeline(transaction=False)
                 pipe.get(rkey)
                 pipe.exists(lease_key)
                 data, held = await pipe.execute()

@@ -21,14 +21,14 @@ import asyncio
 import random
 import time
 from collections.abc import Callable, Hashable
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import orjson
 
 from sheetanchor.errors import ConnectionLost, TransientError
 from sheetanchor.observe import get_logger
 from sheetanchor.state import _entry, _metrics
-from sheetanchor.state._cacheside import DOWN, REDIS_DOWN_ERRORS
+from sheetanchor.state._cacheside import DOWN, REDIS_DOWN_ERRORS, mget
 from sheetanchor.state._store import CachedStore
 
 __all__ = ["DriftReport", "Reconciler"]
@@ -198,9 +198,9 @@ class Reconciler:
     async def _page(self, rows: list[Any], tally: _Tally, repair: bool) -> None:
         store = self.store
         sql = await store.prepare()
-        client = store.redis.client()
+        client = store.redis.any_client()
         rkeys = [store.redis_key(r[0]) for r in rows]
-        datas = cast(list[bytes | None], await client.mget(rkeys))
+        datas = await mget(client, rkeys)
         fixes = []
         deletes: list[tuple[str, bytes]] = []
         for row, rkey, data in zip(rows, rkeys, datas, strict=True):
@@ -265,12 +265,12 @@ class Reconciler:
     async def _orphans(self, tally: _Tally, repair: bool) -> None:
         store = self.store
         sql = await store.prepare()
-        client = store.redis.client()
+        client = store.redis.any_client()
         prefix = f"{store.namespace}:{{"
         batch: list[str] = []
 
         async def flush() -> None:
-            datas = cast(list[bytes | None], await client.mget(batch))
+            datas = await mget(client, batch)
             keys = [k[len(prefix) : -1] for k in batch]
             present = {
                 str(r[0])
