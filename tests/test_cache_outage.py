@@ -15,14 +15,17 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 from tests._store_helpers import make_items_table, table_name
 
 from sheetanchor.config import parse_url
 from sheetanchor.embedded import EmbeddedRedis
+from sheetanchor.errors import SheetAnchorError
 from sheetanchor.postgres import Database
 from sheetanchor.redis import RedisClient, RedisRetry
+from sheetanchor.retry import RetryPolicy
 from sheetanchor.state import CachedStore, CacheSettings, CircuitBreaker
 from sheetanchor.testing import FaultProxy
 
@@ -219,3 +222,25 @@ async def test_redis_stopped_and_restarted_mid_run(
         hits = store.stats().hits
         assert await store.get(3) == {"name": "3-v2"}
         assert store.stats().hits == hits + 1  # served by the restarted Redis again
+
+
+async def test_transient_database_errors_are_retried(
+    pg_url: str, redis_url: str, fault_proxy: Callable[[str, int], FaultProxy]
+) -> None:
+    parsed = parse_url(pg_url)
+    proxy = fault_proxy(parsed.host or "127.0.0.1", parsed.port or 5432)
+    table = table_name()
+    fast = RetryPolicy(max_attempts=5, initial=0.01, maximum=0.05, deadline=10.0)
+    async with Database(proxy.url(pg_url)) as db, RedisClient(redis_url) as rc:
+        await make_items_table(db, table)
+        store = CachedStore(db, rc, table=table, value_columns=["name"], retry=fast)
+        once = CachedStore(db, rc, table=table, value_columns=["name"], retry=None)
+        await store.put(1, {"name": "a"})
+        proxy.reset_all()  # every pooled database connection dies
+        with pytest.raises(SheetAnchorError):
+            await once.put(1, {"name": "x"})  # without the policy the caller sees it
+        proxy.reset_all()
+        assert await store.put(1, {"name": "b"}) is not None  # retried on a new connection
+        proxy.reset_all()
+        await rc.client().delete(store.redis_key(1))
+        assert await store.get(1) == {"name": "b"}
