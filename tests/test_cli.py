@@ -34,7 +34,7 @@ def test_demo_lists_drills_and_rejects_unknown_ones() -> None:
 
 
 def test_errors_print_type_and_message_not_a_traceback() -> None:
-    # A malformed URL is a ConfigError raised inside the command.
+    # A malformed URL is a ConfigError raised inside the command: a usage error, exit 2.
     proc = subprocess.run(
         [sys.executable, "-m", "sheetanchor", "wait", "--pg", "mysql://x@y/z", "--timeout", "1"],
         capture_output=True,
@@ -42,6 +42,22 @@ def test_errors_print_type_and_message_not_a_traceback() -> None:
         timeout=60,
         check=False,
     )
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 2, proc.stderr
     assert "ConfigError: unsupported URL scheme" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+_WAIT_UNREACHABLE = [sys.executable, "-m", "sheetanchor", "wait", "--pg", "postgresql://u@h:1/x"]
+
+
+def test_nan_or_zero_timeout_is_a_usage_error_not_an_endless_wait() -> None:
+    for bad in ("nan", "0", "inf"):
+        proc = subprocess.run(
+            [*_WAIT_UNREACHABLE, "--timeout", bad],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 2, (bad, proc.stderr)
+        assert "timeout" in proc.stderr

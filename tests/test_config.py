@@ -50,3 +50,17 @@ def test_redact_never_leaks_any_password(password: str) -> None:
     out = redact(text)
     assert f":{password}@" not in out
     assert "postgresql://user:***@127.0.0.1:5432/db" in out
+
+
+@given(st.text(alphabet=_USERINFO_CHARS + "@", min_size=1).filter(lambda p: not p.startswith("@")))
+def test_redact_masks_passwords_containing_at_signs(password: str) -> None:
+    out = redact(f"could not connect: postgresql://user:{password}@db.internal:5432/app")
+    assert out == "could not connect: postgresql://user:***@db.internal:5432/app"
+
+
+@pytest.mark.parametrize("quote", ["'", '"'])
+def test_redact_masks_quoted_keyword_passwords(quote: str) -> None:
+    out = redact(f"host=db password={quote}two words{quote} user=x")
+    assert "two" not in out
+    assert "words" not in out
+    assert out.endswith(" user=x")

@@ -145,3 +145,25 @@ def test_global_database_across_asyncio_run(pg_url: str) -> None:
     assert [asyncio.run(use()) for _ in range(5)] == [1] * 5
     stats = db.stats()
     assert (stats.engines_alive, stats.engines_disposed) == (0, 5)
+
+
+async def test_overflow_connections_are_closed_on_return(pg_url: str) -> None:
+    db = Database(pg_url, pool=PoolSettings(size=1, max_overflow=1), name="overflow")
+    held = asyncio.Event()
+
+    async def hold() -> None:
+        async with db.connection() as conn:
+            await conn.fetchval("SELECT 1")
+            await held.wait()
+
+    task = asyncio.create_task(hold())
+    async with asyncio.timeout(10):
+        while db.stats().checked_out < 1:
+            await asyncio.sleep(0.01)
+    assert await db.fetchval("SELECT 2") == 2  # served by the overflow connection
+    held.set()
+    await task
+    stats = db.stats()
+    # The overflow connection was closed on return (the greenlet path), the other kept.
+    assert (stats.pool_size, stats.idle, stats.checked_out, stats.overflow) == (1, 1, 0, 0)
+    await db.close()

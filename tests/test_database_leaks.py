@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from collections.abc import Callable
 
 import pytest
 import sqlalchemy.exc
@@ -17,6 +18,16 @@ from sheetanchor.errors import PoolTimeout
 from sheetanchor.postgres import Database, PoolSettings
 
 POOL = PoolSettings(size=2, max_overflow=0, timeout=0.5)
+
+
+async def _until(predicate: Callable[[], bool], what: str) -> None:
+    """Poll ``predicate`` (no timing assumption beyond a generous limit)."""
+    try:
+        async with asyncio.timeout(10):
+            while not predicate():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        pytest.fail(f"gave up after 10 s waiting until {what}")
 
 
 async def test_naive_leaky_handler_exhausts_the_pool(pg_url: str) -> None:
@@ -83,9 +94,7 @@ async def test_leak_watch_reports_a_connection_held_too_long_with_its_stack(
     held: list[AsyncSession] = []
     with caplog.at_level(logging.WARNING, logger="sheetanchor.postgres"):
         await leaky_ws_handler(db, held)
-        async with asyncio.timeout(5):
-            while not db.leak_reports():
-                await asyncio.sleep(0.05)
+        await _until(lambda: bool(db.leak_reports()), "the leak is reported")
     [report] = db.leak_reports()
     assert report.kind == "held"
     assert report.held_for >= 0.1
@@ -130,8 +139,8 @@ async def test_cancelled_session_returns_its_connection(pg_url: str) -> None:
 
     task = asyncio.create_task(slow())
     await started.wait()
-    await asyncio.sleep(0.1)  # inside the statement
-    assert db.stats().checked_out == 1
+    await _until(lambda: db.stats().checked_out == 1, "the statement holds a connection")
+    await asyncio.sleep(0.05)  # let it reach the server: cancel mid-statement
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -149,8 +158,8 @@ async def test_cancelled_raw_reads_return_their_connection(pg_url: str) -> None:
 
     for coro in (db.fetchval("SELECT pg_sleep(10)"), in_connection()):
         task = asyncio.create_task(coro)
-        await asyncio.sleep(0.2)
-        assert db.stats().checked_out == 1
+        await _until(lambda: db.stats().checked_out == 1, "the statement holds a connection")
+        await asyncio.sleep(0.05)  # let it reach the server: cancel mid-statement
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -194,34 +194,38 @@ async def test_pytest_asyncio_loop_two(shared_db: Database) -> None:
 
 
 def _child_uses_inherited_db(db: Database, queue: Any) -> None:
-    async def main() -> tuple[int, str]:
+    async def main() -> tuple[int, str, int]:
         pid: int = await db.fetchval("SELECT pg_backend_pid()")
         async with db.session() as s:
             name = (await s.execute(text("SELECT current_setting('application_name')"))).scalar()
-        return pid, str(name)
+        await asyncio.sleep(0.3)  # past the leak threshold: the parent's checkout is not ours
+        return pid, str(name), db.stats().leaks
 
     try:
         queue.put(("ok", *asyncio.run(main()), db.stats().engines_alive))
     except BaseException as exc:
-        queue.put(("error", repr(exc), "", 0))
+        queue.put(("error", repr(exc), "", 0, 0))
 
 
 async def test_fork_child_builds_its_own_engine_and_parent_pool_survives(pg_url: str) -> None:
-    db = _small(pg_url)
+    db = _small(pg_url, leak_threshold=0.1)
     parent_backend = await db.fetchval("SELECT pg_backend_pid()")
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     child = ctx.Process(target=_child_uses_inherited_db, args=(db, queue))
-    child.start()  # forks while this loop runs and the pool holds a connection
-    try:
-        status, child_backend, app_name, child_alive = queue.get(timeout=60)
-    finally:
-        child.join(30)
+    async with db.session() as held:
+        await held.execute(text("SELECT 1"))  # a checkout in flight at fork time
+        child.start()  # forks while this loop runs and the pool holds connections
+        try:
+            status, child_backend, app_name, child_leaks, child_alive = queue.get(timeout=60)
+        finally:
+            child.join(30)
     assert status == "ok", child_backend
     assert child.exitcode == 0
     assert child_backend != parent_backend
     assert app_name == f"sheetanchor:app:{child.pid}"
     assert child_alive == 0  # disposed when the child's asyncio.run ended
+    assert child_leaks == 0  # the parent's in-flight checkout is not reported by the child
     # The child never touched the parent's connection: same backend, still working.
     assert await db.fetchval("SELECT pg_backend_pid()") == parent_backend
     assert os.getpid() != child.pid

@@ -17,8 +17,15 @@ async def test_naive_create_tables_crashes_when_database_is_not_up(pg_url: str) 
     parsed = parse_url(pg_url)
     with FaultProxy(parsed.host or "127.0.0.1", parsed.port or 5432) as proxy:
         proxy.refuse()
-        with pytest.raises((OSError, sa.exc.SQLAlchemyError)):
+        with pytest.raises((OSError, sa.exc.SQLAlchemyError)) as info:
             await _create_tables(proxy.url(pg_url))
+    # It failed because the database was unreachable, not for some other reason.
+    chain: list[BaseException] = []
+    exc: BaseException | None = info.value
+    while exc is not None and len(chain) < 10:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    assert any(isinstance(e, ConnectionRefusedError) for e in chain), chain
 
 
 async def test_drill_001_naive_fails_and_sheetanchor_waits_then_creates_schema(

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -23,7 +25,7 @@ import psutil
 import pytest
 import redis
 
-from sheetanchor.embedded import EmbeddedPostgres, EmbeddedRedis, ensure_servers
+from sheetanchor.embedded import EmbeddedPostgres, EmbeddedRedis, ensure_servers, pg_major_version
 from sheetanchor.errors import EmbeddedServerError
 
 pytestmark = pytest.mark.embedded
@@ -240,3 +242,57 @@ def test_orphaned_private_instance_is_reaped() -> None:
         assert psutil.wait_procs([orphan], timeout=10)[1] == [] or (
             orphan.status() == psutil.STATUS_ZOMBIE
         )
+
+
+def _reachable_by_others(path: Path) -> bool:
+    return all(p.stat().st_mode & stat.S_IXOTH for p in [path, *path.parents])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as another user")
+def test_non_root_user_path(scratch: Path) -> None:
+    """The path of an ordinary user: no system user, no chmod, servers run as that user."""
+    import sheetanchor
+    from sheetanchor.embedded import pg_bin_dir
+
+    package = Path(sheetanchor.__file__).parent
+    if not (_reachable_by_others(package) and _reachable_by_others(pg_bin_dir())):
+        pytest.skip("the project is in a private directory other users cannot reach")
+    nobody = pwd.getpwnam("nobody")
+    scratch.chmod(0o755)
+    home = scratch / "home"
+    home.mkdir()
+    os.chown(home, nobody.pw_uid, nobody.pw_gid)
+    code = textwrap.dedent(
+        """
+        from sheetanchor.embedded import EmbeddedPostgres, EmbeddedRedis, ensure_servers
+        first = ensure_servers()
+        pid = EmbeddedPostgres().pid
+        assert ensure_servers() == first and EmbeddedPostgres().pid == pid
+        EmbeddedPostgres().stop()
+        EmbeddedRedis().stop()
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHEETANCHOR_")}
+    env.update(HOME=str(home), SHEETANCHOR_HOME=str(home / "sa"))
+    try:
+        out = subprocess.run(
+            [sys.executable, "-W", "error", "-c", code],
+            user=nobody.pw_uid,
+            group=nobody.pw_gid,
+            extra_groups=[],
+            env=env,
+            cwd=home,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        # Whatever happened in there, leave no server running.
+        EmbeddedPostgres(home / "sa" / "embedded" / f"pg{pg_major_version()}").stop()
+        EmbeddedRedis(home / "sa" / "embedded" / "redis").stop()
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+    assert (home / "sa" / "embedded").stat().st_uid == nobody.pw_uid

@@ -197,6 +197,21 @@ async def test_cut_after_cuts_mid_stream(redis_proxy: FaultProxy) -> None:
     assert redis_proxy.stats.bytes_to_server == 10
 
 
+async def test_cut_after_applies_to_open_connections(
+    pg_proxy: FaultProxy, pg_via_proxy: str
+) -> None:
+    conn = await asyncpg.connect(pg_via_proxy, timeout=10)
+    try:
+        assert await conn.fetchval("SELECT 1") == 1
+        pg_proxy.cut_after(0)
+        with pytest.raises(CONNECTION_ERRORS):
+            await conn.fetchval("SELECT 2")
+    finally:
+        conn.terminate()
+    pg_proxy.pass_through()
+    assert await _select_one(pg_via_proxy) == 1
+
+
 def test_cut_after_breaks_redis_commands(redis_proxy: FaultProxy, redis_url: str) -> None:
     client = _sync_redis(redis_proxy.url(redis_url))
     try:
@@ -208,6 +223,26 @@ def test_cut_after_breaks_redis_commands(redis_proxy: FaultProxy, redis_url: str
         assert client.set("k", "v")
     finally:
         client.close()
+
+
+def test_reset_all_right_after_accepting_leaks_nothing(sheetanchor_redis_server_url: str) -> None:
+    # Connections whose handler has not run yet must be closed too (filterwarnings=error
+    # turns a leaked socket's ResourceWarning into a failure).
+    with FaultProxy(*_address(sheetanchor_redis_server_url)) as proxy:
+        for _ in range(5):
+            socks = [socket.create_connection((proxy.host, proxy.port), 5) for _ in range(20)]
+            try:
+                proxy.reset_all()
+            finally:
+                for sock in socks:
+                    sock.close()
+        # Closed connections may still wait in the accept queue: drain until all are seen.
+        deadline = time.monotonic() + 10
+        while (proxy.stats.accepted < 100 or proxy.stats.active) and time.monotonic() < deadline:
+            proxy.reset_all()
+            time.sleep(0.01)
+        assert proxy.stats.accepted == 100
+        assert proxy.stats.active == 0
 
 
 def _ping_raw(sock: socket.socket) -> bytes:

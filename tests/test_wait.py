@@ -8,10 +8,11 @@ import socket
 import pytest
 from typer.testing import CliRunner
 
+from sheetanchor._readiness import wait_until_ready
 from sheetanchor.cli import app
 from sheetanchor.config import parse_url
 from sheetanchor.errors import NotReady
-from sheetanchor.runtime import Attempt, wait_for_postgres, wait_for_redis
+from sheetanchor.runtime import Attempt, wait_for_postgres, wait_for_redis, wait_for_services
 from sheetanchor.testing import FaultProxy
 
 
@@ -49,7 +50,7 @@ async def test_error_that_waiting_cannot_fix_fails_fast(pg_url: str) -> None:
     assert len(attempts) == 1
 
 
-async def test_waits_through_an_outage_then_succeeds(pg_url: str, redis_url: str) -> None:
+async def test_waits_through_an_outage_of_both_servers(pg_url: str, redis_url: str) -> None:
     pg, rd = parse_url(pg_url), parse_url(redis_url)
     with (
         FaultProxy(pg.host or "127.0.0.1", pg.port or 5432) as pg_proxy,
@@ -61,9 +62,52 @@ async def test_waits_through_an_outage_then_succeeds(pg_url: str, redis_url: str
         loop.call_later(0.6, pg_proxy.pass_through)
         loop.call_later(0.6, redis_proxy.pass_through)
         attempts: list[Attempt] = []
-        await wait_for_postgres(pg_proxy.url(pg_url), timeout=20, on_attempt=attempts.append)
-        await wait_for_redis(redis_proxy.url(redis_url), timeout=20, on_attempt=attempts.append)
-    assert attempts, "the outage was seen and waited out"
+        took = await wait_for_services(
+            pg=pg_proxy.url(pg_url),
+            redis=redis_proxy.url(redis_url),
+            timeout=20,
+            on_attempt=attempts.append,
+        )
+    assert set(took) == {"postgres", "redis"}
+    targets = {a.target.split("://", 1)[0] for a in attempts}
+    assert targets == {"postgresql", "redis"}, "both outages were seen and waited out"
+
+
+async def test_when_one_wait_fails_the_other_is_cancelled(pg_url: str, redis_url: str) -> None:
+    rd = parse_url(redis_url)
+    wrong_database = pg_url.rsplit("/", 1)[0] + "/no_such_database_here"
+    with FaultProxy(rd.host or "127.0.0.1", rd.port or 6379) as redis_proxy:
+        redis_proxy.refuse()  # alone, the Redis wait would keep trying for the whole 30 s
+        before = asyncio.all_tasks()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(NotReady, match="waiting will not fix"):
+            await wait_for_services(pg=wrong_database, redis=redis_proxy.url(redis_url), timeout=30)
+        assert loop.time() - started < 25, "the failed PostgreSQL wait ended the call"
+        leftover = {t for t in asyncio.all_tasks() - before if not t.done()}
+        assert not leftover, f"waits still running after the call: {leftover}"
+
+
+async def test_deadline_is_kept_with_a_fake_clock() -> None:
+    now = [0.0]
+    sleeps: list[float] = []
+
+    def clock() -> float:
+        return now[0]
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    async def refused(_budget: float) -> None:
+        now[0] += 0.01
+        raise ConnectionRefusedError("refused")
+
+    with pytest.raises(NotReady):
+        await wait_until_ready("X", "x://h", refused, timeout=10.0, sleep=sleep, clock=clock)
+    assert now[0] <= 10.0, "no attempt started or slept past the deadline"
+    assert len(sleeps) >= 5, "it backed off and retried until the deadline"
+    assert max(sleeps) <= 2.0
 
 
 def test_cli_wait_ok_timeout_and_usage(

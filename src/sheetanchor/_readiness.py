@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import tenacity
 
-from sheetanchor.config import redact
+from sheetanchor.config import check_seconds, redact
 from sheetanchor.errors import NotReady
 from sheetanchor.observe import get_logger
 from sheetanchor.retry import is_transient
@@ -28,6 +28,8 @@ _MAX_BACKOFF = 2.0
 _FIRST_BACKOFF = 0.05
 #: Longest time one attempt may take (a blackholed server must not eat the whole budget).
 _ATTEMPT_TIMEOUT = 5.0
+#: An attempt with less time than this left is not started: the deadline is kept, not overshot.
+_MIN_ATTEMPT = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +55,7 @@ async def wait_until_ready(
     timeout: float,
     on_attempt: Callable[[Attempt], None] | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> float:
     """Call ``probe(attempt_timeout)`` until it succeeds; return the seconds it took.
 
@@ -62,26 +65,34 @@ async def wait_until_ready(
         probe: one real check (a query, a PING); its argument is the time it may take.
         timeout: the whole budget in seconds.
         on_attempt: called after each failed attempt (progress display).
-        sleep: injectable for tests.
+        sleep, clock: injectable for tests.
 
     Raises:
         NotReady: not ready within ``timeout``, or failed with an error waiting cannot fix.
-        ValueError: ``timeout`` is not positive.
+        ConfigError: ``timeout`` is not a finite positive number of seconds.
     """
-    if timeout <= 0:
-        raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
-    start = time.monotonic()
+    check_seconds("timeout", timeout)
+    start = clock()
     deadline = start + timeout
     number = 0
     last_error: BaseException | None = None
 
     def remaining() -> float:
-        return deadline - time.monotonic()
+        return deadline - clock()
+
+    # Full jitter keeps a fleet of replicas from reconnecting in lock-step; each pause is cut
+    # so that the last attempt still starts (and ends) before the deadline.
+    backoff = tenacity.wait_random_exponential(multiplier=_FIRST_BACKOFF, max=_MAX_BACKOFF)
+
+    def pause(state: tenacity.RetryCallState) -> float:
+        return max(0.0, min(backoff(state), remaining() - _MIN_ATTEMPT))
+
+    def out_of_time(state: tenacity.RetryCallState) -> bool:
+        return remaining() < _MIN_ATTEMPT
 
     retrying = tenacity.AsyncRetrying(
-        # Full jitter keeps a fleet of replicas from reconnecting in lock-step.
-        wait=tenacity.wait_random_exponential(multiplier=_FIRST_BACKOFF, max=_MAX_BACKOFF),
-        stop=tenacity.stop_after_delay(timeout),
+        wait=pause,
+        stop=out_of_time,
         retry=tenacity.retry_if_exception(is_transient),
         sleep=sleep,
         reraise=True,
@@ -90,18 +101,20 @@ async def wait_until_ready(
         async for attempt in retrying:
             with attempt:
                 number += 1
-                budget = max(0.05, min(_ATTEMPT_TIMEOUT, remaining()))
+                budget = max(_MIN_ATTEMPT, min(_ATTEMPT_TIMEOUT, remaining()))
                 try:
-                    await asyncio.wait_for(probe(budget), timeout=budget + 0.5)
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can lose a cancellation.
+                    async with asyncio.timeout(budget):
+                        await probe(budget)
                 except Exception as exc:  # routed: retried if transient, else NotReady below
                     last_error = exc
-                    elapsed = time.monotonic() - start
+                    elapsed = clock() - start
                     _log.info("%s at %s not ready (attempt %d): %s", kind, target, number, exc)
                     if on_attempt is not None:
                         on_attempt(Attempt(target, number, elapsed, _describe(exc)))
                     raise
     except Exception as exc:
-        elapsed = time.monotonic() - start
+        elapsed = clock() - start
         last = _describe(last_error if last_error is not None else exc)
         if is_transient(exc):
             raise NotReady(
@@ -117,6 +130,6 @@ async def wait_until_ready(
             target=target,
             last_error=last,
         ) from exc
-    elapsed = time.monotonic() - start
-    _log.info("%s at %s ready after %.2f s (%d attempts)", kind, target, elapsed, number + 1)
+    elapsed = clock() - start
+    _log.info("%s at %s ready after %.2f s (%d attempts)", kind, target, elapsed, number)
     return elapsed

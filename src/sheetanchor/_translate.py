@@ -1,9 +1,10 @@
 """The one boundary where driver exceptions become sheetanchor exceptions.
 
 Code that talks to asyncpg, SQLAlchemy or redis-py wraps the call in
-:func:`translate_errors`; connection failures come out as
-:class:`~sheetanchor.errors.ConnectionLost` naming the (redacted) target and chained
-``from`` the driver error, everything else passes through unchanged so callers and the
+:func:`translate_errors` (or calls :func:`translate` where it already catches); connection
+failures come out as :class:`~sheetanchor.errors.ConnectionLost` and an exhausted SQLAlchemy
+pool as :class:`~sheetanchor.errors.PoolTimeout`, naming the (redacted) target and chained
+``from`` the driver error; everything else passes through unchanged so callers and the
 retry classifier still see SQLSTATEs, constraint names and so on::
 
     with translate_errors("PostgreSQL at 127.0.0.1:5432"):
@@ -18,16 +19,29 @@ from __future__ import annotations
 from collections.abc import Callable
 from types import TracebackType
 
+import sqlalchemy.exc as sa_exc
+
 from sheetanchor._classify import describe_error, is_connection_error
 from sheetanchor.config import redact
-from sheetanchor.errors import ConnectionLost, SheetAnchorError
+from sheetanchor.errors import ConnectionLost, PoolTimeout, SheetAnchorError
 
-__all__ = ["translate_errors"]
+__all__ = ["translate", "translate_errors"]
+
+
+def _is_pool_timeout(exc: BaseException) -> bool:
+    # SQLAlchemy's "QueuePool limit of size N overflow M reached, connection timed out".
+    return isinstance(exc, sa_exc.TimeoutError)
+
 
 # (predicate, what to raise, how to word it), most specific first: the first match wins.
-# Only connection failures are translated today; a future entry (say, pool exhaustion)
-# goes above the broader ones it refines.
 _RULES: tuple[tuple[Callable[[BaseException], bool], type[SheetAnchorError], str], ...] = (
+    (
+        _is_pool_timeout,
+        PoolTimeout,
+        "no pooled connection to {target} became free in time ({error}); release connections "
+        "sooner (use `async with db.session()`), or raise PoolSettings(size=, max_overflow=, "
+        "timeout=)",
+    ),
     (
         is_connection_error,
         ConnectionLost,
@@ -35,6 +49,20 @@ _RULES: tuple[tuple[Callable[[BaseException], bool], type[SheetAnchorError], str
         "running and reachable, then retry (sheetanchor.retry.DEFAULT_POLICY retries this)",
     ),
 )
+
+
+def translate(exc: BaseException, target: str) -> SheetAnchorError | None:
+    """The sheetanchor error that ``exc`` becomes at the boundary, or ``None`` to let it pass.
+
+    The function form of :class:`translate_errors`, for hot paths that already catch: raise
+    the result ``from exc``. ``target`` is redacted here.
+    """
+    if not isinstance(exc, Exception) or isinstance(exc, SheetAnchorError):
+        return None
+    for matches, error_cls, template in _RULES:
+        if matches(exc):
+            return error_cls(template.format(target=redact(target), error=describe_error(exc)))
+    return None
 
 
 class translate_errors:
@@ -45,6 +73,7 @@ class translate_errors:
             before it is put into a message, so a URL with a password is fine.
 
     Raises:
+        PoolTimeout: SQLAlchemy's pool had no free connection in time.
         ConnectionLost: the wrapped code raised a connection-family error (see
             :func:`sheetanchor.retry.is_connection_error`); the original is ``__cause__``.
 
@@ -66,12 +95,11 @@ class translate_errors:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc is None or not isinstance(exc, Exception) or isinstance(exc, SheetAnchorError):
+        if exc is None:
             return
-        for matches, error_cls, template in _RULES:
-            if matches(exc):
-                message = template.format(target=self.target, error=describe_error(exc))
-                raise error_cls(message) from exc
+        mapped = translate(exc, self.target)
+        if mapped is not None:
+            raise mapped from exc
 
     async def __aenter__(self) -> translate_errors:
         return self

@@ -14,6 +14,7 @@ Environment variables:
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ __all__ = [
     "ENV_PG_URL",
     "ENV_REDIS_URL",
     "ParsedURL",
+    "check_seconds",
     "env",
     "home_dir",
     "parse_url",
@@ -50,17 +52,36 @@ _REDIS_SCHEMES = {"redis", "rediss", "unix"}
 _MASK = "***"
 
 # user:password@ in any URL-looking string; used to scrub free text (driver messages).
+# The password runs to the LAST "@" of the authority (drivers accept "p@ss" unencoded).
 _USERINFO = re.compile(
-    r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:@/\s]*):(?P<pw>[^@\s]*)@"
+    r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:@/\s]*):(?P<pw>[^/?#\s]*)@"
 )
-# password=... in libpq keyword strings and query strings.
-_PW_PARAM = re.compile(r"(?i)(password\s*=\s*)('[^']*'|[^&\s]+)")
+# password=... in libpq keyword strings and query strings, quoted or not.
+_PW_PARAM = re.compile(r"""(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^&\s]+)""")
 
 
 def env(name: str, default: str | None = None) -> str | None:
     """Return the environment variable ``name`` or ``default``; empty counts as unset."""
     value = os.environ.get(name)
     return value if value else default
+
+
+def check_seconds(
+    name: str, value: object, *, allow_none: bool = False, allow_zero: bool = False
+) -> None:
+    """Raise :class:`ConfigError` naming ``name`` unless ``value`` is a usable number of seconds.
+
+    NaN and infinity are refused: a deadline of NaN never expires, so it would wait forever.
+    """
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{name} must be a number of seconds, got {value!r}")
+    if math.isnan(value) or math.isinf(value):
+        raise ConfigError(f"{name} must be a finite number of seconds, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name} must be {bound} seconds, got {value!r}")
 
 
 def pg_url_from_env() -> str | None:

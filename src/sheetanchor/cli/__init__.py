@@ -11,7 +11,8 @@ import sys
 import typer
 
 from sheetanchor import __version__
-from sheetanchor.errors import SheetAnchorError
+from sheetanchor.errors import ConfigError, SheetAnchorError
+from sheetanchor.observe import configure_logging
 
 __all__ = ["app", "main"]
 
@@ -31,9 +32,17 @@ def version() -> None:
 
 
 def main() -> None:
-    """Entry point of the ``sheetanchor`` script: errors print as ``TypeName: message``."""
+    """Entry point of the ``sheetanchor`` script: errors print as ``TypeName: message``.
+
+    Exit codes: 0 ok, 1 findings or failure, 2 usage error (a bad option or setting).
+    """
     try:
+        # Level and format from SHEETANCHOR_LOG_LEVEL / SHEETANCHOR_LOG_FORMAT.
+        configure_logging()
         app()
+    except ConfigError as exc:
+        typer.echo(f"{type(exc).__name__}: {exc}", err=True)
+        sys.exit(2)
     except SheetAnchorError as exc:
         typer.echo(f"{type(exc).__name__}: {exc}", err=True)
         sys.exit(1)

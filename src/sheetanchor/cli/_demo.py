@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import tempfile
+import shutil
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -13,12 +14,25 @@ from rich.console import Console
 from rich.table import Table
 
 from sheetanchor.cli import app
-from sheetanchor.config import redact
+from sheetanchor.config import home_dir, redact
 from sheetanchor.demo._drill import Drill, DrillResult
 from sheetanchor.demo._runner import resolve_servers, run_drills
 from sheetanchor.demo.drills import all_drills
 
 __all__ = ["demo"]
+
+#: Default demo runs kept under the sheetanchor home (older ones are removed): bounded disk use.
+_KEEP_RUNS = 5
+
+
+def _default_workdir() -> Path:
+    runs = home_dir() / "demo"
+    runs.mkdir(parents=True, exist_ok=True)
+    previous = sorted(p for p in runs.iterdir() if p.is_dir())  # names sort by time
+    keep = _KEEP_RUNS - 1  # room for the run about to start
+    for old in previous[: max(0, len(previous) - keep)]:
+        shutil.rmtree(old)
+    return runs / time.strftime("%Y%m%d-%H%M%S")
 
 
 def _table(results: list[DrillResult]) -> Table:
@@ -46,7 +60,11 @@ def demo(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
     workdir: Annotated[
-        Path | None, typer.Option(help="Directory for drill files (charts, dead letters).")
+        Path | None,
+        typer.Option(
+            help="Directory for drill files (charts, dead letters); "
+            "default: a new run directory under the sheetanchor home (last 5 kept)."
+        ),
     ] = None,
     list_only: Annotated[bool, typer.Option("--list", help="List the drills and exit.")] = False,
 ) -> None:
@@ -78,7 +96,7 @@ def demo(
         f"Redis {redact(servers.redis_url)}",
         highlight=False,
     )
-    target = workdir or Path(tempfile.mkdtemp(prefix="sheetanchor-demo-"))
+    target = workdir or _default_workdir()
     status = console.status("")
 
     def started(drill: Drill) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Annotated
 
 import typer
@@ -40,8 +41,8 @@ def wait(
     if not pg_url and not redis_url:
         console.print(f"nothing to wait for: pass --pg/--redis or set {ENV_PG_URL}/{ENV_REDIS_URL}")
         raise typer.Exit(2)
-    if timeout <= 0:
-        console.print(f"--timeout must be > 0 seconds, got {timeout}")
+    if not math.isfinite(timeout) or timeout <= 0:
+        console.print(f"--timeout must be a finite number of seconds > 0, got {timeout}")
         raise typer.Exit(2)
 
     def progress(attempt: Attempt) -> None:

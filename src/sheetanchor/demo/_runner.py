@@ -28,14 +28,14 @@ class DemoServers:
 
 
 def resolve_servers() -> DemoServers:
-    """Use ``SHEETANCHOR_PG_URL``/``SHEETANCHOR_REDIS_URL`` when both are set, else embedded."""
+    """Servers from ``SHEETANCHOR_PG_URL``/``SHEETANCHOR_REDIS_URL`` where set, else embedded."""
     pg, redis = pg_url_from_env(), redis_url_from_env()
     if pg and redis:
         return DemoServers(pg, redis, "environment")
-    from sheetanchor.embedded import ensure_servers
+    from sheetanchor.embedded import EmbeddedPostgres, EmbeddedRedis
 
-    emb_pg, emb_redis = ensure_servers()
-    return DemoServers(pg or emb_pg, redis or emb_redis, "embedded")
+    source = "embedded" if not (pg or redis) else "environment + embedded"
+    return DemoServers(pg or EmbeddedPostgres().start(), redis or EmbeddedRedis().start(), source)
 
 
 def with_database(url: str, database: str) -> str:
@@ -69,7 +69,8 @@ async def run_drills(
 
     async def fresh_database(prefix: str) -> str:
         name = f"sa_demo_{prefix}_{uuid.uuid4().hex[:8]}"
-        await _admin(servers.pg_url, f'CREATE DATABASE "{name}"')
+        # template0: template1 may have other sessions on a shared server, which fails the copy.
+        await _admin(servers.pg_url, f'CREATE DATABASE "{name}" TEMPLATE template0')
         created.append(name)
         return with_database(servers.pg_url, name)
 
@@ -98,6 +99,14 @@ async def run_drills(
             if on_done is not None:
                 on_done(result)
     finally:
-        for name in created:
-            await _admin(servers.pg_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await _drop_all(servers.pg_url, created)
     return results
+
+
+async def _drop_all(admin_url: str, names: list[str]) -> None:
+    """Drop every database the drills made; one failure must not hide the results or the rest."""
+    for name in names:
+        try:
+            await _admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        except Exception as exc:  # noqa: BLE001  (logged with the name so it can be dropped by hand)
+            _log.warning("could not drop demo database %s: %s", name, redact(str(exc)))

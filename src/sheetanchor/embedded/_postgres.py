@@ -45,7 +45,8 @@ class EmbeddedPostgres(Server):
             The shared instance keeps durability on: it outlives test runs and holds the
             demo's data, and a crash with fsync off can corrupt the whole cluster.
         start_timeout: seconds to wait for ``SELECT 1`` to succeed after a start.
-        settings: extra ``postgresql.conf`` settings written at ``initdb`` time.
+        settings: extra ``postgresql.conf`` settings, written verbatim at ``initdb`` time
+            (quote string values: ``{"work_mem": "'64MB'"}``).
 
     The superuser is ``postgres`` with no password (trust authentication on loopback).
 

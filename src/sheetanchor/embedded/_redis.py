@@ -105,29 +105,35 @@ class EmbeddedRedis(Server):
     def _launch(self) -> None:
         self._dir.chmod(0o700)
         self._pid_file.unlink(missing_ok=True)  # stale: _running() found no live server
-        port = self._choose_port()
-        self._remember_port(port)
-        args = [
-            str(redis_server_bin()),
-            "--port",
-            str(port),
-            "--bind",
-            HOST,
-            "--dir",
-            str(self._dir),
-            "--daemonize",
-            "yes",
-            "--pidfile",
-            str(self._pid_file),
-            "--logfile",
-            str(self._log_file),
-            "--loglevel",
-            "warning",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ]
+        for attempt in (1, 2):
+            port = self._choose_port()
+            self._remember_port(port)
+            if self._launch_on(port):
+                break
+            # Another process took the free port between our check and redis' bind.
+            if attempt == 2 or self._requested_port is not None:
+                raise EmbeddedServerError(
+                    f"redis-server could not listen on {HOST}:{port} (port in use?); pass "
+                    f"another port or port=None. Last lines of {self._log_file}:\n"
+                    f"{tail(self._log_file)}"
+                )
+            log.warning("port %d was taken while starting Redis; retrying on another", port)
+        running = self._running()
+        if running is None:
+            raise EmbeddedServerError(
+                f"redis-server on {HOST}:{port} exited right after starting. Last lines of "
+                f"{self._log_file}:\n{tail(self._log_file)}"
+            )
+        self._port = port
+        self._wait_ready(running[0])
+
+    def _launch_on(self, port: int) -> bool:
+        """Start redis-server on ``port``; False when it could not bind the port."""
+        log_start = self._log_file.stat().st_size if self._log_file.exists() else 0
+        args = [str(redis_server_bin()), "--port", str(port), "--bind", HOST]
+        args += ["--dir", str(self._dir), "--daemonize", "yes"]
+        args += ["--pidfile", str(self._pid_file), "--logfile", str(self._log_file)]
+        args += ["--loglevel", "warning", "--save", "", "--appendonly", "no"]
         try:
             subprocess.run(
                 args,
@@ -144,15 +150,28 @@ class EmbeddedRedis(Server):
                 f"redis-server failed to start on {HOST}:{port}: {exc}. Last lines of "
                 f"{self._log_file}:\n{tail(self._log_file)}"
             ) from exc
-        # --daemonize returns before the server is up; the pid file appears once it is.
+        # --daemonize returns at once; the server writes its pid file once it listens, or
+        # logs why it could not and exits.
         deadline = time.monotonic() + self._start_timeout
-        while (running := self._running()) is None:
+        while self._running() is None:
+            if _bind_failed(self._log_file, log_start):
+                return False
             if time.monotonic() > deadline:
                 raise EmbeddedServerError(
                     f"redis-server on {HOST}:{port} did not start within "
-                    f"{self._start_timeout:.0f} s (is the port free?). Last lines of "
+                    f"{self._start_timeout:.0f} s. Last lines of "
                     f"{self._log_file}:\n{tail(self._log_file)}"
                 )
             time.sleep(0.05)
-        self._port = port
-        self._wait_ready(running[0])
+        return True
+
+
+def _bind_failed(log_file: Path, offset: int) -> bool:
+    """Whether redis-server logged a failure to listen after ``offset`` in its log."""
+    try:
+        with log_file.open("rb") as fh:
+            fh.seek(offset)
+            new = fh.read()
+    except FileNotFoundError:
+        return False
+    return b"Could not create server TCP listening socket" in new or b"Failed listening" in new

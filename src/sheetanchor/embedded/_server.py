@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import tempfile
@@ -65,7 +66,7 @@ class Server:
             me = psutil.Process()
             write_state(self._dir / _OWNER_FILE, {"pid": me.pid, "created": me.create_time()})
         else:
-            self._dir = home_dir() / "embedded" / default_name
+            self._dir = (home_dir() / "embedded" / default_name).absolute()
         self._requested_port = port
         self._port: int | None = None
         self._start_timeout = start_timeout
@@ -198,6 +199,8 @@ class Server:
         servers would run, and its directories pile up, until the machine restarts.
         """
         for path in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+            if not os.access(path / _OWNER_FILE, os.R_OK):
+                continue  # another user's instance, or one being created right now
             owner = read_state(path / _OWNER_FILE)
             pid, created = owner.get("pid"), owner.get("created")
             if not isinstance(pid, int) or not isinstance(created, int | float):

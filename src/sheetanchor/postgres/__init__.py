@@ -1,11 +1,13 @@
 """PostgreSQL: a loop-aware, fork-safe ``Database`` that never leaks a connection.
 
 Public names: :class:`Database`, :class:`PoolSettings`, :class:`DatabaseStats`,
-:class:`LeakReport` and the ``DEFAULT_*`` settings.
+:class:`LeakReport`, :class:`PoolBudget` (pool sizes within ``max_connections``) and the
+``DEFAULT_*`` settings.
 """
 
 from __future__ import annotations
 
+from sheetanchor.postgres._budget import PoolBudget
 from sheetanchor.postgres._database import Database
 from sheetanchor.postgres._leaks import LeakReport, StackFrame
 from sheetanchor.postgres._settings import (
@@ -25,6 +27,7 @@ __all__ = [
     "Database",
     "DatabaseStats",
     "LeakReport",
+    "PoolBudget",
     "PoolSettings",
     "StackFrame",
 ]

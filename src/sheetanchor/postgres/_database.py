@@ -3,24 +3,53 @@
 One SQLAlchemy ``AsyncEngine`` (asyncpg) per process and running event loop, created on first
 use and disposed with its loop (see ``_loops.py``); sessions, transactions and raw connections
 that always go back to the pool; a leak watch; driver errors mapped at one boundary.
+
+Which call for what:
+
+* ``async with db.session() as s`` — ORM ``AsyncSession``; COMMIT on success, ROLLBACK on
+  error, always closed (also on cancellation); a failed COMMIT raises ``CommitFailed``.
+* ``async with db.transaction() as conn`` — Core ``AsyncConnection`` inside BEGIN ... COMMIT.
+* ``async with db.connection() as conn`` — the raw ``asyncpg.Connection`` of a pooled
+  connection (COPY, ``executemany``, LISTEN); autocommit; a transaction left open is rolled
+  back; cancelled mid-statement, it is closed and replaced, never handed out again.
+* ``await db.fetchval/fetchrow/fetch/execute(sql, *args)`` — one round trip on a pooled
+  connection, no BEGIN/ROLLBACK, ``$1`` parameters.
+
+Connection health without a round trip per checkout: a connection the server closed while it
+sat in the pool (``pg_terminate_backend``, a restart) is seen for free on checkout and replaced;
+one idle longer than ``PoolSettings.pre_ping_idle`` (10 s) is pinged first (``SELECT 1``, one
+round trip), which catches silent drops (NAT, failover); ``recycle`` replaces old connections.
+
+PgBouncer (``pool_mode = transaction``): pass ``Database(url_of_pgbouncer, pgbouncer=True)``.
+
+* Server-side prepared statements do not survive a change of server connection, so asyncpg's
+  statement cache is off (``statement_cache_size=0``), SQLAlchemy's too
+  (``prepared_statement_cache_size=0``), and the statements SQLAlchemy still prepares get a
+  unique name each (``prepared_statement_name_func``), so two clients never collide on one.
+* PgBouncer refuses start-up parameters it does not know, so only ``application_name`` is
+  sent; ``statement_timeout`` and ``idle_in_transaction_session_timeout`` are *not* set per
+  connection: set them on the role or database instead
+  (``ALTER ROLE app SET statement_timeout = '30s'``), or add them to PgBouncer's
+  ``ignore_startup_parameters`` and set them there.
+* Session state (``SET``, advisory locks, ``LISTEN``, temporary tables) does not survive a
+  transaction in this mode: keep it inside one ``db.transaction()`` or ``db.session()``.
+* Cost: every statement is parsed and planned again (no statement cache); a hot point query
+  is slower than with direct connections.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import random
-import time
+import os
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import asyncpg
 import orjson
 from sqlalchemy import event
-from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -28,16 +57,28 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.orm import Session
 from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
+from sheetanchor._readiness import wait_until_ready
 from sheetanchor.config import parse_url, pg_url_from_env, redact, to_sqlalchemy_url
-from sheetanchor.errors import CommitFailed, ConfigError, NotReady, ResourceClosed
+from sheetanchor.errors import CommitFailed, ConfigError, ResourceClosed
 from sheetanchor.observe import get_logger
-from sheetanchor.postgres._errors import is_connection_error, translate_errors
-from sheetanchor.postgres._json import install_json_codecs
+from sheetanchor.postgres._errors import is_connection_error, map_error, translate_errors
 from sheetanchor.postgres._leaks import LeakReport, LeakWatch
 from sheetanchor.postgres._loops import PerLoop
+from sheetanchor.postgres._pool import (
+    checkin_hook,
+    checkout_hook,
+    checkout_without_io,
+    close_dead_loop_sockets,
+    driver_of,
+    on_connect_json,
+    on_connect_mark,
+    pool_waiters,
+    release,
+)
 from sheetanchor.postgres._settings import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT,
@@ -49,15 +90,9 @@ from sheetanchor.postgres._settings import (
 )
 from sheetanchor.postgres._stats import DatabaseStats, register_source
 
-try:  # SQLAlchemy 2.1 renamed await_only to await_
-    from sqlalchemy.util import await_ as _await
-except ImportError:  # pragma: no cover - SQLAlchemy 2.0
-    from sqlalchemy.util import await_only as _await
-
 __all__ = ["Database"]
 
 _log = get_logger("postgres")
-_IDLE_SINCE = "sheetanchor_idle_since"
 
 
 @dataclass(slots=True)
@@ -138,6 +173,7 @@ class Database:
         if url is None:
             raise ConfigError("no PostgreSQL URL: pass Database(url=...) or set SHEETANCHOR_PG_URL")
         self._parsed = parse_url(url)
+        self._target = f"PostgreSQL at {self._parsed.address}"
         self._sa_url = to_sqlalchemy_url(url)
         pool = pool if pool is not None else PoolSettings()
         if not isinstance(pool, PoolSettings):
@@ -204,8 +240,7 @@ class Database:
         return self._engines.get().engine
 
     def _connect_args(self) -> dict[str, Any]:
-        import os
-
+        # Built per engine, so a forked child's connections carry the child's pid.
         server_settings = {"application_name": f"sheetanchor:{self.role}:{os.getpid()}"}
         if not self.pgbouncer:
             if self.statement_timeout is not None:
@@ -239,39 +274,20 @@ class Database:
         engine = create_async_engine(self._sa_url, **options)
         sync_pool = engine.sync_engine.pool
         if self.json_codecs:
-            event.listen(sync_pool, "connect", _on_connect_json)
-        event.listen(sync_pool, "connect", _on_connect_mark)
-        event.listen(sync_pool, "checkout", self._make_checkout_check())
-        event.listen(sync_pool, "checkin", _on_checkin_mark)
-        forget = self._leaks.attach(sync_pool)  # after the health check: only good checkouts
+            event.listen(sync_pool, "connect", on_connect_json)
+        event.listen(sync_pool, "connect", on_connect_mark)
+        leaks = self._leaks.attach(sync_pool)
+        # One listener per event: SQLAlchemy's dispatch costs per listener on every checkout.
+        event.listen(sync_pool, "checkout", checkout_hook(leaks, self.pool.pre_ping_idle))
+        event.listen(sync_pool, "checkin", checkin_hook(leaks))
         entry = _Engine(
             engine=engine,
             sessions=async_sessionmaker(engine, expire_on_commit=False),
-            forget_leaks=forget,
+            forget_leaks=leaks.forget,
         )
         self._schedule_sweep(entry)
         _log.debug("engine created for %s (role %s)", self.url, self.role)
         return entry
-
-    def _make_checkout_check(self) -> Any:
-        idle_limit = self.pool.pre_ping_idle
-
-        def on_checkout(dbapi_conn: Any, rec: Any, proxy: Any) -> None:
-            driver = dbapi_conn.driver_connection
-            # Free check: the server closed it (pg_terminate_backend, restart) while it sat in
-            # the pool and the loop already read the EOF.
-            if driver.is_closed():
-                raise DisconnectionError("connection closed by the server while idle in the pool")
-            if idle_limit is None:
-                return
-            idle_since = rec.info.get(_IDLE_SINCE)
-            if idle_since is not None and time.monotonic() - idle_since >= idle_limit:
-                try:
-                    _await(driver.execute("SELECT 1"))  # simple query: one round trip
-                except Exception as exc:
-                    raise DisconnectionError(f"ping failed: {exc}") from exc
-
-        return on_checkout
 
     def _schedule_sweep(self, entry: _Engine) -> None:
         threshold = self.leak_threshold
@@ -304,7 +320,7 @@ class Database:
         entry.timer = None
         entry.forget_leaks()
         sync_engine = entry.engine.sync_engine
-        _close_dead_loop_sockets(sync_engine.pool)
+        close_dead_loop_sockets(sync_engine.pool)
         sync_engine.dispose(close=False)
 
     # -- sessions -----------------------------------------------------------------------------
@@ -324,20 +340,20 @@ class Database:
         entry = self._entry()
         session = entry.sessions(**options)
         try:
-            with translate_errors(self.address):
+            with translate_errors(self._target):
                 yield session
         except BaseException:
             await self._cleanup(entry, _rollback_and_close(session))
             raise
         try:
-            await session.commit()
+            # COMMIT and close in one trip through SQLAlchemy's greenlet (one spawn, not two).
+            await session.run_sync(_commit_and_close)
         except Exception as exc:
             await self._cleanup(entry, _rollback_and_close(session))
             raise self._commit_failed(exc) from exc
         except BaseException:
             await self._cleanup(entry, _rollback_and_close(session))
             raise
-        await self._cleanup(entry, session.close())
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
@@ -347,12 +363,12 @@ class Database:
             CommitFailed: COMMIT failed; nothing was saved (cause chained).
         """
         entry = self._entry()
-        with translate_errors(self.address):
+        with translate_errors(self._target):
             conn = await entry.engine.connect()
         try:
-            with translate_errors(self.address):
+            with translate_errors(self._target):
                 await conn.begin()
-            with translate_errors(self.address):
+            with translate_errors(self._target):
                 yield conn
         except BaseException:
             await self._cleanup(entry, _rollback_and_close_conn(conn))
@@ -365,7 +381,7 @@ class Database:
         except BaseException:
             await self._cleanup(entry, _rollback_and_close_conn(conn))
             raise
-        await self._cleanup(entry, conn.close())
+        await conn.close()  # the commit already ended the transaction
 
     def _commit_failed(self, exc: Exception) -> CommitFailed:
         self._commit_failures += 1
@@ -380,7 +396,7 @@ class Database:
                 f"COMMIT failed on {self.address} and the transaction was rolled back: nothing "
                 f"was saved ({detail}); do not report success to the user"
             )
-        _log.error("%s", msg)
+        _log.warning("%s", msg)
         return CommitFailed(msg)
 
     async def _cleanup(self, entry: _Engine, aw: Any) -> None:
@@ -408,32 +424,25 @@ class Database:
 
     # -- raw connections ----------------------------------------------------------------------
 
-    async def _acquire(self) -> tuple[PoolProxiedConnection, _Engine]:
+    async def _acquire(self) -> tuple[PoolProxiedConnection, Any]:
         entry = self._entry()
-        with translate_errors(self.address):
-            fairy = await entry.engine.raw_connection()
-        return fairy, entry
-
-    async def _release(self, fairy: PoolProxiedConnection, failure: BaseException | None) -> None:
-        driver = _driver(fairy)
-        if failure is not None and (
-            not isinstance(failure, Exception) or is_connection_error(failure)
-        ):
-            # Cancelled mid-statement, or the connection is gone: it cannot be trusted. Close the
-            # socket now (no I/O to wait for) and let the pool replace it.
-            driver.terminate()
-            fairy.invalidate(failure if isinstance(failure, Exception) else None)
-            return
-        if not driver.is_closed() and driver.is_in_transaction():
-            # A transaction opened on the raw connection and left open: end it before reuse.
-            try:
-                await driver.execute("ROLLBACK")
-            except BaseException as exc:
-                driver.terminate()
-                fairy.invalidate(exc if isinstance(exc, Exception) else None)
+        pool = entry.engine.sync_engine.pool
+        try:
+            # An idle connection that needs no ping/recycle is handed out without a greenlet.
+            fairy = checkout_without_io(pool, self.pool.pre_ping_idle)
+            if fairy is None:
+                fairy = await greenlet_spawn(pool.connect)  # may open, ping or wait: I/O
+        except Exception as exc:
+            mapped = map_error(exc, self._target)
+            if mapped is None:
                 raise
-        # Checkin may close an overflow connection, which needs SQLAlchemy's greenlet.
-        await greenlet_spawn(fairy.close)
+            raise mapped from exc
+        return fairy, pool
+
+    def _raise_mapped(self, exc: BaseException) -> None:
+        mapped = map_error(exc, self._target)
+        if mapped is not None:
+            raise mapped from exc
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection[Any]]:
@@ -443,16 +452,14 @@ class Database:
         block ends. The connection goes back to the pool in every case (it is closed and
         replaced if the block was cancelled mid-statement or the connection broke).
         """
-        fairy, _entry = await self._acquire()
-        failure: BaseException | None = None
+        fairy, pool = await self._acquire()
         try:
-            with translate_errors(self.address):
-                yield _driver(fairy)
+            yield driver_of(fairy)
         except BaseException as exc:
-            failure = exc
+            await release(fairy, pool, exc)
+            self._raise_mapped(exc)
             raise
-        finally:
-            await self._release(fairy, failure)
+        await release(fairy, pool, None)
 
     async def fetchval(self, sql: str, *args: Any, column: int = 0) -> Any:
         """Run ``sql`` on a pooled connection and return one value (one round trip, no BEGIN).
@@ -461,96 +468,73 @@ class Database:
 
             name = await db.fetchval("SELECT name FROM users WHERE id = $1", 42)
         """
-        fairy, _entry = await self._acquire()
-        failure: BaseException | None = None
+        fairy, pool = await self._acquire()
         try:
-            with translate_errors(self.address):
-                return await _driver(fairy).fetchval(sql, *args, column=column)
+            value = await driver_of(fairy).fetchval(sql, *args, column=column)
         except BaseException as exc:
-            failure = exc
+            await release(fairy, pool, exc)
+            self._raise_mapped(exc)
             raise
-        finally:
-            await self._release(fairy, failure)
+        await release(fairy, pool, None)
+        return value
 
     async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
         """Run ``sql`` on a pooled connection and return the first row, or ``None``."""
-        fairy, _entry = await self._acquire()
-        failure: BaseException | None = None
+        fairy, pool = await self._acquire()
         try:
-            with translate_errors(self.address):
-                row: asyncpg.Record | None = await _driver(fairy).fetchrow(sql, *args)
-                return row
+            row: asyncpg.Record | None = await driver_of(fairy).fetchrow(sql, *args)
         except BaseException as exc:
-            failure = exc
+            await release(fairy, pool, exc)
+            self._raise_mapped(exc)
             raise
-        finally:
-            await self._release(fairy, failure)
+        await release(fairy, pool, None)
+        return row
 
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         """Run ``sql`` on a pooled connection and return every row."""
-        fairy, _entry = await self._acquire()
-        failure: BaseException | None = None
+        fairy, pool = await self._acquire()
         try:
-            with translate_errors(self.address):
-                rows: list[asyncpg.Record] = await _driver(fairy).fetch(sql, *args)
-                return rows
+            rows: list[asyncpg.Record] = await driver_of(fairy).fetch(sql, *args)
         except BaseException as exc:
-            failure = exc
+            await release(fairy, pool, exc)
+            self._raise_mapped(exc)
             raise
-        finally:
-            await self._release(fairy, failure)
+        await release(fairy, pool, None)
+        return rows
 
     async def execute(self, sql: str, *args: Any) -> str:
         """Run ``sql`` on a pooled connection in autocommit mode; return the status tag."""
-        fairy, _entry = await self._acquire()
-        failure: BaseException | None = None
+        fairy, pool = await self._acquire()
         try:
-            with translate_errors(self.address):
-                status: str = await _driver(fairy).execute(sql, *args)
-                return status
+            status: str = await driver_of(fairy).execute(sql, *args)
         except BaseException as exc:
-            failure = exc
+            await release(fairy, pool, exc)
+            self._raise_mapped(exc)
             raise
-        finally:
-            await self._release(fairy, failure)
+        await release(fairy, pool, None)
+        return status
 
     # -- readiness, stats, lifecycle ----------------------------------------------------------
 
     async def wait_ready(self, timeout: float = 30.0) -> float:
-        """Wait until a real query succeeds; return the seconds it took.
+        """Wait until a real query succeeds through this database's pool; return the seconds.
 
-        Retries with bounded exponential backoff (0.05 s doubling to 2 s, jittered).
+        Retries what waiting can cure (refused connection, "the database system is starting
+        up") with bounded, jittered exponential backoff; fails at once on what it cannot (a
+        wrong password or database name).
 
         Raises:
-            NotReady: no query succeeded within ``timeout`` (with the last error).
+            NotReady: not ready within ``timeout`` (the message has the redacted URL, the last
+                error and what to check), or refused for good.
+            ConfigError: ``timeout`` is not a positive number of seconds.
         """
         check_seconds("timeout", timeout)
-        start = time.monotonic()
-        deadline = start + timeout
-        delay = 0.05
-        last: str | None = None
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                async with asyncio.timeout(min(remaining, self.connect_timeout + 1.0)):
-                    await self.fetchval("SELECT 1")
-                return time.monotonic() - start
-            except (Exception, TimeoutError) as exc:  # noqa: BLE001 - every failure is retried
-                last = redact(f"{type(exc).__name__}: {exc}".rstrip(": "))
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            await asyncio.sleep(min(remaining, delay * random.uniform(0.5, 1.0)))
-            delay = min(delay * 2, 2.0)
-        raise NotReady(
-            f"PostgreSQL at {self.address} not ready after {timeout:.1f} s "
-            f"(last error: {last or 'none'}); is it running and reachable? check "
-            f"{self.url} (SHEETANCHOR_PG_URL), or raise wait_ready(timeout=)",
-            target=self.url,
-            last_error=last,
-        )
+
+        async def probe(budget: float) -> None:
+            async with asyncio.timeout(budget):
+                await self.fetchval("SELECT 1")
+
+        return await wait_until_ready("PostgreSQL", self.url, probe, timeout=timeout)
 
     def stats(self) -> DatabaseStats:
         """A snapshot of the pools of every loop in this process (see :class:`DatabaseStats`)."""
@@ -565,7 +549,7 @@ class Database:
                 idle += pool.checkedin()
                 checked_out += pool.checkedout()
                 overflow += max(0, pool.overflow())
-                waiting += _waiters(pool)
+                waiting += pool_waiters(pool)
             except AttributeError:  # a pool class without QueuePool's counters
                 continue
         return DatabaseStats(
@@ -607,53 +591,13 @@ class Database:
         await self.close()
 
 
-def _driver(fairy: PoolProxiedConnection) -> asyncpg.Connection[Any]:
-    return cast("asyncpg.Connection[Any]", fairy.driver_connection)
-
-
 def _json_dumps_str(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def _on_connect_json(dbapi_conn: Any, rec: Any) -> None:
-    _await(install_json_codecs(dbapi_conn.driver_connection))
-
-
-def _on_connect_mark(dbapi_conn: Any, rec: Any) -> None:
-    rec.info[_IDLE_SINCE] = time.monotonic()
-
-
-def _on_checkin_mark(dbapi_conn: Any, rec: Any) -> None:
-    rec.info[_IDLE_SINCE] = time.monotonic()
-
-
-def _close_dead_loop_sockets(pool: Any) -> None:
-    """Close the sockets of a closed loop's idle connections without that loop.
-
-    Only for a loop that is already closed (its selector is gone, so nothing is shared with a
-    live loop). Uses private attributes of asyncio's selector transports and asyncpg, guarded:
-    where they are missing (uvloop) the sockets are left to the garbage collector.
-    """
-    queue = getattr(getattr(pool, "_pool", None), "__dict__", {}).get("_queue")
-    for rec in list(getattr(queue, "_queue", ())):
-        driver = getattr(getattr(rec, "dbapi_connection", None), "driver_connection", None)
-        transport = getattr(driver, "_transport", None)
-        sock = getattr(transport, "_sock", None)
-        if sock is None:
-            continue
-        with contextlib.suppress(OSError):
-            sock.close()
-        with contextlib.suppress(AttributeError):
-            transport._sock = None  # type: ignore[union-attr]  # nothing left for __del__
-            driver._aborted = True  # type: ignore[union-attr]  # asyncpg: is_closed() is True
-
-
-def _waiters(pool: Any) -> int:
-    # Tasks blocked in the pool's asyncio queue (private, hence best effort).
-    queue = getattr(pool, "_pool", None)
-    inner = getattr(queue, "__dict__", {}).get("_queue")
-    getters = getattr(inner, "_getters", ())
-    return sum(1 for fut in getters if not fut.done())
+def _commit_and_close(session: Session) -> None:
+    session.commit()
+    session.close()  # only reached when the commit succeeded
 
 
 async def _rollback_and_close(session: AsyncSession) -> None:

@@ -32,13 +32,12 @@ from sqlalchemy.pool import Pool
 
 from sheetanchor.observe import get_logger
 
-__all__ = ["LeakReport", "LeakWatch", "capture_stack"]
+__all__ = ["LeakReport", "LeakTable", "LeakWatch", "StackFrame", "capture_stack"]
 
 _log = get_logger("postgres")
 
-_MAX_WALK = 80  # frames examined per capture, across the greenlet hop
-_KEEP = 40  # raw frames kept per capture (filtered when reported)
-_SHOWN = 12  # caller frames shown in a report
+_MAX_WALK = 64  # frames examined per capture, across the greenlet hop
+_KEEP = 10  # caller frames kept per capture (innermost first)
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 _SKIP_DIRS = (
@@ -94,46 +93,60 @@ class LeakReport:
 
 
 def capture_stack(skip: int = 1) -> tuple[tuple[CodeType, int], ...]:
-    """The current stack as ``(code, line)`` pairs, innermost first, crossing greenlet hops."""
-    frame: FrameType | None = sys._getframe(skip)
+    """The caller's frames as ``(code, line)`` pairs, innermost first, crossing greenlet hops.
+
+    Frames of SQLAlchemy, greenlet, asyncio and this package are skipped as the walk goes (a
+    cached flag per code object), and the walk stops after ``_KEEP`` caller frames. Code run
+    inside SQLAlchemy's greenlet (``run_sync`` callbacks) is not shown; the coroutine that
+    awaited it is.
+    """
+    glet: Any = greenlet.getcurrent()
+    frame: FrameType | None
+    if getattr(glet, "__sqlalchemy_greenlet_provider__", False) and glet.parent is not None:
+        # Inside SQLAlchemy's greenlet every frame is the pool's or SQLAlchemy's: start at the
+        # (suspended) parent greenlet, where the awaiting coroutines are.
+        glet = glet.parent
+        frame = glet.gr_frame
+    else:
+        frame = sys._getframe(skip)
     out: list[tuple[CodeType, int]] = []
     walked = 0
-    glet: Any = None
-    while walked < _MAX_WALK and len(out) < _KEEP:
+    internal = _internal_code
+    while walked < _MAX_WALK:
         if frame is None:
-            # Top of a greenlet started by SQLAlchemy's greenlet_spawn: continue in the
-            # (suspended) parent greenlet, where the awaiting coroutines are.
-            glet = (glet or greenlet.getcurrent()).parent
+            # Top of a nested greenlet: continue in its (suspended) parent.
+            glet = glet.parent
             if glet is None:
                 break
             frame = glet.gr_frame
             continue
-        out.append((frame.f_code, frame.f_lineno))
+        code = frame.f_code
+        flag = internal.get(code)
+        if flag is None:
+            flag = _classify(code)
+        if not flag:
+            out.append((code, frame.f_lineno))
+            if len(out) >= _KEEP:
+                break
         frame = frame.f_back
         walked += 1
     return tuple(out)
 
 
-_internal_cache: dict[str, bool] = {}
+_internal_code: dict[CodeType, bool] = {}
 
 
-def _is_internal(filename: str) -> bool:
-    hit = _internal_cache.get(filename)
-    if hit is None:
-        hit = filename.startswith(_SKIP_DIRS) or any(s in filename for s in _SKIP_FILES)
-        if len(_internal_cache) < 4096:  # bounded: one entry per source file
-            _internal_cache[filename] = hit
-    return hit
+def _classify(code: CodeType) -> bool:
+    filename = code.co_filename
+    flag = filename.startswith(_SKIP_DIRS) or any(s in filename for s in _SKIP_FILES)
+    if len(_internal_code) < 16384:  # bounded: one entry per function ever seen here
+        _internal_code[code] = flag
+    return flag
 
 
 def resolve_stack(raw: tuple[tuple[CodeType, int], ...]) -> tuple[StackFrame, ...]:
-    """Keep the caller's frames (not SQLAlchemy's, asyncio's or ours), outermost first."""
-    frames = [
-        StackFrame(code.co_filename, line, code.co_name)
-        for code, line in raw
-        if not _is_internal(code.co_filename)
-    ]
-    return tuple(reversed(frames[:_SHOWN]))
+    """The captured caller frames as :class:`StackFrame`, outermost first."""
+    return tuple(StackFrame(code.co_filename, line, code.co_name) for code, line in reversed(raw))
 
 
 class _Checkout:
@@ -146,6 +159,39 @@ class _Checkout:
         self.stack = stack
         self.fairy: weakref.ref[Any] = weakref.ref(fairy)
         self.reported = False
+
+
+class LeakTable:
+    """The checkouts of one pool: at most its capacity entries, keyed by connection record."""
+
+    __slots__ = ("clock", "out", "watch")
+
+    def __init__(self, watch: LeakWatch) -> None:
+        self.watch = watch
+        self.clock = watch._clock
+        self.out: dict[Any, _Checkout] = {}
+
+    def checkout(self, rec: Any, proxy: Any) -> None:
+        """Record a checkout: when, the caller's stack, and the proxy (to tell GC from detach)."""
+        self.out[rec] = _Checkout(self.clock(), capture_stack(3), proxy)
+
+    def checkin(self, rec: Any) -> None:
+        """Forget a returned connection."""
+        self.out.pop(rec, None)
+
+    def detach(self, dbapi_conn: Any, rec: Any) -> None:
+        """Pool ``detach`` event: report it if its proxy was garbage-collected, not closed."""
+        entry = self.out.pop(rec, None)
+        if entry is not None and entry.fairy() is None:
+            # The proxy that held it is gone: SQLAlchemy is cleaning up after the garbage
+            # collector, not after an explicit detach().
+            self.watch._report(entry, "unreturned")
+
+    def forget(self) -> None:
+        """Drop this pool's entries (its engine was disposed)."""
+        self.out.clear()
+        with contextlib.suppress(ValueError):
+            self.watch._tables.remove(self.out)
 
 
 class LeakWatch:
@@ -180,6 +226,7 @@ class LeakWatch:
         self.reports: deque[LeakReport] = deque(maxlen=max_reports)
         self.held = 0
         self.unreturned = 0
+        _watches.add(self)
 
     @property
     def leaks(self) -> int:
@@ -191,39 +238,16 @@ class LeakWatch:
         """Connections checked out now, across every engine of the database."""
         return sum(len(t) for t in list(self._tables))
 
-    def attach(self, pool: Pool) -> Callable[[], None]:
-        """Listen to ``pool``'s checkout, checkin and detach events; return a detacher.
+    def attach(self, pool: Pool) -> LeakTable:
+        """Start watching ``pool``; its owner calls the table's checkout/checkin hooks.
 
-        The entries of one pool live in their own dict, dropped by the detacher when the engine
-        is disposed (its connections are gone with it).
+        The detach event (SQLAlchemy's garbage-collector clean-up path) is listened to here.
+        The table is dropped with :meth:`LeakTable.forget` when the engine is disposed.
         """
-        out: dict[Any, _Checkout] = {}
-        self._tables.append(out)
-        clock = self._clock
-
-        def on_checkout(dbapi_conn: Any, rec: Any, proxy: Any) -> None:
-            out[rec] = _Checkout(clock(), capture_stack(2), proxy)
-
-        def on_checkin(dbapi_conn: Any, rec: Any) -> None:
-            out.pop(rec, None)
-
-        def on_detach(dbapi_conn: Any, rec: Any) -> None:
-            entry = out.pop(rec, None)
-            if entry is not None and entry.fairy() is None:
-                # The proxy that held it is gone: SQLAlchemy is cleaning up after the garbage
-                # collector, not after an explicit detach().
-                self._report(entry, "unreturned")
-
-        event.listen(pool, "checkout", on_checkout)
-        event.listen(pool, "checkin", on_checkin)
-        event.listen(pool, "detach", on_detach)
-
-        def forget() -> None:
-            out.clear()
-            with contextlib.suppress(ValueError):
-                self._tables.remove(out)
-
-        return forget
+        table = LeakTable(self)
+        self._tables.append(table.out)
+        event.listen(pool, "detach", table.detach)
+        return table
 
     def sweep(self) -> int:
         """Report connections held past the threshold (each once); return how many were new."""
@@ -257,3 +281,17 @@ class LeakWatch:
         _log.warning("%s", report.format(), extra={"database": self.name, "leak": kind})
         if self._on_leak is not None:
             self._on_leak(report)
+
+
+_watches: weakref.WeakSet[LeakWatch] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # The parent's checkouts are not this process's to report: forget their tables (the
+    # objects themselves stay untouched, see _loops.py).
+    for watch in list(_watches):
+        watch._tables = []
+        watch._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

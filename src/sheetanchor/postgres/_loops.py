@@ -227,7 +227,8 @@ class PerLoop(Generic[_T]):
             return self._reap_locked()
 
     def _reap_locked(self) -> int:
-        dead = [s for s in self._slots.values() if _loop_gone(s)]
+        # list() first: a GC callback may pop from _slots while we look at the loops.
+        dead = [s for s in list(self._slots.values()) if _loop_gone(s)]
         while self._orphans:
             dead.append(self._orphans.pop())
         count = 0
@@ -251,7 +252,9 @@ class PerLoop(Generic[_T]):
     def _forget_after_fork(self) -> None:
         # In the child: keep the parent's values referenced and never touch them.
         _inherited.extend(self._slots.values())
+        _inherited.extend(self._orphans)
         self._slots = {}
+        self._orphans = []
         self._last = None
         self._lock = threading.RLock()  # the parent's lock may have been held by another thread
 

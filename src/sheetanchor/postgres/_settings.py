@@ -7,9 +7,9 @@ query under load.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+from sheetanchor.config import check_seconds
 from sheetanchor.errors import ConfigError
 
 __all__ = [
@@ -30,21 +30,6 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 """How long one connection attempt may take (seconds)."""
 DEFAULT_LEAK_THRESHOLD = 30.0
 """A connection held longer than this (seconds) is reported with the stack that took it."""
-
-
-def check_seconds(
-    name: str, value: object, *, allow_none: bool = False, allow_zero: bool = False
-) -> None:
-    """Raise :class:`ConfigError` naming ``name`` unless ``value`` is a usable number of seconds."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{name} must be a number of seconds, got {value!r}")
-    if math.isnan(value) or math.isinf(value):
-        raise ConfigError(f"{name} must be a finite number of seconds, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{name} must be {bound} seconds, got {value!r}")
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:

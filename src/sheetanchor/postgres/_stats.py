@@ -8,6 +8,7 @@ database's ``name`` (low cardinality by construction: one per ``Database`` objec
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -85,15 +86,22 @@ class _DatabaseCollector(Collector):
     def collect(self) -> Iterator[Any]:
         with _lock:
             snapshots = [src.stats() for src in list(_sources)]
+        # Two Database objects may share a name: sum them, one sample per label value.
+        totals: dict[str, dict[str, float]] = {}
+        for snap in snapshots:
+            row = totals.setdefault(snap.name, {})
+            for field, value in snap._asdict().items():
+                if field != "name":
+                    row[field] = row.get(field, 0.0) + float(value)
         for field, what, doc in _GAUGES:
             gauge = GaugeMetricFamily(metric_name("pg", what), doc, labels=["database"])
-            for snap in snapshots:
-                gauge.add_metric([snap.name], float(getattr(snap, field)))
+            for name, row in sorted(totals.items()):
+                gauge.add_metric([name], row[field])
             yield gauge
         for field, what, doc in _COUNTERS:
             counter = CounterMetricFamily(metric_name("pg", what), doc, labels=["database"])
-            for snap in snapshots:
-                counter.add_metric([snap.name], float(getattr(snap, field)))
+            for name, row in sorted(totals.items()):
+                counter.add_metric([name], row[field])
             yield counter
 
     def describe(self) -> Iterator[Any]:
@@ -105,6 +113,15 @@ class _DatabaseCollector(Collector):
 
 
 REGISTRY.register(_DatabaseCollector())
+
+
+def _after_fork_in_child() -> None:
+    # A scrape thread of the parent may have held the lock at fork time.
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def register_source(source: _Source) -> None:

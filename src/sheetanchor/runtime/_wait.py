@@ -7,10 +7,12 @@ The loop (what is retried, how long to wait) is `sheetanchor._readiness.wait_unt
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from sheetanchor._readiness import Attempt, wait_until_ready
 from sheetanchor.config import parse_url, to_asyncpg_dsn
+from sheetanchor.errors import SheetAnchorError
 
 __all__ = ["Attempt", "wait_for_postgres", "wait_for_redis", "wait_for_services"]
 
@@ -46,7 +48,7 @@ async def wait_for_postgres(
     Raises:
         NotReady: not ready within ``timeout`` seconds, or failed with an error that waiting
             cannot fix (wrong password, unknown database). The message has the last error.
-        ValueError: ``timeout`` is not positive.
+        ConfigError: ``timeout`` is not a finite positive number of seconds.
     """
     return await wait_until_ready(
         "PostgreSQL",
@@ -64,7 +66,7 @@ async def wait_for_redis(
 
     Raises:
         NotReady: not ready within ``timeout`` seconds (the message has the last error).
-        ValueError: ``timeout`` is not positive.
+        ConfigError: ``timeout`` is not a finite positive number of seconds.
     """
     return await wait_until_ready(
         "Redis",
@@ -86,12 +88,21 @@ async def wait_for_services(
 
     Returns the seconds each took, keyed ``"postgres"`` / ``"redis"``.
     """
-    jobs: dict[str, Awaitable[float]] = {}
+    for url in (pg, redis):
+        if url:
+            parse_url(url)  # a malformed URL is a ConfigError now, not inside a task group
+    jobs: dict[str, Callable[[], Coroutine[Any, Any, float]]] = {}
     if pg:
-        jobs["postgres"] = wait_for_postgres(pg, timeout=timeout, on_attempt=on_attempt)
+        jobs["postgres"] = lambda: wait_for_postgres(pg, timeout=timeout, on_attempt=on_attempt)
     if redis:
-        jobs["redis"] = wait_for_redis(redis, timeout=timeout, on_attempt=on_attempt)
+        jobs["redis"] = lambda: wait_for_redis(redis, timeout=timeout, on_attempt=on_attempt)
     if not jobs:
         raise ValueError("nothing to wait for: pass pg= and/or redis= (or set the URL variables)")
-    results = await asyncio.gather(*jobs.values())
-    return dict(zip(jobs.keys(), results, strict=True))
+    # A TaskGroup, not gather: when one wait fails the other is cancelled, not left running.
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = {name: group.create_task(job()) for name, job in jobs.items()}
+    except* SheetAnchorError as failed:
+        # Re-raise the first error itself (not a group): its __cause__ is the server's error.
+        raise failed.exceptions[0]  # noqa: B904
+    return {name: task.result() for name, task in tasks.items()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import socket
 import struct
@@ -441,6 +442,9 @@ class FaultProxy:
             conn = _Conn(client, self._budget)
             self._conns.add(conn)
             conn.task = loop.create_task(self._serve(conn))
+            # A task cancelled before its first step never enters _serve's `finally`
+            # (reset_all right after an accept): the callback closes the sockets then.
+            conn.task.add_done_callback(functools.partial(self._on_done, conn))
 
     async def _serve(self, conn: _Conn) -> None:
         assert self._flowing is not None
@@ -459,9 +463,16 @@ class FaultProxy:
             conn.reset = True
             _log.debug("proxy on port %d: connection ended: %r", self._port, group.exceptions)
         finally:
-            self._conns.discard(conn)
-            _close(conn.client, reset=conn.reset)
-            _close(conn.upstream, reset=conn.reset)
+            self._finish(conn)
+
+    def _on_done(self, conn: _Conn, task: asyncio.Task[None]) -> None:
+        self._finish(conn)
+
+    def _finish(self, conn: _Conn) -> None:
+        """Forget ``conn`` and close its sockets (idempotent)."""
+        self._conns.discard(conn)
+        _close(conn.client, reset=conn.reset)
+        _close(conn.upstream, reset=conn.reset)
 
     async def _connect_upstream(self) -> socket.socket:
         loop = asyncio.get_running_loop()
@@ -471,7 +482,10 @@ class FaultProxy:
         sock = socket.socket(family, type_, proto)
         sock.setblocking(False)
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, address), self._connect_timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation
+            # that arrives as the connect completes, and reset_all() would wait forever.
+            async with asyncio.timeout(self._connect_timeout):
+                await loop.sock_connect(sock, address)
         except BaseException:
             sock.close()  # the connect failed or was cancelled: nothing else owns the socket
             raise

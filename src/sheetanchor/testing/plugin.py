@@ -12,6 +12,11 @@ Fixtures (names are the public contract):
                                   is running when the test begins and is shut down at the
                                   end of the session
 
+Also available: ``sheetanchor_pg_template`` (session: the template's name),
+``sheetanchor_redis_db`` (session: the claimed Redis index), and
+``sheetanchor_private_pg_server`` / ``sheetanchor_private_redis_server`` (session: the
+private servers themselves, for module- or session-scoped fixtures of your own).
+
 Servers come from ``SHEETANCHOR_PG_URL`` / ``SHEETANCHOR_REDIS_URL`` when set; otherwise the
 shared embedded servers of :mod:`sheetanchor.embedded` are started (or reused).
 
@@ -59,8 +64,10 @@ __all__ = [
     "private_redis",
     "redis_url",
     "sheetanchor_pg_server_url",
+    "sheetanchor_pg_template",
     "sheetanchor_private_pg_server",
     "sheetanchor_private_redis_server",
+    "sheetanchor_redis_db",
     "sheetanchor_redis_server_url",
 ]
 
@@ -357,3 +364,6 @@ def pytest_report_header(config: pytest.Config) -> str:
         f"sheetanchor: PostgreSQL={redact(pg) if pg else 'embedded'} "
         f"Redis={redact(rd) if rd else 'embedded'}"
     )
+
+
+from sheetanchor.testing._pgbouncer import pgbouncer_url, sheetanchor_pgbouncer  # noqa: E402, F401

@@ -9,7 +9,9 @@ __all__ = ["all_drills"]
 
 def all_drills() -> list[Drill]:
     """Every drill, in incident order (imported lazily: drills pull in the clients)."""
-    from sheetanchor.demo.drills import d000_cache, d001_startup
+    from sheetanchor.demo.drills import d000_cache, d001_startup, d002_loops, d003_leaks
 
     drills: list[Drill] = [d000_cache.DRILL, d001_startup.DRILL]
+    drills.append(d002_loops.DRILL)
+    drills.append(d003_leaks.DRILL)
     return drills

@@ -78,10 +78,17 @@ class StartupDrill:
 
             # sheetanchor half: same outage, restarted from the beginning.
             proxy.refuse()
-            asyncio.get_running_loop().call_later(self.outage, proxy.pass_through)
+
+            async def database_comes_up() -> None:
+                await asyncio.sleep(self.outage)
+                await asyncio.to_thread(proxy.pass_through)
+
             attempts: list[Attempt] = []
             started = time.monotonic()
-            await wait_for_postgres(proxied, timeout=30.0, on_attempt=attempts.append)
+            # The outage ends in a task of its own; its failure fails the drill (TaskGroup).
+            async with asyncio.TaskGroup() as group:
+                group.create_task(database_comes_up())
+                await wait_for_postgres(proxied, timeout=30.0, on_attempt=attempts.append)
             await _create_tables(proxied)
             ready = time.monotonic() - started
         ok = await _table_exists(url)

@@ -1,0 +1,204 @@
+"""Pool mechanics: event hooks, and checkout/checkin without SQLAlchemy's greenlet.
+
+SQLAlchemy's asyncio pool is a synchronous pool driven through a greenlet: every checkout and
+checkin normally costs a ``greenlet_spawn`` (10-20 µs here), which is a large share of a
+one-round-trip read (~80 µs). Handing out an idle connection, or putting one back into a queue
+that has room, does no I/O at all; only opening, recycling, invalidating or pinging does. These
+helpers take the synchronous path only when they can tell that no I/O will be needed, and
+return ``None``/``False`` otherwise so the caller uses the greenlet path.
+
+They read a few private attributes of SQLAlchemy's ``QueuePool`` and connection records
+(stable through 2.0 and 2.1); every access is guarded, and anything unexpected means "use the
+greenlet path", which is always correct.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, cast
+
+import asyncpg
+from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.pool import PoolProxiedConnection
+from sqlalchemy.util import greenlet_spawn
+from sqlalchemy.util.concurrency import in_greenlet
+
+from sheetanchor.postgres._errors import is_connection_error
+from sheetanchor.postgres._json import install_json_codecs
+from sheetanchor.postgres._leaks import LeakTable
+
+try:  # SQLAlchemy 2.1 renamed await_only to await_
+    from sqlalchemy.util import await_ as _await
+except ImportError:  # pragma: no cover - SQLAlchemy 2.0
+    from sqlalchemy.util import await_only as _await
+
+__all__ = [
+    "IDLE_SINCE",
+    "checkin_hook",
+    "checkin_is_io_free",
+    "checkout_hook",
+    "checkout_without_io",
+    "close_dead_loop_sockets",
+    "driver_of",
+    "on_connect_json",
+    "on_connect_mark",
+    "pool_waiters",
+    "release",
+]
+
+IDLE_SINCE = "sheetanchor_idle_since"
+_RECYCLE_MARGIN = 1.0  # seconds: never race a recycle deadline on the fast path
+
+
+def _next_idle(pool: Any) -> Any:
+    queue = pool._pool.__dict__.get("_queue")  # created lazily by AsyncAdaptedQueue
+    if queue is None or not queue._queue:
+        return None
+    items = queue._queue
+    return items[-1] if pool._pool.use_lifo else items[0]
+
+
+def checkout_without_io(pool: Any, idle_limit: float | None) -> PoolProxiedConnection | None:
+    """Check out the next idle connection synchronously if that needs no I/O, else ``None``."""
+    try:
+        rec = _next_idle(pool)
+        if rec is None or rec.dbapi_connection is None:
+            return None
+        start = rec.starttime
+        recycle = pool._recycle
+        if recycle > -1 and time.time() - start > recycle - _RECYCLE_MARGIN:
+            return None
+        if pool._invalidate_time > start or rec._soft_invalidate_time > start:
+            return None
+        if rec.dbapi_connection.driver_connection.is_closed():
+            return None
+        if idle_limit is not None:
+            idle_since = rec.info.get(IDLE_SINCE)
+            if idle_since is None or time.monotonic() - idle_since >= idle_limit * 0.9:
+                return None  # due for a ping: that is I/O
+    except (AttributeError, IndexError, TypeError):
+        return None
+    fairy: PoolProxiedConnection = pool.connect()
+    return fairy
+
+
+def checkin_is_io_free(pool: Any) -> bool:
+    """True when returning a healthy connection just puts it back in the queue (no close)."""
+    try:
+        queue = pool._pool
+        return bool(queue.qsize() < queue.maxsize)
+    except AttributeError:
+        return False
+
+
+# -- pool event hooks and pool introspection -------------------------------------------------
+
+
+def driver_of(fairy: PoolProxiedConnection) -> asyncpg.Connection[Any]:
+    return cast("asyncpg.Connection[Any]", fairy.driver_connection)
+
+
+def on_connect_json(dbapi_conn: Any, rec: Any) -> None:
+    _await(install_json_codecs(dbapi_conn.driver_connection))
+
+
+def on_connect_mark(dbapi_conn: Any, rec: Any) -> None:
+    rec.info[IDLE_SINCE] = time.monotonic()
+
+
+def checkout_hook(leaks: LeakTable, idle_limit: float | None) -> Any:
+    record = leaks.checkout
+    monotonic = time.monotonic
+
+    def on_checkout(dbapi_conn: Any, rec: Any, proxy: Any) -> None:
+        driver = dbapi_conn.driver_connection
+        # Free check: the server closed it (pg_terminate_backend, restart) while it sat in the
+        # pool and the loop already read the EOF. The pool replaces it and tries again.
+        if driver.is_closed():
+            raise DisconnectionError("connection closed by the server while idle in the pool")
+        if idle_limit is not None:
+            idle_since = rec.info.get(IDLE_SINCE)
+            # Ping only a connection idle long enough for a silent drop (NAT, failover) to be
+            # likely. Outside a greenlet (the fast path, which checked the idle time) no I/O is
+            # possible, so none is attempted.
+            if idle_since is not None and monotonic() - idle_since >= idle_limit and in_greenlet():
+                try:
+                    _await(driver.execute("SELECT 1"))  # simple query: one round trip
+                except Exception as exc:
+                    raise DisconnectionError(f"ping failed: {exc}") from exc
+        record(rec, proxy)  # after the health check: only good checkouts are recorded
+
+    return on_checkout
+
+
+def checkin_hook(leaks: LeakTable) -> Any:
+    forget = leaks.checkin
+    monotonic = time.monotonic
+
+    def on_checkin(dbapi_conn: Any, rec: Any) -> None:
+        rec.info[IDLE_SINCE] = monotonic()
+        forget(rec)
+
+    return on_checkin
+
+
+def close_dead_loop_sockets(pool: Any) -> None:
+    """Close the sockets of a closed loop's idle connections without that loop.
+
+    Only for a loop that is already closed (its selector is gone, so nothing is shared with a
+    live loop). Uses private attributes of asyncio's selector transports and asyncpg, guarded:
+    where they are missing (uvloop) the sockets are left to the garbage collector.
+    """
+    queue = getattr(getattr(pool, "_pool", None), "__dict__", {}).get("_queue")
+    for rec in list(getattr(queue, "_queue", ())):
+        driver = getattr(getattr(rec, "dbapi_connection", None), "driver_connection", None)
+        transport = getattr(driver, "_transport", None)
+        sock = getattr(transport, "_sock", None)
+        if sock is None:
+            continue
+        with contextlib.suppress(OSError):
+            sock.close()
+        with contextlib.suppress(AttributeError):
+            transport._sock = None  # type: ignore[union-attr]  # nothing left for __del__
+            driver._aborted = True  # type: ignore[union-attr]  # asyncpg: is_closed() is True
+
+
+def pool_waiters(pool: Any) -> int:
+    # Tasks blocked in the pool's asyncio queue (private, hence best effort).
+    queue = getattr(pool, "_pool", None)
+    inner = getattr(queue, "__dict__", {}).get("_queue")
+    getters = getattr(inner, "_getters", ())
+    return sum(1 for fut in getters if not fut.done())
+
+
+async def release(fairy: PoolProxiedConnection, pool: Any, failure: BaseException | None) -> None:
+    """Give a raw checkout back: reuse it if it is sound, else close it and let the pool replace it.
+
+    Args:
+        fairy: the checked-out connection.
+        pool: its pool.
+        failure: what the caller's work raised, if anything.
+    """
+    driver = driver_of(fairy)
+    if failure is not None and (not isinstance(failure, Exception) or is_connection_error(failure)):
+        # Cancelled mid-statement, or the connection is gone: it cannot be trusted. Close the
+        # socket now (no I/O to wait for) and let the pool replace it.
+        driver.terminate()
+        fairy.invalidate(failure if isinstance(failure, Exception) else None)
+        return
+    if driver.is_closed():
+        fairy.invalidate()
+        return
+    if driver.is_in_transaction():
+        # A transaction opened on the raw connection and left open: end it before reuse.
+        try:
+            await driver.execute("ROLLBACK")
+        except BaseException as exc:
+            driver.terminate()
+            fairy.invalidate(exc if isinstance(exc, Exception) else None)
+            raise
+    if checkin_is_io_free(pool):
+        fairy.close()  # back into the queue: no I/O, no greenlet needed
+    else:
+        await greenlet_spawn(fairy.close)  # an overflow connection is closed: I/O
