@@ -23,6 +23,7 @@ from sheetanchor.observe import get_logger
 from sheetanchor.redis import AnyRedis, RedisClient
 from sheetanchor.state import _metrics
 from sheetanchor.state._breaker import ALLOW, DENY, CircuitBreaker
+from sheetanchor.state._entry import KIND_INVALID, KIND_VALUE, RANK, build
 from sheetanchor.state._fence import (
     DELETE_IF_EQUAL,
     FENCED_SET,
@@ -317,6 +318,11 @@ class CacheSide:
         )
         if result is DOWN:
             for rkey, entry, version, rank, _ttl in items:
+                if rank == RANK[KIND_VALUE]:
+                    # Remember "older than `version` is stale", not the value: the pending
+                    # set stays small (no payloads) and the next reader loads the row.
+                    entry = build(KIND_INVALID, version, 0, 0)
+                    rank = RANK[KIND_INVALID]
                 self.pending.add(rkey, version, rank, entry)
             self._pending_gauge.set(len(self.pending))
 
