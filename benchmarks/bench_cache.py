@@ -26,7 +26,8 @@ import orjson
 
 from sheetanchor.config import pg_url_from_env, redis_url_from_env, to_asyncpg_dsn
 from sheetanchor.postgres import Database
-from sheetanchor.redis import RedisClient, RedisRetry
+from sheetanchor.redis import RedisClient
+from sheetanchor.retry import RetryPolicy
 from sheetanchor.state import CachedStore, CircuitBreaker
 from sheetanchor.state._fence import FENCED_SET
 
@@ -151,7 +152,7 @@ async def _bench(pg_admin: str, redis_url: str) -> None:
             async with RedisClient(
                 "redis://127.0.0.1:1/0",
                 socket_connect_timeout=0.1,
-                retry=RedisRetry(max_attempts=1),
+                retry=RetryPolicy(max_attempts=1),
             ) as dead:
                 down = CachedStore(
                     db,

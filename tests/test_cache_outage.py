@@ -24,12 +24,12 @@ from sheetanchor.config import parse_url
 from sheetanchor.embedded import EmbeddedRedis
 from sheetanchor.errors import SheetAnchorError
 from sheetanchor.postgres import Database
-from sheetanchor.redis import RedisClient, RedisRetry
+from sheetanchor.redis import RedisClient
 from sheetanchor.retry import RetryPolicy
 from sheetanchor.state import CachedStore, CacheSettings, CircuitBreaker
 from sheetanchor.testing import FaultProxy
 
-_FAST = dict(socket_timeout=0.5, socket_connect_timeout=0.5, retry=RedisRetry(max_attempts=1))
+_FAST = dict(socket_timeout=0.5, socket_connect_timeout=0.5, retry=RetryPolicy(max_attempts=1))
 
 
 class FakeClock:

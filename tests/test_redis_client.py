@@ -24,7 +24,7 @@ from prometheus_client import generate_latest
 from sheetanchor.config import parse_url
 from sheetanchor.errors import ResourceClosed, WrongEventLoop
 from sheetanchor.observe import REGISTRY
-from sheetanchor.redis import LuaScript, RedisClient, RedisRetry
+from sheetanchor.redis import LuaScript, RedisClient
 from sheetanchor.retry import RetryPolicy
 from sheetanchor.testing import FaultProxy
 
@@ -204,7 +204,7 @@ async def test_transient_connection_reset_is_retried(
     policy = RetryPolicy(max_attempts=3, initial=0.01, maximum=0.05, deadline=5.0)
     async with (
         RedisClient(proxy.url(redis_url), retry=policy) as ours,
-        RedisClient(proxy.url(redis_url), retry=RedisRetry(max_attempts=1)) as once,
+        RedisClient(proxy.url(redis_url), retry=RetryPolicy(max_attempts=1)) as once,
     ):
         await ours.ping()
         await once.ping()

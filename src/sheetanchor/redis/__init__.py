@@ -6,7 +6,6 @@ from sheetanchor.redis._client import (
     DEFAULT_REDIS_RETRY,
     AnyRedis,
     RedisClient,
-    RedisRetry,
     RedisStats,
 )
 from sheetanchor.redis._scripts import LuaScript
@@ -16,6 +15,5 @@ __all__ = [
     "AnyRedis",
     "LuaScript",
     "RedisClient",
-    "RedisRetry",
     "RedisStats",
 ]

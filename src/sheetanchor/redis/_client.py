@@ -29,7 +29,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import NamedTuple, Protocol, TypeVar
+from typing import NamedTuple, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -42,49 +42,19 @@ from sheetanchor.config import parse_url, redact, redis_url_from_env
 from sheetanchor.errors import ConfigError, ResourceClosed, WrongEventLoop
 from sheetanchor.observe import get_logger
 from sheetanchor.redis import _metrics
+from sheetanchor.retry import RetryPolicy
 
-__all__ = ["DEFAULT_REDIS_RETRY", "AnyRedis", "RedisClient", "RedisRetry", "RedisStats"]
+__all__ = ["DEFAULT_REDIS_RETRY", "AnyRedis", "RedisClient", "RedisStats"]
 
 _log = get_logger("redis")
 _T = TypeVar("_T")
 
 
-class _RetrySettings(Protocol):
-    """What the client needs from a retry policy (``sheetanchor.retry.RetryPolicy`` fits)."""
-
-    @property
-    def max_attempts(self) -> int: ...
-
-    @property
-    def initial(self) -> float: ...
-
-    @property
-    def maximum(self) -> float: ...
-
-
-@dataclass(frozen=True, slots=True)
-class RedisRetry:
-    """Retry settings for transient Redis errors (connection lost, timeout).
-
-    Any object with ``max_attempts``, ``initial`` and ``maximum`` works in its place (e.g.
-    ``sheetanchor.retry.RetryPolicy``). Backoff is exponential with full jitter, capped at
-    ``maximum`` seconds.
-    """
-
-    max_attempts: int = 3
-    initial: float = 0.05
-    maximum: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        if self.initial < 0 or self.maximum < self.initial:
-            raise ConfigError(
-                f"need 0 <= initial <= maximum, got initial={self.initial} maximum={self.maximum}"
-            )
-
-
-DEFAULT_REDIS_RETRY = RedisRetry()
+#: Retries of transient Redis errors (connection lost, timeout) inside redis-py: 3 attempts,
+#: backoff from 50 ms, capped at 1 s, full jitter. redis-py runs the loop itself (per
+#: command, on a fresh connection), so a policy's ``max_attempts``, ``initial`` and
+#: ``maximum`` are used and its ``deadline`` is not: attempts x socket timeouts bound a call.
+DEFAULT_REDIS_RETRY = RetryPolicy(max_attempts=3, initial=0.05, maximum=1.0, name="redis")
 
 
 class RedisStats(NamedTuple):
@@ -137,7 +107,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _to_redis_retry(policy: _RetrySettings) -> Retry:
+def _to_redis_retry(policy: RetryPolicy) -> Retry:
     return Retry(
         ExponentialWithJitterBackoff(cap=policy.maximum, base=policy.initial),
         retries=policy.max_attempts - 1,
@@ -155,8 +125,8 @@ class RedisClient:
             on checkout (catches connections killed by a restart or a proxy).
         socket_timeout: seconds to wait for a reply before the call fails (transient).
         socket_connect_timeout: seconds to wait for a TCP connect.
-        retry: retry policy for transient errors (connection lost, timeout); any object with
-            ``max_attempts``, ``initial``, ``maximum`` (``sheetanchor.retry.RetryPolicy`` fits).
+        retry: a :class:`~sheetanchor.retry.RetryPolicy` for transient errors (connection
+            lost, timeout), run by redis-py per command (see :data:`DEFAULT_REDIS_RETRY`).
         max_connections: connections per (process, loop) pool.
         pool_timeout: seconds a call waits for a free pooled connection.
         decode_responses: passed to redis-py (default ``False``: bytes in, bytes out).
@@ -182,7 +152,7 @@ class RedisClient:
         health_check_interval: float = 15.0,
         socket_timeout: float = 5.0,
         socket_connect_timeout: float = 5.0,
-        retry: _RetrySettings | None = None,
+        retry: RetryPolicy | None = None,
         max_connections: int = 50,
         pool_timeout: float = 5.0,
         decode_responses: bool = False,

@@ -27,7 +27,8 @@ import redis.exceptions
 
 from sheetanchor.demo._drill import DemoContext, DrillResult
 from sheetanchor.postgres import Database
-from sheetanchor.redis import RedisClient, RedisRetry
+from sheetanchor.redis import RedisClient
+from sheetanchor.retry import RetryPolicy
 from sheetanchor.state import CachedStore, CircuitBreaker, Links, StoreHooks
 
 __all__ = ["DRILL", "CacheDrill"]
@@ -120,7 +121,7 @@ async def _race_scene(db: Database, rc: RedisClient, table: str, ns: str) -> tup
 def _fast_client(url: str) -> RedisClient:
     # Short timeouts and no retries: a stopped server shows up at once, in both halves.
     return RedisClient(
-        url, socket_timeout=0.3, socket_connect_timeout=0.3, retry=RedisRetry(max_attempts=1)
+        url, socket_timeout=0.3, socket_connect_timeout=0.3, retry=RetryPolicy(max_attempts=1)
     )
 
 
