@@ -280,3 +280,25 @@ async def test_ttl_jitter_and_probabilistic_early_refresh(env: Any) -> None:
     assert await store.get(1) == {"name": "a"}
     assert store.stats().pg_reads == reads + 1
     assert await rc.client().pttl(store.redis_key(1)) > 0
+
+
+async def test_text_keys_jsonb_and_a_pydantic_schema(env: Any) -> None:
+    pydantic = pytest.importorskip("pydantic")
+    db, rc, table = env
+
+    class Doc(pydantic.BaseModel):
+        title: str
+        tags: list[str]
+
+    await db.execute(
+        f"CREATE TABLE {table}_docs (slug text PRIMARY KEY, version bigserial NOT NULL, "
+        "title text NOT NULL, tags jsonb NOT NULL)"
+    )
+    store = CachedStore(db, rc, table=f"{table}_docs", key_column="slug", schema=Doc)
+    await store.put("a:b}c", Doc(title="t", tags=["x", "y"]))
+    assert await store.get("a:b}c") == Doc(title="t", tags=["x", "y"])  # miss
+    assert await store.get("a:b}c") == Doc(title="t", tags=["x", "y"])  # hit
+    await rc.client().set(store.redis_key("a:b}c"), b'v999|0|0|{"title": 1, "tags": "no"}')
+    assert await store.get("a:b}c") == Doc(title="t", tags=["x", "y"])  # invalid -> miss
+    assert store.stats().corrupt == 1
+    assert await store.get_many(["a:b}c", "zzz"]) == {"a:b}c": Doc(title="t", tags=["x", "y"])}
