@@ -302,3 +302,23 @@ async def test_text_keys_jsonb_and_a_pydantic_schema(env: Any) -> None:
     assert await store.get("a:b}c") == Doc(title="t", tags=["x", "y"])  # invalid -> miss
     assert store.stats().corrupt == 1
     assert await store.get_many(["a:b}c", "zzz"]) == {"a:b}c": Doc(title="t", tags=["x", "y"])}
+
+
+async def test_cold_cache_mode_takes_the_lease_in_the_first_call(env: Any) -> None:
+    db, rc, table = env
+    store = CachedStore(db, rc, table=table, value_columns=["name"])
+    await store.put_many({i: {"name": f"n{i}"} for i in range(30)})
+    await rc.client().delete(*(store.redis_key(i) for i in range(30)))
+    for i in range(10):  # a run of misses switches the store to lease-first lookups
+        assert await store.get(i) == {"name": f"n{i}"}
+    assert store._miss_rate > 0.3
+    reads = store.stats().pg_reads
+    values = await asyncio.gather(*(store.get(29) for _ in range(100)))
+    assert values == [{"name": "n29"}] * 100
+    assert store.stats().pg_reads == reads + 1
+    for i in range(10, 29):
+        assert await store.get(i) == {"name": f"n{i}"}
+    for _ in range(60):  # a run of hits switches it back to a plain GET first
+        assert await store.get(29) == {"name": "n29"}
+    assert store._miss_rate < 0.3
+    assert await store.get(0) == {"name": "n0"}

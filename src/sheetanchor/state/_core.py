@@ -133,6 +133,8 @@ class _StoreCore:
         self._codec: RowCodec | None = None
         self._retry = retry.named(f"cache {table}") if retry is not None else None
         self._flights = SingleFlight(settings.max_flights)
+        self._lease_ms = int(settings.lease_ttl * 1000)
+        self._miss_rate = 0.0  # recent share of lookups that missed (see CachedStore.get)
         _metrics.FLIGHTS.labels(table).set_function(self._flights.inflight)
         self.cache = CacheSide(
             redis,

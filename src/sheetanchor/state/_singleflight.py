@@ -83,6 +83,11 @@ class SingleFlight:
             if flights.get(key) is fut:
                 del flights[key]
 
+    def running(self, key: Hashable) -> bool:
+        """True when a flight for ``key`` runs in the current loop (a caller would join it)."""
+        flights = self._loops.get(asyncio.get_running_loop())
+        return flights is not None and key in flights
+
     def forget(self, key: Hashable) -> None:
         """Detach the running flight of ``key`` (after a write): new callers start afresh.
 

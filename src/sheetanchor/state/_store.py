@@ -25,6 +25,11 @@ from sheetanchor.state._writes import _StoreWrites
 
 __all__ = ["CachedStore", "PgExecutor", "StoreStats"]
 
+# Miss-rate tracking (an exponentially weighted mean over roughly the last 20 lookups):
+# above this rate, lookups start with GET_OR_LEASE instead of a plain GET.
+_RATE_WEIGHT = 0.05
+_LEASE_FIRST_ABOVE = 0.3
+
 
 class CachedStore(_StoreWrites):
     """A read-through cache of one table, version-fenced, with stampede protection.
@@ -62,39 +67,80 @@ class CachedStore(_StoreWrites):
     async def get(self, key: Hashable) -> Any:
         """The value of ``key``, or ``None`` when the table has no such row.
 
-        A hit is one GET. A miss is loaded once per key however many callers want it: in
-        this process they share one load (single-flight), across processes the holder of the
-        key's lease loads while the others wait for its entry. A write from this process
-        detaches the running load, so a read that starts after a write returned sees it.
-        While Redis is unreachable, reads go to PostgreSQL (one per key at a time).
+        A hit is one round trip. A miss is loaded once per key however many callers want
+        it: in this process they share one load (single-flight), across processes the holder
+        of the key's lease loads while the others wait for its entry. A write from this
+        process detaches the running load, so a read that starts after a write returned sees
+        it. While Redis is unreachable, reads go to PostgreSQL (one per key at a time).
+
+        The first call is a plain GET while most lookups hit; when misses dominate (a cold
+        cache) it becomes a script that also takes the lease, saving a round trip per miss.
         """
         sql = self._sql or await self.prepare()
         rkey = self.redis_key(key)
+        if self._miss_rate > _LEASE_FIRST_ABOVE:
+            return await self._get_lease_first(sql, key, rkey)
         data = await self.cache.get(rkey)
         if data is not None and data is not DOWN:
             value = self._from_cache(data)  # type: ignore[arg-type]
             if value is _CORRUPT:
                 await self.cache.delete_if_equal(rkey, data)  # type: ignore[arg-type]
             elif value is not _MISS:
-                if value is not None:
-                    self._m_hit.inc()
-                    self._counts["hit"] += 1
+                self._hit(value)
                 return value
         if data is DOWN:
             # Redis is skipped: one PostgreSQL read per key at a time, nothing cached.
             self._m_skipped.inc()
             self._counts["skipped"] += 1
             return await self._flights.run(rkey, lambda: self._read(sql, key, rkey, fill=False))
+        self._missed()
+        return await self._flights.run(rkey, lambda: self._miss(sql, key, rkey))
+
+    def _hit(self, value: Any) -> None:
+        self._miss_rate *= 1 - _RATE_WEIGHT
+        if value is not None:
+            self._m_hit.inc()
+            self._counts["hit"] += 1
+
+    def _missed(self) -> None:
+        self._miss_rate += _RATE_WEIGHT * (1 - self._miss_rate)
         self._m_miss.inc()
         self._counts["miss"] += 1
-        return await self._flights.run(rkey, lambda: self._miss(sql, key, rkey))
+
+    async def _get_lease_first(self, sql: TableSQL, key: Hashable, rkey: str) -> Any:
+        # Cold-cache mode: GET_OR_LEASE first, so a miss costs two round trips, not three.
+        lease_key = rkey + ":lease"
+        token = f"{_TOKEN_PREFIX[0]}{next(_TOKENS)}"
+        res = await self.cache.get_or_lease(rkey, lease_key, token, self._lease_ms)
+        if res is DOWN:
+            self._m_skipped.inc()
+            self._counts["skipped"] += 1
+            return await self._flights.run(rkey, lambda: self._read(sql, key, rkey, fill=False))
+        held: bool | None = None
+        if isinstance(res, bytes):
+            value = self._from_cache(res)
+            if value is _CORRUPT:
+                await self.cache.delete_if_equal(rkey, res)
+            elif value is not _MISS:
+                self._hit(value)
+                return value
+        else:
+            held = bool(res)
+        self._missed()
+        if held and self._flights.running(rkey):
+            # A local load already runs and waits for the lease (our reply came back after
+            # another caller's "taken"): hand the lease to it instead of making it wait.
+            await self.cache.release_lease(lease_key, token)
+            held = None
+        return await self._flights.run(
+            rkey, lambda: self._load(sql, key, rkey, lease_key, token, held)
+        )
 
     async def _miss(self, sql: TableSQL, key: Hashable, rkey: str) -> Any:
         # Look again and try to take the load lease, in one round trip.
         lease_key = rkey + ":lease"
         token = f"{_TOKEN_PREFIX[0]}{next(_TOKENS)}"
-        lease_ms = int(self.settings.lease_ttl * 1000)
-        res = await self.cache.get_or_lease(rkey, lease_key, token, lease_ms)
+        res = await self.cache.get_or_lease(rkey, lease_key, token, self._lease_ms)
         if res is DOWN:
             return await self._read(sql, key, rkey, fill=False)
         held: bool | None = None
