@@ -21,7 +21,7 @@ from tests._store_helpers import make_items_table, table_name
 from sheetanchor.errors import VersionConflict
 from sheetanchor.postgres import Database
 from sheetanchor.redis import RedisClient
-from sheetanchor.state import CachedStore, CacheSettings, StoreHooks
+from sheetanchor.state import CachedStore, CacheSettings, StoreClock, StoreHooks
 
 
 class _Pause:
@@ -226,3 +226,99 @@ async def test_corrupt_and_invalid_entries_are_misses(env: Any) -> None:
     assert store.stats().corrupt == 3
     assert await store.get(1) == Item("a")
     assert store.stats().hits == 1
+
+
+async def test_a_read_after_a_write_never_joins_an_older_lookup(env: Any) -> None:
+    db, rc, table = env
+    pause = _Pause()
+    store = CachedStore(
+        db, rc, table=table, value_columns=["name"], hooks=StoreHooks(after_db_read=pause)
+    )
+    await store.put(1, {"name": "v1"})
+    await rc.client().delete(store.redis_key(1))
+    slow = asyncio.create_task(store.get(1))  # a lookup that read v1, then stalls
+    await asyncio.wait_for(pause.paused.wait(), 30)
+    await store.put(1, {"name": "v2"})
+    # Started after the write returned: must not share the stalled lookup's v1.
+    assert await store.get(1) == {"name": "v2"}
+    pause.resume.set()
+    assert await slow == {"name": "v1"}
+
+
+async def test_get_many_with_corrupt_entries_among_good_ones(env: Any) -> None:
+    db, rc, table = env
+    store = CachedStore(db, rc, table=table, value_columns=["name"])
+    await store.put_many({i: {"name": f"n{i}"} for i in range(6)})
+    r = rc.client()
+    await r.set(store.redis_key(1), b"garbage")
+    await r.set(store.redis_key(3), b'v999999|0|0|{"name":"x"},{"name":"y"}')  # would shift
+    await r.set(store.redis_key(4), b"v999999|0|0|[1]")
+    got = await store.get_many(range(6))
+    assert got == {i: {"name": f"n{i}"} for i in range(6)}
+    assert store.stats().corrupt == 3
+    assert await store.get_many(range(6)) == got
+    assert store.stats().corrupt == 3  # repaired: removed, then filled afresh
+
+
+async def test_ttl_jitter_and_probabilistic_early_refresh(env: Any) -> None:
+    db, rc, table = env
+    now = [1_000_000.0]
+    rand = [0.5]
+    clock = StoreClock(wall=lambda: now[0], rand=lambda: rand[0])
+    settings = CacheSettings(ttl=100.0, ttl_jitter=0.2, early_refresh=True)
+    store = CachedStore(db, rc, table=table, value_columns=["name"], settings=settings, clock=clock)
+    await store.put(1, {"name": "a"})
+    await rc.client().delete(store.redis_key(1))
+    assert await store.get(1) == {"name": "a"}  # miss: loaded, cached with its load time
+    ttl_ms = await rc.client().pttl(store.redis_key(1))
+    assert 80_000 - 1_000 <= ttl_ms <= 90_000  # 100 s minus 20 % * 0.5 of jitter
+    reads = store.stats().pg_reads
+    assert await store.get(1) == {"name": "a"}  # far from expiry: a plain hit
+    assert store.stats().pg_reads == reads
+    now[0] += 89.99  # a hair before expiry...
+    rand[0] = 1e-9  # ...and an unlucky draw: this reader refreshes early
+    assert await store.get(1) == {"name": "a"}
+    assert store.stats().pg_reads == reads + 1
+    assert await rc.client().pttl(store.redis_key(1)) > 0
+
+
+async def test_text_keys_jsonb_and_a_pydantic_schema(env: Any) -> None:
+    pydantic = pytest.importorskip("pydantic")
+    db, rc, table = env
+
+    class Doc(pydantic.BaseModel):
+        title: str
+        tags: list[str]
+
+    await db.execute(
+        f"CREATE TABLE {table}_docs (slug text PRIMARY KEY, version bigserial NOT NULL, "
+        "title text NOT NULL, tags jsonb NOT NULL)"
+    )
+    store = CachedStore(db, rc, table=f"{table}_docs", key_column="slug", schema=Doc)
+    await store.put("a:b}c", Doc(title="t", tags=["x", "y"]))
+    assert await store.get("a:b}c") == Doc(title="t", tags=["x", "y"])  # miss
+    assert await store.get("a:b}c") == Doc(title="t", tags=["x", "y"])  # hit
+    await rc.client().set(store.redis_key("a:b}c"), b'v999|0|0|{"title": 1, "tags": "no"}')
+    assert await store.get("a:b}c") == Doc(title="t", tags=["x", "y"])  # invalid -> miss
+    assert store.stats().corrupt == 1
+    assert await store.get_many(["a:b}c", "zzz"]) == {"a:b}c": Doc(title="t", tags=["x", "y"])}
+
+
+async def test_cold_cache_mode_takes_the_lease_in_the_first_call(env: Any) -> None:
+    db, rc, table = env
+    store = CachedStore(db, rc, table=table, value_columns=["name"])
+    await store.put_many({i: {"name": f"n{i}"} for i in range(30)})
+    await rc.client().delete(*(store.redis_key(i) for i in range(30)))
+    for i in range(10):  # a run of misses switches the store to lease-first lookups
+        assert await store.get(i) == {"name": f"n{i}"}
+    assert store._miss_rate > 0.3
+    reads = store.stats().pg_reads
+    values = await asyncio.gather(*(store.get(29) for _ in range(100)))
+    assert values == [{"name": "n29"}] * 100
+    assert store.stats().pg_reads == reads + 1
+    for i in range(10, 29):
+        assert await store.get(i) == {"name": f"n{i}"}
+    for _ in range(60):  # a run of hits switches it back to a plain GET first
+        assert await store.get(29) == {"name": "n29"}
+    assert store._miss_rate < 0.3
+    assert await store.get(0) == {"name": "n0"}

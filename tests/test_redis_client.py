@@ -15,13 +15,18 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Callable
 
 import pytest
+import redis.exceptions
 from prometheus_client import generate_latest
 
+from sheetanchor.config import parse_url
 from sheetanchor.errors import ResourceClosed, WrongEventLoop
 from sheetanchor.observe import REGISTRY
 from sheetanchor.redis import LuaScript, RedisClient
+from sheetanchor.retry import RetryPolicy
+from sheetanchor.testing import FaultProxy
 
 _NAIVE = textwrap.dedent(
     """
@@ -184,6 +189,29 @@ async def test_lua_script_reloads_after_script_flush(redis_url: str) -> None:
     async with RedisClient(redis_url) as rc:
         r = rc.client()
         await r.script_flush()
-        assert await script(r, keys=["lua:n"], args=[2]) == 2  # NOSCRIPT -> EVAL
+        assert await script(r, keys=["lua:n"], args=[2]) == 2  # first use: SCRIPT LOAD
         assert await r.script_exists(script.sha) == [True]
-        assert await script(r, keys=["lua:n"], args=[3]) == 5  # EVALSHA
+        await r.script_flush()  # the server forgets it (as after a restart)
+        assert await script(r, keys=["lua:n"], args=[3]) == 5  # NOSCRIPT -> load, again
+
+
+async def test_transient_connection_reset_is_retried(
+    redis_url: str, fault_proxy: Callable[[str, int], FaultProxy]
+) -> None:
+    parsed = parse_url(redis_url)
+    proxy = fault_proxy(parsed.host or "127.0.0.1", parsed.port or 6379)
+    # The project's retry policy fits the client's retry seam.
+    policy = RetryPolicy(max_attempts=3, initial=0.01, maximum=0.05, deadline=5.0)
+    async with (
+        RedisClient(proxy.url(redis_url), retry=policy) as ours,
+        RedisClient(proxy.url(redis_url), retry=RetryPolicy(max_attempts=1)) as once,
+    ):
+        await ours.ping()
+        await once.ping()
+        proxy.reset_all()  # both pooled connections die under the clients
+        # Without retries the call fails on the dead pooled connection...
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await once.client().set("retry:k", 1)
+        # ...with them, it reconnects and succeeds.
+        assert await ours.client().set("retry:k", 2)
+        assert await ours.client().get("retry:k") == b"2"

@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-from sheetanchor.cli import _budget, _deadletter, _demo, _wait  # noqa: F401
+from sheetanchor.cli import _budget, _deadletter, _demo, _reconcile, _wait  # noqa: F401

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from sheetanchor.redis._client import DEFAULT_REDIS_RETRY, RedisClient, RedisRetry, RedisStats
+from sheetanchor.redis._client import (
+    DEFAULT_REDIS_RETRY,
+    AnyRedis,
+    RedisClient,
+    RedisStats,
+)
 from sheetanchor.redis._scripts import LuaScript
 
-__all__ = ["DEFAULT_REDIS_RETRY", "LuaScript", "RedisClient", "RedisRetry", "RedisStats"]
+__all__ = [
+    "DEFAULT_REDIS_RETRY",
+    "AnyRedis",
+    "LuaScript",
+    "RedisClient",
+    "RedisStats",
+]

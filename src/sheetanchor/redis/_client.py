@@ -29,7 +29,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import NamedTuple, Protocol, TypeVar
+from typing import NamedTuple, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -42,49 +42,19 @@ from sheetanchor.config import parse_url, redact, redis_url_from_env
 from sheetanchor.errors import ConfigError, ResourceClosed, WrongEventLoop
 from sheetanchor.observe import get_logger
 from sheetanchor.redis import _metrics
+from sheetanchor.retry import RetryPolicy
 
-__all__ = ["DEFAULT_REDIS_RETRY", "RedisClient", "RedisRetry", "RedisStats"]
+__all__ = ["DEFAULT_REDIS_RETRY", "AnyRedis", "RedisClient", "RedisStats"]
 
 _log = get_logger("redis")
 _T = TypeVar("_T")
 
 
-class _RetrySettings(Protocol):
-    """What the client needs from a retry policy (``sheetanchor.retry.RetryPolicy`` fits)."""
-
-    @property
-    def max_attempts(self) -> int: ...
-
-    @property
-    def initial(self) -> float: ...
-
-    @property
-    def maximum(self) -> float: ...
-
-
-@dataclass(frozen=True, slots=True)
-class RedisRetry:
-    """Retry settings for transient Redis errors (connection lost, timeout).
-
-    Any object with ``max_attempts``, ``initial`` and ``maximum`` works in its place (e.g.
-    ``sheetanchor.retry.RetryPolicy``). Backoff is exponential with full jitter, capped at
-    ``maximum`` seconds.
-    """
-
-    max_attempts: int = 3
-    initial: float = 0.05
-    maximum: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        if self.initial < 0 or self.maximum < self.initial:
-            raise ConfigError(
-                f"need 0 <= initial <= maximum, got initial={self.initial} maximum={self.maximum}"
-            )
-
-
-DEFAULT_REDIS_RETRY = RedisRetry()
+#: Retries of transient Redis errors (connection lost, timeout) inside redis-py: 3 attempts,
+#: backoff from 50 ms, capped at 1 s, full jitter. redis-py runs the loop itself (per
+#: command, on a fresh connection), so a policy's ``max_attempts``, ``initial`` and
+#: ``maximum`` are used and its ``deadline`` is not: attempts x socket timeouts bound a call.
+DEFAULT_REDIS_RETRY = RetryPolicy(max_attempts=3, initial=0.05, maximum=1.0, name="redis")
 
 
 class RedisStats(NamedTuple):
@@ -110,10 +80,14 @@ class RedisStats(NamedTuple):
     max_connections: int
 
 
+AnyRedis = aioredis.Redis | aioredis.RedisCluster
+"""A single-server client or a cluster client (both speak the same commands)."""
+
+
 @dataclass(eq=False, slots=True)
 class _Entry:
     loop: asyncio.AbstractEventLoop
-    redis: aioredis.Redis
+    redis: AnyRedis
     pid: int
     stop: asyncio.Future[None]
     closer: asyncio.Task[None] | None = None
@@ -133,7 +107,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _to_redis_retry(policy: _RetrySettings) -> Retry:
+def _to_redis_retry(policy: RetryPolicy) -> Retry:
     return Retry(
         ExponentialWithJitterBackoff(cap=policy.maximum, base=policy.initial),
         retries=policy.max_attempts - 1,
@@ -151,11 +125,14 @@ class RedisClient:
             on checkout (catches connections killed by a restart or a proxy).
         socket_timeout: seconds to wait for a reply before the call fails (transient).
         socket_connect_timeout: seconds to wait for a TCP connect.
-        retry: retry policy for transient errors (connection lost, timeout); any object with
-            ``max_attempts``, ``initial``, ``maximum`` (``sheetanchor.retry.RetryPolicy`` fits).
+        retry: a :class:`~sheetanchor.retry.RetryPolicy` for transient errors (connection
+            lost, timeout), run by redis-py per command (see :data:`DEFAULT_REDIS_RETRY`).
         max_connections: connections per (process, loop) pool.
         pool_timeout: seconds a call waits for a free pooled connection.
         decode_responses: passed to redis-py (default ``False``: bytes in, bytes out).
+        cluster: the URL names one node of a Redis Cluster: use ``redis.asyncio.RedisCluster``
+            (get it with :meth:`any_client` or :meth:`cluster_client`; ``max_connections``
+            is then per node).
 
     Raises:
         ConfigError: no URL, a non-Redis URL, or an invalid number.
@@ -175,10 +152,11 @@ class RedisClient:
         health_check_interval: float = 15.0,
         socket_timeout: float = 5.0,
         socket_connect_timeout: float = 5.0,
-        retry: _RetrySettings | None = None,
+        retry: RetryPolicy | None = None,
         max_connections: int = 50,
         pool_timeout: float = 5.0,
         decode_responses: bool = False,
+        cluster: bool = False,
     ) -> None:
         resolved = url if url is not None else redis_url_from_env()
         if not resolved:
@@ -206,6 +184,7 @@ class RedisClient:
         self._max_connections = max_connections
         self._pool_timeout = pool_timeout
         self._decode_responses = decode_responses
+        self.cluster = cluster
         self._entries: dict[asyncio.AbstractEventLoop, _Entry] = {}
         self._inherited: list[_Entry] = []  # kept referenced so their sockets are never closed
         self._lock = threading.Lock()
@@ -242,26 +221,66 @@ class RedisClient:
                 f"RedisClient({self.name!r}).client() needs a running event loop; "
                 "call it from a coroutine"
             ) from None
+        if self.cluster:
+            raise ConfigError(
+                f"RedisClient({self.name!r}) talks to a Redis Cluster: use cluster_client() "
+                "or any_client()"
+            )
         entry = self._entries.get(loop)  # the fast path: one dict read, no lock
+        redis = entry.redis if entry is not None else self._create(loop)
+        return redis  # type: ignore[return-value]  # not a cluster: always a Redis
+
+    def cluster_client(self) -> aioredis.RedisCluster:
+        """Return the ``redis.asyncio.RedisCluster`` of the running loop (``cluster=True``)."""
+        if not self.cluster:
+            raise ConfigError(
+                f"RedisClient({self.name!r}) is not a cluster client: use client(), or pass "
+                "cluster=True"
+            )
+        redis = self.any_client()
+        return redis  # type: ignore[return-value]  # a cluster: always a RedisCluster
+
+    def any_client(self) -> AnyRedis:
+        """The client of the running loop, single-server or cluster (what ``cluster`` says).
+
+        Raises:
+            WrongEventLoop: called outside a running event loop.
+            ResourceClosed: after :meth:`close`.
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise WrongEventLoop(
+                f"RedisClient({self.name!r}).any_client() needs a running event loop; "
+                "call it from a coroutine"
+            ) from None
+        entry = self._entries.get(loop)
         if entry is not None:
             return entry.redis
         return self._create(loop)
 
-    async def call(self, fn: Callable[[aioredis.Redis], Awaitable[_T]]) -> _T:
+    async def call(self, fn: Callable[[AnyRedis], Awaitable[_T]]) -> _T:
         """Run ``await fn(redis)`` with the client of the running loop.
 
         Transient errors are retried inside redis-py with this client's retry policy.
         """
-        return await fn(self.client())
+        return await fn(self.any_client())
 
     async def ping(self) -> bool:
-        """``PING`` the server; True when it answers."""
-        return bool(await self.client().ping())
+        """``PING`` the server (every node of a cluster); True when it answers."""
+        return bool(await self.any_client().ping())
 
     def stats(self) -> RedisStats:
         """Counters and pool occupancy for this process (see :class:`RedisStats`)."""
         in_use = idle = 0
         for entry in list(self._entries.values()):
+            # Best effort: redis-py keeps these counts in private attributes.
+            if isinstance(entry.redis, aioredis.RedisCluster):
+                for node in entry.redis.get_nodes():
+                    free = len(getattr(node, "_free", ()))
+                    idle += free
+                    in_use += max(0, len(getattr(node, "_connections", ())) - free)
+                continue
             pool = entry.redis.connection_pool
             in_use += len(getattr(pool, "_in_use_connections", ()))
             idle += sum(1 for c in getattr(pool, "_available_connections", ()) if c.is_connected)
@@ -325,7 +344,30 @@ class RedisClient:
 
     # -- internals ---------------------------------------------------------------------
 
-    def _create(self, loop: asyncio.AbstractEventLoop) -> aioredis.Redis:
+    def _connect(self) -> AnyRedis:
+        if self.cluster:
+            return aioredis.RedisCluster.from_url(
+                self._url,
+                max_connections=self._max_connections,
+                socket_timeout=self._socket_timeout or None,
+                socket_connect_timeout=self._socket_connect_timeout or None,
+                health_check_interval=self._health_check_interval,
+                retry=_to_redis_retry(self._retry),
+                decode_responses=self._decode_responses,
+            )
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self._url,
+            max_connections=self._max_connections,
+            timeout=self._pool_timeout,
+            socket_timeout=self._socket_timeout or None,
+            socket_connect_timeout=self._socket_connect_timeout or None,
+            health_check_interval=self._health_check_interval,
+            retry=_to_redis_retry(self._retry),
+            decode_responses=self._decode_responses,
+        )
+        return aioredis.Redis.from_pool(pool)
+
+    def _create(self, loop: asyncio.AbstractEventLoop) -> AnyRedis:
         with self._lock:
             if self._closed:
                 raise ResourceClosed(f"RedisClient({self.name!r}) is closed; create a new one")
@@ -333,17 +375,7 @@ class RedisClient:
             if entry is not None:
                 return entry.redis
             self._sweep_closed_loops()
-            pool = aioredis.BlockingConnectionPool.from_url(
-                self._url,
-                max_connections=self._max_connections,
-                timeout=self._pool_timeout,
-                socket_timeout=self._socket_timeout or None,
-                socket_connect_timeout=self._socket_connect_timeout or None,
-                health_check_interval=self._health_check_interval,
-                retry=_to_redis_retry(self._retry),
-                decode_responses=self._decode_responses,
-            )
-            redis = aioredis.Redis.from_pool(pool)
+            redis = self._connect()
             entry = _Entry(loop=loop, redis=redis, pid=os.getpid(), stop=loop.create_future())
             # Only a task can be cancelled by asyncio.run at loop end; it closes the pool there.
             entry.closer = loop.create_task(

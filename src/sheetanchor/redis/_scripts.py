@@ -1,22 +1,26 @@
-"""Lua scripts: sent once per client, then called by SHA (EVALSHA) with a NOSCRIPT fallback.
+"""Lua scripts: registered once per client, then called by SHA (EVALSHA), NOSCRIPT-safe.
 
-A script's SHA1 is computed locally, so the first call is already an ``EVALSHA``. When the
-server does not know the script (first use, a restart, ``SCRIPT FLUSH``, a failover to a
-replica that never saw it) it answers ``NOSCRIPT``; the script is then sent once with
-``EVAL``, which also caches it on that server (and, in a cluster, on the node that owns the
-key), so later calls go back to ``EVALSHA``.
+The first call through a client sends ``SCRIPT LOAD`` (to every primary of a cluster), and
+every call is an ``EVALSHA`` of the locally computed SHA1. When a server forgot the script
+(a restart, ``SCRIPT FLUSH``, a failover to a replica that never saw it) it answers
+``NOSCRIPT``: the script is loaded again and the call repeated once.
+
+Loading up front rather than answering NOSCRIPT with ``EVAL`` matters on a cluster:
+redis-py 8.1's asyncio cluster client breaks connections when many concurrent EVALSHA calls
+hit NOSCRIPT (``'NoneType' object has no attribute 'writelines'``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from sheetanchor.redis import _metrics
+from sheetanchor.redis._client import AnyRedis
 
 __all__ = ["LuaScript"]
 
@@ -36,30 +40,36 @@ class LuaScript:
         await incr_to(rc.client(), keys=["k"], args=[5])
     """
 
-    __slots__ = ("name", "sha", "source")
+    __slots__ = ("_loaded", "name", "sha", "source")
 
     def __init__(self, name: str, source: str) -> None:
         self.name = name
         self.source = source
         self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+        # Clients this script was registered through (weak: a closed client just goes away).
+        self._loaded: weakref.WeakSet[AnyRedis] = weakref.WeakSet()
 
     def __repr__(self) -> str:
         return f"LuaScript({self.name!r}, sha={self.sha[:12]})"
 
-    async def load(self, client: aioredis.Redis) -> None:
-        """Register the script on the server now (optional: the first call does it too)."""
+    async def load(self, client: AnyRedis) -> None:
+        """Register the script on the server(s) now (optional: the first call does it too)."""
         await client.script_load(self.source)
+        self._loaded.add(client)
 
     async def __call__(
         self,
-        client: aioredis.Redis,
+        client: AnyRedis,
         *,
         keys: Sequence[str | bytes] = (),
         args: Sequence[_Arg] = (),
     ) -> Any:
-        """Run the script: ``EVALSHA``, or ``EVAL`` once if the server answers NOSCRIPT."""
+        """Run the script with ``EVALSHA`` (registering it first through a new client)."""
+        if client not in self._loaded:
+            await self.load(client)
         try:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
             _metrics.SCRIPT_RELOADS.labels(self.name).inc()
-            return await client.eval(self.source, len(keys), *keys, *args)
+            await self.load(client)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from sheetanchor.state._breaker import CircuitBreaker
+from sheetanchor.state._ids import uuid7
+from sheetanchor.state._links import Links
+from sheetanchor.state._reconcile import DriftReport, Reconciler
 from sheetanchor.state._settings import (
     DEFAULT_CACHE_SETTINGS,
     CacheSettings,
@@ -16,8 +19,12 @@ __all__ = [
     "CacheSettings",
     "CachedStore",
     "CircuitBreaker",
+    "DriftReport",
+    "Links",
     "PgExecutor",
+    "Reconciler",
     "StoreClock",
     "StoreHooks",
     "StoreStats",
+    "uuid7",
 ]

@@ -10,6 +10,7 @@ keys are invalidated (with the fence) *before* the cache is trusted again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterable, Sequence
 from typing import Any, Final, cast
 
@@ -19,13 +20,20 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sheetanchor.observe import get_logger
-from sheetanchor.redis import RedisClient
+from sheetanchor.redis import AnyRedis, RedisClient
 from sheetanchor.state import _metrics
 from sheetanchor.state._breaker import ALLOW, DENY, CircuitBreaker
-from sheetanchor.state._fence import DELETE_IF_EQUAL, FENCED_SET, LEASE_RELEASE
+from sheetanchor.state._entry import KIND_INVALID, KIND_VALUE, RANK, build
+from sheetanchor.state._fence import (
+    DELETE_IF_EQUAL,
+    FENCED_SET,
+    FENCED_SET_RELEASE,
+    GET_OR_LEASE,
+    LEASE_RELEASE,
+)
 from sheetanchor.state._pending import PendingInvalidations
 
-__all__ = ["DOWN", "REDIS_DOWN_ERRORS", "CacheSide", "FencedItem"]
+__all__ = ["DOWN", "REDIS_DOWN_ERRORS", "CacheSide", "FencedItem", "mget"]
 
 _log = get_logger("state")
 
@@ -48,8 +56,18 @@ REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
+_NO_TIMEOUT = contextlib.nullcontext()
+_CLUSTER_CONCURRENCY = 16
+
 # (redis key, entry bytes, version, rank, ttl ms)
 FencedItem = tuple[str, bytes, int, int, int]
+
+
+async def mget(client: AnyRedis, rkeys: Sequence[str]) -> list[bytes | None]:
+    """MGET; on a cluster, split by hash slot (one MGET per slot, in parallel)."""
+    if isinstance(client, aioredis.RedisCluster):
+        return cast(list[bytes | None], await client.mget_nonatomic(rkeys))
+    return cast(list[bytes | None], await client.mget(rkeys))
 
 
 class CacheSide:
@@ -61,7 +79,8 @@ class CacheSide:
         namespace: key prefix (``SCAN`` pattern for the overflow flush).
         breaker: the circuit breaker.
         pending: the pending-invalidation set.
-        timeout: seconds any single cache call may take before it counts as a failure.
+        timeout: seconds any single cache call may take before it counts as a failure;
+            ``None``: only the Redis client's own socket timeouts apply.
     """
 
     def __init__(
@@ -72,7 +91,7 @@ class CacheSide:
         namespace: str,
         breaker: CircuitBreaker,
         pending: PendingInvalidations,
-        timeout: float,
+        timeout: float | None,
     ) -> None:
         self.rc = rc
         self.table = table
@@ -90,11 +109,17 @@ class CacheSide:
     async def usable(self) -> bool:
         """True when the store may call Redis now (runs the recovery when it is the probe)."""
         verdict = self.breaker.check()
-        if verdict == ALLOW:
-            return True
+        return verdict == ALLOW or await self._admit(verdict)
+
+    async def _admit(self, verdict: int) -> bool:
+        # Not ALLOW: DENY skips Redis; PROBE (exactly one caller) must recover it first.
         if verdict == DENY:
             return False
         return await self._recover()
+
+    def _deadline(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        # asyncio.timeout costs a timer per call (several microseconds): only when asked for.
+        return _NO_TIMEOUT if self.timeout is None else asyncio.timeout(self.timeout)
 
     def failed(self, exc: BaseException) -> None:
         """Count a failed Redis call and tell the breaker."""
@@ -115,8 +140,8 @@ class CacheSide:
         # We are the single probe. Nothing may read the cache before every key written while
         # Redis was away is invalidated, so the breaker closes only after that succeeded.
         try:
-            async with asyncio.timeout(max(self.timeout, 1.0) * 10):
-                client = self.rc.client()
+            async with asyncio.timeout(max(self.timeout or 1.0, 1.0) * 10):
+                client = self.rc.any_client()
                 await client.ping()
                 items, overflowed = self.pending.snapshot()
                 if overflowed:
@@ -142,7 +167,7 @@ class CacheSide:
         )
         return True
 
-    async def _drop_namespace(self, client: aioredis.Redis) -> None:
+    async def _drop_namespace(self, client: AnyRedis) -> None:
         # The pending set overflowed: we no longer know which keys went stale, so every
         # entry of this store goes. Readers of this process do not use Redis meanwhile.
         batch: list[bytes] = []
@@ -158,23 +183,60 @@ class CacheSide:
 
     async def get(self, rkey: str) -> bytes | _Down | None:
         """GET, or :data:`DOWN` when Redis is skipped or failed."""
-        if not await self.usable():
+        if (verdict := self.breaker.check()) != ALLOW and not await self._admit(verdict):
             return DOWN
         try:
-            async with asyncio.timeout(self.timeout):
-                data = cast(bytes | None, await self.rc.client().get(rkey))
+            async with self._deadline():
+                data = cast(bytes | None, await self.rc.any_client().get(rkey))
                 return data
         except REDIS_DOWN_ERRORS as exc:
             self.failed(exc)
             return DOWN
 
-    async def mget(self, rkeys: Sequence[str]) -> list[bytes | None] | _Down:
-        """MGET, or :data:`DOWN`."""
-        if not await self.usable():
+    async def get_or_lease(
+        self, rkey: str, lease_key: str, token: str, ttl_ms: int
+    ) -> bytes | int | _Down:
+        """The entry, or (when there is none) 1 if we took the lease, 0 if another holds it."""
+        if (verdict := self.breaker.check()) != ALLOW and not await self._admit(verdict):
             return DOWN
         try:
-            async with asyncio.timeout(self.timeout):
-                data = cast(list[bytes | None], await self.rc.client().mget(rkeys))
+            async with self._deadline():
+                res = await GET_OR_LEASE(
+                    self.rc.any_client(), keys=(rkey, lease_key), args=(token, ttl_ms)
+                )
+        except REDIS_DOWN_ERRORS as exc:
+            self.failed(exc)
+            return DOWN
+        return res if isinstance(res, bytes) else int(res)
+
+    async def fenced_set_release(
+        self, item: FencedItem, lease_key: str, token: str
+    ) -> bool | _Down:
+        """Fenced set of a backfill and release of our lease, in one call."""
+        rkey, entry, version, rank, ttl_ms = item
+        try:
+            async with self._deadline():
+                ok = bool(
+                    await FENCED_SET_RELEASE(
+                        self.rc.any_client(),
+                        keys=(rkey, lease_key),
+                        args=(entry, version, rank, ttl_ms, token),
+                    )
+                )
+        except REDIS_DOWN_ERRORS as exc:
+            self.failed(exc)
+            return DOWN
+        if not ok:
+            self._refused.inc()
+        return ok
+
+    async def mget(self, rkeys: Sequence[str]) -> list[bytes | None] | _Down:
+        """MGET, or :data:`DOWN`."""
+        if (verdict := self.breaker.check()) != ALLOW and not await self._admit(verdict):
+            return DOWN
+        try:
+            async with self._deadline():
+                data = await mget(self.rc.any_client(), rkeys)
                 return data
         except REDIS_DOWN_ERRORS as exc:
             self.failed(exc)
@@ -184,14 +246,14 @@ class CacheSide:
 
     async def fenced_set(self, item: FencedItem) -> bool | _Down:
         """Write one entry unless Redis holds a newer one; False when refused."""
-        if not await self.usable():
+        if (verdict := self.breaker.check()) != ALLOW and not await self._admit(verdict):
             return DOWN
         rkey, entry, version, rank, ttl_ms = item
         try:
-            async with asyncio.timeout(self.timeout):
+            async with self._deadline():
                 ok = bool(
                     await FENCED_SET(
-                        self.rc.client(), keys=(rkey,), args=(entry, version, rank, ttl_ms)
+                        self.rc.any_client(), keys=(rkey,), args=(entry, version, rank, ttl_ms)
                     )
                 )
         except REDIS_DOWN_ERRORS as exc:
@@ -205,11 +267,11 @@ class CacheSide:
         """Write many entries with the fence in one round trip (a pipeline)."""
         if not items:
             return []
-        if not await self.usable():
+        if (verdict := self.breaker.check()) != ALLOW and not await self._admit(verdict):
             return DOWN
         try:
-            async with asyncio.timeout(self.timeout * 4):
-                results = await self._fenced_many(self.rc.client(), items)
+            async with self._deadline():
+                results = await self._fenced_many(self.rc.any_client(), items)
         except REDIS_DOWN_ERRORS as exc:
             self.failed(exc)
             return DOWN
@@ -218,7 +280,20 @@ class CacheSide:
             self._refused.inc(refused)
         return results
 
-    async def _fenced_many(self, client: aioredis.Redis, items: Sequence[FencedItem]) -> list[bool]:
+    async def _fenced_many(self, client: AnyRedis, items: Sequence[FencedItem]) -> list[bool]:
+        if isinstance(client, aioredis.RedisCluster):
+            # redis-py refuses EVALSHA in cluster pipelines: run the scripts concurrently
+            # instead (bounded, so a big batch cannot exhaust the per-node pools).
+            gate = asyncio.Semaphore(_CLUSTER_CONCURRENCY)
+
+            async def one(item: FencedItem) -> bool:
+                rkey, entry, version, rank, ttl_ms = item
+                async with gate:
+                    return bool(
+                        await FENCED_SET(client, keys=(rkey,), args=(entry, version, rank, ttl_ms))
+                    )
+
+            return list(await asyncio.gather(*(one(item) for item in items)))
         results = await self._pipeline(client, items)
         if any(isinstance(r, NoScriptError) for r in results):
             # The server lost its scripts (restart, flush): load once, run the pipeline again.
@@ -229,7 +304,7 @@ class CacheSide:
                 raise r
         return [bool(r) for r in results]
 
-    async def _pipeline(self, client: aioredis.Redis, items: Iterable[FencedItem]) -> list[Any]:
+    async def _pipeline(self, client: AnyRedis, items: Iterable[FencedItem]) -> list[Any]:
         pipe = client.pipeline(transaction=False)
         for rkey, entry, version, rank, ttl_ms in items:
             pipe.evalsha(FENCED_SET.sha, 1, rkey, entry, version, rank, ttl_ms)
@@ -243,14 +318,19 @@ class CacheSide:
         )
         if result is DOWN:
             for rkey, entry, version, rank, _ttl in items:
+                if rank == RANK[KIND_VALUE]:
+                    # Remember "older than `version` is stale", not the value: the pending
+                    # set stays small (no payloads) and the next reader loads the row.
+                    entry = build(KIND_INVALID, version, 0, 0)
+                    rank = RANK[KIND_INVALID]
                 self.pending.add(rkey, version, rank, entry)
             self._pending_gauge.set(len(self.pending))
 
     async def delete_if_equal(self, rkey: str, data: bytes) -> None:
         """Remove an entry that could not be decoded, unless it changed meanwhile."""
         try:
-            async with asyncio.timeout(self.timeout):
-                await DELETE_IF_EQUAL(self.rc.client(), keys=(rkey,), args=(data,))
+            async with self._deadline():
+                await DELETE_IF_EQUAL(self.rc.any_client(), keys=(rkey,), args=(data,))
         except REDIS_DOWN_ERRORS as exc:
             self.failed(exc)
 
@@ -259,8 +339,8 @@ class CacheSide:
     async def acquire_lease(self, lease_key: str, token: str, ttl_ms: int) -> bool | _Down:
         """``SET lease token NX PX ttl``: True when we hold it now."""
         try:
-            async with asyncio.timeout(self.timeout):
-                return bool(await self.rc.client().set(lease_key, token, nx=True, px=ttl_ms))
+            async with self._deadline():
+                return bool(await self.rc.any_client().set(lease_key, token, nx=True, px=ttl_ms))
         except REDIS_DOWN_ERRORS as exc:
             self.failed(exc)
             return DOWN
@@ -268,8 +348,8 @@ class CacheSide:
     async def release_lease(self, lease_key: str, token: str) -> None:
         """Delete the lease if it is still ours (a Lua compare-and-delete)."""
         try:
-            async with asyncio.timeout(self.timeout):
-                await LEASE_RELEASE(self.rc.client(), keys=(lease_key,), args=(token,))
+            async with self._deadline():
+                await LEASE_RELEASE(self.rc.any_client(), keys=(lease_key,), args=(token,))
         except REDIS_DOWN_ERRORS as exc:
             # The lease expires on its own (PX); only the breaker needs to know.
             self.failed(exc)
@@ -277,8 +357,8 @@ class CacheSide:
     async def peek(self, rkey: str, lease_key: str) -> tuple[bytes | None, bool] | _Down:
         """The entry and whether the lease is still held, in one round trip."""
         try:
-            async with asyncio.timeout(self.timeout):
-                pipe = self.rc.client().pipeline(transaction=False)
+            async with self._deadline():
+                pipe = self.rc.any_client().pipeline(transaction=False)
                 pipe.get(rkey)
                 pipe.exists(lease_key)
                 data, held = await pipe.execute()

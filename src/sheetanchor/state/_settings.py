@@ -30,7 +30,10 @@ class CacheSettings:
         lease_ttl: how long one loader may hold a key's load lease.
         lease_wait: how long other readers wait for the holder before reading PostgreSQL.
         timeout: seconds any single Redis call of the store may take before it counts as
-            a failure (and the read is served by PostgreSQL).
+            a failure (and the read is served by PostgreSQL). ``None`` (the default): the
+            Redis client's own ``socket_timeout`` bounds each call; a per-call timer costs
+            several microseconds, so prefer giving the cache a :class:`RedisClient` with
+            ``socket_timeout=0.5``.
         max_backfill_age: a backfill whose database read started longer ago than this is
             not written to Redis (a newer entry might have expired meanwhile). ``None``:
             half of ``min(ttl * (1 - ttl_jitter), tombstone_ttl)``.
@@ -48,14 +51,16 @@ class CacheSettings:
     early_refresh_beta: float = 1.0
     lease_ttl: float = 5.0
     lease_wait: float = 3.0
-    timeout: float = 0.5
+    timeout: float | None = None
     max_backfill_age: float | None = None
     max_flights: int = 10_000
     max_pending: int = 10_000
     update_attempts: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("ttl", "tombstone_ttl", "absent_ttl", "lease_ttl", "timeout"):
+        if self.timeout is not None and self.timeout <= 0:
+            raise ConfigError(f"timeout must be > 0 seconds or None, got {self.timeout}")
+        for name in ("ttl", "tombstone_ttl", "absent_ttl", "lease_ttl"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if self.lease_wait < 0:

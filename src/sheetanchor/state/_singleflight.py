@@ -1,4 +1,4 @@
-"""In-process single-flight: concurrent loads of one key share one load.
+"""In-process single-flight: concurrent reads of one key share one read.
 
 Flights are kept per event loop (a future belongs to one loop) and the table is bounded:
 when ``max_keys`` flights are running, a new key simply runs without sharing (counted).
@@ -80,4 +80,19 @@ class SingleFlight:
             fut.set_result(result)
             return result
         finally:
-            del flights[key]
+            if flights.get(key) is fut:
+                del flights[key]
+
+    def running(self, key: Hashable) -> bool:
+        """True when a flight for ``key`` runs in the current loop (a caller would join it)."""
+        flights = self._loops.get(asyncio.get_running_loop())
+        return flights is not None and key in flights
+
+    def forget(self, key: Hashable) -> None:
+        """Detach the running flight of ``key`` (after a write): new callers start afresh.
+
+        Callers already waiting keep the old flight (they were concurrent with the write);
+        anyone arriving after the write completed must not get a value read before it.
+        """
+        for flights in list(self._loops.values()):
+            flights.pop(key, None)

@@ -54,6 +54,8 @@ class TableSQL:
 
     columns: tuple[str, ...]
     json_columns: frozenset[str]
+    table_expr: str
+    key_expr: str
     read_one: str
     read_many: str
     read_current: str
@@ -125,6 +127,8 @@ class TableSQL:
         return cls(
             columns=tuple(columns),
             json_columns=jcols,
+            table_expr=t,
+            key_expr=k,
             read_one=f"SELECT {select} FROM {rf} WHERE {k} = $1::{ktype}",
             read_many=f"SELECT {select} FROM {rf} WHERE {k} = ANY($1::{ktype}[])",
             read_current=f"SELECT {select} FROM {t} WHERE {k} = $1::{ktype}",
