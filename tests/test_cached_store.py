@@ -196,7 +196,9 @@ async def test_update_conflicts_are_retried_then_reported(env: Any) -> None:
         task = asyncio.create_task(tiny.update(1, lambda cur: {"name": "mine"}))
         for _ in range(3000):
             waiting = await db.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                # This database only: other test runs may share the server.
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE wait_event_type = 'Lock' AND datname = current_database()"
             )
             if waiting:
                 break
