@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -61,3 +63,20 @@ def test_nan_or_zero_timeout_is_a_usage_error_not_an_endless_wait() -> None:
         )
         assert proc.returncode == 2, (bad, proc.stderr)
         assert "timeout" in proc.stderr
+
+
+def test_demo_json_stdout_is_only_json_even_with_logging_on() -> None:
+    env = {**os.environ, "SHEETANCHOR_LOG_LEVEL": "INFO"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sheetanchor", "demo", "--only", "001", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["passed"] is True
+    assert [d["drill"] for d in doc["drills"]] == ["001"]
+    assert "not ready" in proc.stderr, "INFO logs went to stderr"

@@ -18,6 +18,7 @@ from sheetanchor.config import home_dir, redact
 from sheetanchor.demo._drill import Drill, DrillResult
 from sheetanchor.demo._runner import resolve_servers, run_drills
 from sheetanchor.demo.drills import all_drills
+from sheetanchor.observe import configure_logging
 
 __all__ = ["demo"]
 
@@ -76,6 +77,8 @@ def demo(
     Example: sheetanchor demo --only 001 --json
     """
     console = Console(stderr=as_json)
+    if as_json:
+        configure_logging(stream="stderr")  # stdout carries the JSON document only
     drills: list[Drill] = all_drills()
     if list_only:
         for d in drills:

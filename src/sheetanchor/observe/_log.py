@@ -139,7 +139,7 @@ class JsonFormatter(logging.Formatter):
 
 
 class _StdoutHandler(logging.StreamHandler[IO[str]]):
-    """Writes to whatever ``sys.stdout`` is at the time of the call.
+    """Writes to whatever ``sys.stdout`` (or ``sys.stderr``) is at the time of the call.
 
     Looking it up on every record (instead of once) keeps working when stdout is replaced
     later: pytest's capture, a daemon redirecting its streams, ...
@@ -148,11 +148,12 @@ class _StdoutHandler(logging.StreamHandler[IO[str]]):
     _sheetanchor_handler = True
 
     def __init__(self) -> None:
+        self.to_stderr = False
         super().__init__(sys.stdout)
 
     @property
     def stream(self) -> IO[str]:
-        return sys.stdout
+        return sys.stderr if self.to_stderr else sys.stdout
 
     @stream.setter
     def stream(self, value: IO[str]) -> None:
@@ -184,7 +185,9 @@ def _resolve_format(fmt: str | None) -> str:
     return name
 
 
-def configure_logging(level: str | int | None = None, fmt: str | None = None) -> logging.Handler:
+def configure_logging(
+    level: str | int | None = None, fmt: str | None = None, *, stream: str = "stdout"
+) -> logging.Handler:
     """Send every log line to stdout, plain or JSON, with passwords masked.
 
     Installs one handler on the root logger (so application and library logs come out the
@@ -195,6 +198,8 @@ def configure_logging(level: str | int | None = None, fmt: str | None = None) ->
         level: ``"DEBUG"``, ``"INFO"``, ``"WARNING"``, ``"ERROR"``, ``"CRITICAL"`` or a
             number; default ``SHEETANCHOR_LOG_LEVEL``, else ``WARNING``.
         fmt: ``"plain"`` or ``"json"``; default ``SHEETANCHOR_LOG_FORMAT``, else ``plain``.
+        stream: ``"stdout"`` (the default) or ``"stderr"``, for commands whose stdout is
+            data (``sheetanchor demo --json``).
 
     Returns:
         The installed handler (to remove it again: ``logging.getLogger().removeHandler``).
@@ -208,6 +213,8 @@ def configure_logging(level: str | int | None = None, fmt: str | None = None) ->
         configure_logging()                     # from the environment
         configure_logging("INFO", fmt="json")   # explicit
     """
+    if stream not in ("stdout", "stderr"):
+        raise ConfigError(f"stream must be 'stdout' or 'stderr', got {stream!r}")
     resolved_level = _resolve_level(level)
     formatter: logging.Formatter = (
         JsonFormatter() if _resolve_format(fmt) == "json" else PlainFormatter()
@@ -218,6 +225,8 @@ def configure_logging(level: str | int | None = None, fmt: str | None = None) ->
         handler = _StdoutHandler()
         handler.addFilter(RedactingFilter())
         root.addHandler(handler)
+    if isinstance(handler, _StdoutHandler):
+        handler.to_stderr = stream == "stderr"
     handler.setFormatter(formatter)
     handler.setLevel(resolved_level)
     root.setLevel(resolved_level)
