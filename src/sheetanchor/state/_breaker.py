@@ -98,6 +98,21 @@ class CircuitBreaker:
                 self._probing = False
                 self._period = self._base
 
+    def trip(self) -> None:
+        """Open now, whatever the failure count (a write could not reach Redis).
+
+        Already open (or probing): nothing changes; the running or next probe writes what
+        is pending before the breaker closes.
+        """
+        with self._lock:
+            if self._open:
+                return
+            self._failures = max(self._failures, self._threshold)
+            self.opened_total += 1
+            self._open = True
+            self._probing = False
+            self._open_until = self._clock() + self._period * (1 - self._jitter * self._rand())
+
     def failure(self) -> None:
         """A call (or the probe) failed: count it, open (again) when over the threshold."""
         with self._lock:

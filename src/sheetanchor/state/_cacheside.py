@@ -55,6 +55,8 @@ REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
 )
+# Writing the pending keys may also meet a refusing server (OOM, READONLY): not recovered.
+_RECOVER_ERRORS: tuple[type[BaseException], ...] = (*REDIS_DOWN_ERRORS, ResponseError)
 
 _NO_TIMEOUT = contextlib.nullcontext()
 _CLUSTER_CONCURRENCY = 16
@@ -109,13 +111,55 @@ class CacheSide:
     async def usable(self) -> bool:
         """True when the store may call Redis now (runs the recovery when it is the probe)."""
         verdict = self.breaker.check()
-        return verdict == ALLOW or await self._admit(verdict)
+        return (verdict == ALLOW and not self.pending.dirty) or await self._admit(verdict)
 
     async def _admit(self, verdict: int) -> bool:
-        # Not ALLOW: DENY skips Redis; PROBE (exactly one caller) must recover it first.
+        # DENY skips Redis; PROBE (exactly one caller) must recover it first; ALLOW with
+        # keys pending (one arrived while a probe ran) writes them before Redis is read.
         if verdict == DENY:
             return False
+        if verdict == ALLOW:
+            return await self._drain_closed()
         return await self._recover()
+
+    async def _drain_closed(self) -> bool:
+        try:
+            async with asyncio.timeout(max(self.timeout or 1.0, 1.0) * 10):
+                written, overflowed = await self._write_pending(self.rc.any_client())
+        except _RECOVER_ERRORS as exc:
+            self.failed(exc)
+            self.breaker.trip()
+            self._open_gauge.set(1)
+            return False
+        self._pending_gauge.set(len(self.pending))
+        _log.warning(
+            "cache %s: %d pending invalidations written%s",
+            self.table,
+            written,
+            " and the namespace flushed (pending set had overflowed)" if overflowed else "",
+        )
+        return True
+
+    async def _write_pending(self, client: AnyRedis) -> tuple[int, bool]:
+        # Until nothing is pending: keys added while we wrote (writers skip Redis during a
+        # probe) must be written too before the cache is trusted. Bounded by the caller's
+        # timeout.
+        written = 0
+        flushed = False
+        while True:
+            items, overflowed = self.pending.snapshot()
+            if not items and not overflowed:
+                return written, flushed
+            if overflowed:
+                await self._drop_namespace(client)
+                flushed = True
+            if items:
+                await self._fenced_many(
+                    client,
+                    [(k, e, v, r, 60_000) for k, (v, r, e) in items.items()],
+                )
+            self.pending.done(items, overflow_handled=overflowed)
+            written += len(items)
 
     def _deadline(self) -> contextlib.AbstractAsyncContextManager[Any]:
         # asyncio.timeout costs a timer per call (several microseconds): only when asked for.
@@ -143,16 +187,8 @@ class CacheSide:
             async with asyncio.timeout(max(self.timeout or 1.0, 1.0) * 10):
                 client = self.rc.any_client()
                 await client.ping()
-                items, overflowed = self.pending.snapshot()
-                if overflowed:
-                    await self._drop_namespace(client)
-                if items:
-                    await self._fenced_many(
-                        client,
-                        [(k, e, v, r, 60_000) for k, (v, r, e) in items.items()],
-                    )
-                self.pending.done(items, overflow_handled=overflowed)
-        except REDIS_DOWN_ERRORS as exc:
+                written, overflowed = await self._write_pending(client)
+        except _RECOVER_ERRORS as exc:
             self.breaker.failure()
             _log.info("cache %s: Redis still unreachable (%s)", self.table, exc)
             return False
@@ -162,7 +198,7 @@ class CacheSide:
         _log.warning(
             "cache %s: Redis is back; %d pending invalidations written%s",
             self.table,
-            len(items),
+            written,
             " and the namespace flushed (pending set had overflowed)" if overflowed else "",
         )
         return True
@@ -183,7 +219,9 @@ class CacheSide:
 
     async def get(self, rkey: str) -> bytes | _Down | None:
         """GET, or :data:`DOWN` when Redis is skipped or failed."""
-        if (verdict := self.breaker.check()) != ALLOW and not await self._admit(verdict):
+        if (
+            (verdict := self.breaker.check()) != ALLOW or self.pending.dirty
+        ) and not await self._admit(verdict):
             return DOWN
         try:
             async with self._deadline():
@@ -197,7 +235,9 @@ class CacheSide:
         self, rkey: str, lease_key: str, token: str, ttl_ms: int
     ) -> bytes | int | _Down:
         """The entry, or (when there is none) 1 if we took the lease, 0 if another holds it."""
-        if (verdict := self.breaker.check()) != ALLOW and not await self._admit(verdict):
+        if (
+            (verdict := self.breaker.check()) != ALLOW or self.pending.dirty
+        ) and not await self._admit(verdict):
             return DOWN
         try:
             async with self._deadline():
@@ -232,7 +272,9 @@ class CacheSide:
 
     async def mget(self, rkeys: Sequence[str]) -> list[bytes | None] | _Down:
         """MGET, or :data:`DOWN`."""
-        if (verdict := self.breaker.check()) != ALLOW and not await self._admit(verdict):
+        if (
+            (verdict := self.breaker.check()) != ALLOW or self.pending.dirty
+        ) and not await self._admit(verdict):
             return DOWN
         try:
             async with self._deadline():
@@ -246,7 +288,9 @@ class CacheSide:
 
     async def fenced_set(self, item: FencedItem) -> bool | _Down:
         """Write one entry unless Redis holds a newer one; False when refused."""
-        if (verdict := self.breaker.check()) != ALLOW and not await self._admit(verdict):
+        if (
+            (verdict := self.breaker.check()) != ALLOW or self.pending.dirty
+        ) and not await self._admit(verdict):
             return DOWN
         rkey, entry, version, rank, ttl_ms = item
         try:
@@ -267,7 +311,9 @@ class CacheSide:
         """Write many entries with the fence in one round trip (a pipeline)."""
         if not items:
             return []
-        if (verdict := self.breaker.check()) != ALLOW and not await self._admit(verdict):
+        if (
+            (verdict := self.breaker.check()) != ALLOW or self.pending.dirty
+        ) and not await self._admit(verdict):
             return DOWN
         try:
             async with self._deadline():
@@ -325,6 +371,10 @@ class CacheSide:
                     rank = RANK[KIND_INVALID]
                 self.pending.add(rkey, version, rank, entry)
             self._pending_gauge.set(len(self.pending))
+            # Open now, even below the failure threshold: until the pending keys are
+            # written, Redis may hold the old entry and must not be read.
+            self.breaker.trip()
+            self._open_gauge.set(1)
 
     async def delete_if_equal(self, rkey: str, data: bytes) -> None:
         """Remove an entry that could not be decoded, unless it changed meanwhile."""

@@ -29,6 +29,11 @@ class PendingInvalidations:
     def __len__(self) -> int:
         return len(self._items)
 
+    @property
+    def dirty(self) -> bool:
+        """True while anything is pending (keys, or an overflow to flush)."""
+        return bool(self._items) or self.overflowed
+
     def add(self, rkey: str, version: int, rank: int, entry: bytes) -> None:
         """Remember that ``rkey`` must get ``entry`` (or something newer) before reads."""
         with self._lock:

@@ -1,0 +1,81 @@
+"""Review fixes of CachedStore's Redis side, each on real servers with the default breaker.
+
+The older outage tests all used ``failure_threshold=1``, which hid that one failed write
+left the breaker closed and its pending invalidation unwritten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+from tests._store_helpers import make_items_table, table_name
+
+from sheetanchor.config import parse_url
+from sheetanchor.postgres import Database
+from sheetanchor.redis import RedisClient
+from sheetanchor.retry import RetryPolicy
+from sheetanchor.state import CachedStore, CircuitBreaker
+from sheetanchor.state._entry import parse
+from sheetanchor.testing import FaultProxy
+
+_FAST = dict(socket_timeout=0.5, socket_connect_timeout=0.5, retry=RetryPolicy(max_attempts=1))
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _proxy_for(make: Callable[[str, int], FaultProxy], url: str) -> FaultProxy:
+    parsed = parse_url(url)
+    return make(parsed.host or "127.0.0.1", parsed.port or 6379)
+
+
+async def _cached_version(redis_url: str, rkey: str) -> int | None:
+    direct = aioredis.Redis.from_url(redis_url)
+    try:
+        data = await direct.get(rkey)
+    finally:
+        await direct.aclose()
+    if data is None:
+        return None
+    entry = parse(data)
+    assert entry is not None
+    return entry.version
+
+
+async def test_one_failed_write_with_the_default_breaker_serves_no_stale_read(
+    pg_url: str, redis_url: str, fault_proxy: Callable[[str, int], FaultProxy]
+) -> None:
+    proxy = _proxy_for(fault_proxy, redis_url)
+    table = table_name()
+    clock = FakeClock()
+    async with Database(pg_url) as db, RedisClient(proxy.url(redis_url), **_FAST) as rc:
+        await make_items_table(db, table)
+        # The default threshold (2); only the clock is injected.
+        store = CachedStore(
+            db, rc, table=table, value_columns=["name"], breaker=CircuitBreaker(clock=clock)
+        )
+        await store.put(1, {"name": "a"})
+        assert await store.get(1) == {"name": "a"}
+        proxy.refuse()
+        proxy.reset_all()
+        version = await store.put(1, {"name": "b"})  # committed; Redis could not be told
+        assert version is not None
+        assert store.stats().pending_invalidations == 1
+        assert store.stats().breaker == "open"
+        proxy.pass_through()
+        # Redis answers again and still holds "a": no read may return it.
+        assert [await store.get(1) for _ in range(3)] == [{"name": "b"}] * 3
+        clock.now += 60  # the open period is over: the next read probes and writes pending
+        assert await store.get(1) == {"name": "b"}
+        assert store.stats().breaker == "closed"
+        assert store.stats().pending_invalidations == 0
+        cached = await _cached_version(redis_url, store.redis_key(1))
+        assert cached is not None
+        assert cached >= version
+        assert await store.get(1) == {"name": "b"}
