@@ -363,18 +363,25 @@ class CacheSide:
             self.fenced_set(items[0]) if len(items) == 1 else self.fenced_set_many(items)
         )
         if result is DOWN:
-            for rkey, entry, version, rank, _ttl in items:
-                if rank == RANK[KIND_VALUE]:
-                    # Remember "older than `version` is stale", not the value: the pending
-                    # set stays small (no payloads) and the next reader loads the row.
-                    entry = build(KIND_INVALID, version, 0, 0)
-                    rank = RANK[KIND_INVALID]
-                self.pending.add(rkey, version, rank, entry)
-            self._pending_gauge.set(len(self.pending))
-            # Open now, even below the failure threshold: until the pending keys are
-            # written, Redis may hold the old entry and must not be read.
-            self.breaker.trip()
-            self._open_gauge.set(1)
+            self.not_written(items)
+
+    def not_written(self, items: Sequence[FencedItem]) -> None:
+        """After a commit, these entries may not have reached Redis: remember them, open.
+
+        Also for a cancelled or refused (``ResponseError``) update after the commit.
+        """
+        for rkey, entry, version, rank, _ttl in items:
+            if rank == RANK[KIND_VALUE]:
+                # Remember "older than `version` is stale", not the value: the pending
+                # set stays small (no payloads) and the next reader loads the row.
+                entry = build(KIND_INVALID, version, 0, 0)
+                rank = RANK[KIND_INVALID]
+            self.pending.add(rkey, version, rank, entry)
+        self._pending_gauge.set(len(self.pending))
+        # Open now, even below the failure threshold: until the pending keys are
+        # written, Redis may hold the old entry and must not be read.
+        self.breaker.trip()
+        self._open_gauge.set(1)
 
     async def delete_if_equal(self, rkey: str, data: bytes) -> None:
         """Remove an entry that could not be decoded, unless it changed meanwhile."""

@@ -319,7 +319,20 @@ class _StoreCore:
         # After the commit: detach in-flight reads of these keys, then the fenced set.
         for item in items:
             self._flights.forget(item[0])
-        await self.cache.after_write(items)
+        try:
+            await self.cache.after_write(items)
+        except BaseException as exc:
+            # Cancelled, or Redis refused (ResponseError): the old entry may still be there
+            # and nothing would replace it before its TTL. Pending + open, then re-raise.
+            self.cache.not_written(items)
+            _log.warning(
+                "cache %s: Redis update after a commit did not complete (%s); %d key(s) "
+                "pending invalidation",
+                self.table,
+                type(exc).__name__,
+                len(items),
+            )
+            raise
 
     def _params(self, sql: TableSQL, value: Any) -> tuple[dict[str, Any], list[Any]]:
         assert self._codec is not None
