@@ -215,13 +215,39 @@ class _StoreCore:
 
         The first attempt runs without the policy's machinery (no cost on success).
         """
+        result, _retried = await self._pg_retried(fn, *args)
+        return result
+
+    async def _pg_retried(self, fn: Callable[..., Awaitable[_T]], *args: Any) -> tuple[_T, bool]:
+        """:meth:`_pg`, and whether the call was retried (an earlier attempt may have committed
+        without us seeing the acknowledgement)."""
         try:
-            return await fn(*args)
+            return await fn(*args), False
         except _PG_ERRORS as exc:
             if self._retry is None or not is_transient(exc):
                 raise
             _log.info("cache %s: transient database error, retrying (%s)", self.table, exc)
-            return await self._retry.call(fn, *args)
+            return await self._retry.call(fn, *args), True
+
+    async def _resync_after_retry(self, key: Hashable) -> None:
+        """A retried write found nothing to change: an earlier attempt may have committed.
+
+        Its acknowledgement was lost, and so was its Redis update: fence-set the row as it
+        is now, or (no row) a tombstone with a fresh version from the table's sequence, so
+        an entry older than that commit cannot stay cached.
+        """
+        sql = self._sql or await self.prepare()
+        rkey = self.redis_key(key)
+        cur = await self._pg(self.db.fetchrow, sql.read_current, key)
+        if cur is None:
+            version = int(await self._pg(self.db.fetchval, sql.next_version))
+            item = self._tomb_item(rkey, version, self.settings.tombstone_ttl)
+        else:
+            item = self._value_item(rkey, int(cur[1]), self._row_payload(sql, cur), 0)
+        _log.info(
+            "cache %s: retried write of %r changed nothing; Redis entry refreshed", self.table, key
+        )
+        await self._written([item])
 
     # -- keys and entries ----------------------------------------------------------------
 

@@ -66,6 +66,7 @@ class TableSQL:
     create: str
     delete: str
     scan: str
+    next_version: str
 
     @classmethod
     def build(
@@ -161,6 +162,7 @@ class TableSQL:
                 f"SELECT {select} FROM {rf} WHERE ($1::{ktype} IS NULL OR {k} > $1::{ktype}) "
                 f"ORDER BY {k} LIMIT $2"
             ),
+            next_version=f"SELECT {seq}",
         )
 
 

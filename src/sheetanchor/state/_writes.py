@@ -25,12 +25,17 @@ class _StoreWrites(_StoreCore):
         """Insert or replace the row of ``key``; returns the new version.
 
         Only a changed row is written: an identical value returns ``None`` and bumps
-        nothing. After the commit the entry is set in Redis through the fence.
+        nothing. After the commit the entry is set in Redis through the fence. (A retried
+        call that finds the row unchanged also returns ``None``: its first attempt may have
+        committed unseen; the Redis entry is refreshed from the row either way.)
         """
         sql = self._sql or await self.prepare()
         row, params = self._params(sql, value)
-        rec = await self._pg(self.db.fetchrow, sql.upsert_one, key, *params)
+        rec, retried = await self._pg_retried(self.db.fetchrow, sql.upsert_one, key, *params)
         if rec is None:
+            if retried:
+                # Maybe our first attempt committed and only its acknowledgement was lost.
+                await self._resync_after_retry(key)
             return None
         version = int(rec[1])
         payload = orjson.dumps(row, default=_json_default)
@@ -110,10 +115,17 @@ class _StoreWrites(_StoreCore):
         )
 
     async def delete(self, key: Hashable) -> bool:
-        """Delete the row; leaves a short-lived versioned tombstone in Redis. True if deleted."""
+        """Delete the row; leaves a short-lived versioned tombstone in Redis. True if deleted.
+
+        A retried call that finds no row returns False (its first attempt may have deleted
+        it unseen) and still fences a tombstone over any older cached entry.
+        """
         sql = self._sql or await self.prepare()
-        version = await self._pg(self.db.fetchval, sql.delete, key)
+        version, retried = await self._pg_retried(self.db.fetchval, sql.delete, key)
         if version is None:
+            if retried:
+                # Maybe our first attempt deleted it and only its acknowledgement was lost.
+                await self._resync_after_retry(key)
             return False
         await self._written(
             [self._tomb_item(self.redis_key(key), int(version), self.settings.tombstone_ttl)]
