@@ -149,3 +149,22 @@ async def test_a_cancelled_redis_update_after_the_commit_leaves_the_key_pending(
         assert await store.get(1) == {"name": "b"}
         assert store.stats().pending_invalidations == 0
         assert await store.get(1) == {"name": "b"}
+
+
+async def test_failures_apart_do_not_open_the_default_breaker(
+    pg_url: str, redis_url: str, fault_proxy: Callable[[str, int], FaultProxy]
+) -> None:
+    # Threshold 2 means two *consecutive* failures: a success in between resets the count.
+    proxy = _proxy_for(fault_proxy, redis_url)
+    table = table_name()
+    async with Database(pg_url) as db, RedisClient(proxy.url(redis_url), **_FAST) as rc:
+        await make_items_table(db, table)
+        store = CachedStore(db, rc, table=table, value_columns=["name"])
+        await store.put(1, {"name": "a"})
+        for _ in range(3):
+            proxy.refuse()
+            proxy.reset_all()
+            assert await store.get(1) == {"name": "a"}  # one failed GET, served from PG
+            proxy.pass_through()
+            assert await store.get(1) == {"name": "a"}  # from Redis again
+            assert store.stats().breaker == "closed"

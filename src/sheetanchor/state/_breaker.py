@@ -98,6 +98,17 @@ class CircuitBreaker:
                 self._probing = False
                 self._period = self._base
 
+    def note_success(self) -> None:
+        """A call succeeded while closed: earlier failures were not consecutive, forget them.
+
+        Costs two attribute reads when there is nothing to forget. Does not close an open
+        breaker (only the probe's :meth:`success` does, after the recovery).
+        """
+        if self._failures and not self._open:
+            with self._lock:
+                if not self._open:
+                    self._failures = 0
+
     def trip(self) -> None:
         """Open now, whatever the failure count (a write could not reach Redis).
 

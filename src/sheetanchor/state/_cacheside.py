@@ -226,10 +226,11 @@ class CacheSide:
         try:
             async with self._deadline():
                 data = cast(bytes | None, await self.rc.any_client().get(rkey))
-                return data
         except REDIS_DOWN_ERRORS as exc:
             self.failed(exc)
             return DOWN
+        self.breaker.note_success()
+        return data
 
     async def get_or_lease(
         self, rkey: str, lease_key: str, token: str, ttl_ms: int
@@ -247,6 +248,7 @@ class CacheSide:
         except REDIS_DOWN_ERRORS as exc:
             self.failed(exc)
             return DOWN
+        self.breaker.note_success()
         return res if isinstance(res, bytes) else int(res)
 
     async def fenced_set_release(
@@ -266,6 +268,7 @@ class CacheSide:
         except REDIS_DOWN_ERRORS as exc:
             self.failed(exc)
             return DOWN
+        self.breaker.note_success()
         if not ok:
             self._refused.inc()
         return ok
@@ -279,10 +282,11 @@ class CacheSide:
         try:
             async with self._deadline():
                 data = await mget(self.rc.any_client(), rkeys)
-                return data
         except REDIS_DOWN_ERRORS as exc:
             self.failed(exc)
             return DOWN
+        self.breaker.note_success()
+        return data
 
     # -- fenced writes -----------------------------------------------------------------
 
@@ -303,6 +307,7 @@ class CacheSide:
         except REDIS_DOWN_ERRORS as exc:
             self.failed(exc)
             return DOWN
+        self.breaker.note_success()
         if not ok:
             self._refused.inc()
         return ok
@@ -321,6 +326,7 @@ class CacheSide:
         except REDIS_DOWN_ERRORS as exc:
             self.failed(exc)
             return DOWN
+        self.breaker.note_success()
         refused = results.count(False)
         if refused:
             self._refused.inc(refused)
