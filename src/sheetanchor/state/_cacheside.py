@@ -389,13 +389,16 @@ class CacheSide:
         self.breaker.trip()
         self._open_gauge.set(1)
 
-    async def delete_if_equal(self, rkey: str, data: bytes) -> None:
-        """Remove an entry that could not be decoded, unless it changed meanwhile."""
+    async def delete_if_equal(self, rkey: str, data: bytes) -> bool | _Down:
+        """Remove an entry unless it changed meanwhile: True when it was deleted, False when
+        it had changed (or was gone), :data:`DOWN` when Redis failed."""
         try:
             async with self._deadline():
-                await DELETE_IF_EQUAL(self.rc.any_client(), keys=(rkey,), args=(data,))
+                deleted = await DELETE_IF_EQUAL(self.rc.any_client(), keys=(rkey,), args=(data,))
         except REDIS_DOWN_ERRORS as exc:
             self.failed(exc)
+            return DOWN
+        return bool(deleted)
 
     # -- leases ------------------------------------------------------------------------
 

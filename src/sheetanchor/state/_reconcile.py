@@ -35,7 +35,7 @@ __all__ = ["DriftReport", "Reconciler"]
 
 _log = get_logger("state")
 _MAX_EXAMPLES = 20
-# A pass that fails on these is logged and retried at the next interval.
+# Expected pass failures (an outage): logged without a traceback; others get one.
 _PASS_ERRORS: tuple[type[BaseException], ...] = (*REDIS_DOWN_ERRORS, TransientError)
 
 
@@ -250,8 +250,10 @@ class Reconciler:
     ) -> None:
         store = self.store
         for rkey, data in deletes:
-            await store.cache.delete_if_equal(rkey, data)
-            tally.add("repaired", rkey)
+            # Only a real deletion is a repair: the entry may have changed since it was
+            # judged (a live writer won), or Redis may have failed.
+            if await store.cache.delete_if_equal(rkey, data) is True:
+                tally.add("repaired", rkey)
         if fixes:
             results = await store.cache.fenced_set_many(fixes)
             if results is DOWN:
@@ -314,10 +316,17 @@ class Reconciler:
         while not stop.is_set():
             try:
                 await self.run(repair=repair)
-            except _PASS_ERRORS as exc:
+            except Exception as exc:  # noqa: BLE001  logged, counted; retried next interval
+                # Any failed pass (not only an outage: a dropped table, a bad row) is logged
+                # and counted; the loop must keep running. Cancellation still ends it.
                 _metrics.DRIFT.labels(self.store.table, "failed_pass").inc()
                 _log.warning(
-                    "reconcile %s: pass failed (%s); next in %.0fs", self.store.table, exc, interval
+                    "reconcile %s: pass failed (%s: %s); next in %.0fs",
+                    self.store.table,
+                    type(exc).__name__,
+                    exc,
+                    interval,
+                    exc_info=not isinstance(exc, _PASS_ERRORS),
                 )
             wait = interval * (0.9 + 0.2 * self._rand())
             try:
