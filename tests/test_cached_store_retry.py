@@ -113,3 +113,16 @@ async def test_resync_after_retry_refreshes_the_entry_from_the_row(
         await db.execute(f"DELETE FROM {table} WHERE id = 1")
         await store._resync_after_retry(1)
         assert await store.get(1) is None
+
+
+async def test_update_that_changes_nothing_writes_nothing(pg_url: str, redis_url: str) -> None:
+    table = table_name()
+    async with Database(pg_url) as db, RedisClient(redis_url) as rc:
+        await make_items_table(db, table)
+        store = CachedStore(db, rc, table=table, value_columns=["name"])
+        version = await store.put(1, {"name": "a"})
+        assert await store.update(1, lambda cur: dict(cur)) == {"name": "a"}
+        assert await db.fetchval(f"SELECT version FROM {table} WHERE id = 1") == version
+        assert await store.update(1, lambda cur: {"name": "b"}) == {"name": "b"}
+        assert await db.fetchval(f"SELECT version FROM {table} WHERE id = 1") > version
+        assert await store.get(1) == {"name": "b"}

@@ -84,7 +84,8 @@ class _StoreWrites(_StoreCore):
 
         ``fn(current)`` gets the current value (``None`` if there is no row) and returns the
         new one. The UPDATE checks the version read; on a conflict the whole step runs
-        again, up to ``settings.update_attempts`` times.
+        again, up to ``settings.update_attempts`` times. When ``fn`` returns a value equal to
+        the current one, nothing is written and the version does not change.
 
         Raises:
             VersionConflict: every attempt lost to a concurrent writer.
@@ -97,12 +98,17 @@ class _StoreWrites(_StoreCore):
             current = None if cur is None else self._codec.loads(self._row_payload(sql, cur))
             new = fn(current)
             row, params = self._params(sql, new)
+            payload = orjson.dumps(row, default=_json_default)
+            if cur is not None and orjson.loads(payload) == orjson.loads(
+                self._row_payload(sql, cur)
+            ):
+                # Unchanged: nothing is written and the version stays (as in put).
+                return current
             if cur is None:
                 version = await self.db.fetchval(sql.insert_new, key, *params)
             else:
                 version = await self.db.fetchval(sql.update_cas, key, *params, cur[1])
             if version is not None:
-                payload = orjson.dumps(row, default=_json_default)
                 await self._written(
                     [self._value_item(self.redis_key(key), int(version), payload, 0)]
                 )
