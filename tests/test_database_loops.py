@@ -12,6 +12,8 @@ import asyncio
 import gc
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -230,3 +232,39 @@ async def test_fork_child_builds_its_own_engine_and_parent_pool_survives(pg_url:
     assert await db.fetchval("SELECT pg_backend_pid()") == parent_backend
     assert os.getpid() != child.pid
     await db.close()
+
+
+_FORK_CHILD_CLOSES_INHERITED_LOOP = """
+import asyncio, os, sys
+from sheetanchor.postgres import Database, PoolSettings
+db = Database(sys.argv[1], pool=PoolSettings(size=1, max_overflow=0), leak_threshold=None)
+loop = asyncio.new_event_loop()
+before = loop.run_until_complete(db.fetchval("SELECT pg_backend_pid()"))
+pid = os.fork()
+if pid == 0:
+    loop.close()  # the child closes the loop it inherited: must not dispose the parent's engine
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+assert status == 0, status
+async def query() -> int:
+    async with asyncio.timeout(10):
+        return await db.fetchval("SELECT pg_backend_pid()")
+after = loop.run_until_complete(query())
+loop.close()
+print("same-backend" if after == before else f"other-backend {before} {after}")
+"""
+
+
+def test_fork_child_closing_its_inherited_loop_leaves_the_parents_engine_alone(
+    pg_url: str,
+) -> None:
+    # In a subprocess with a timeout: the regression is a hang of the parent's next query.
+    done = subprocess.run(
+        [sys.executable, "-c", _FORK_CHILD_CLOSES_INHERITED_LOOP, pg_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "same-backend", done.stdout

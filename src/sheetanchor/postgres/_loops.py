@@ -49,12 +49,13 @@ _registries: weakref.WeakSet[PerLoop[Any]] = weakref.WeakSet()
 
 
 class _Slot(Generic[_T]):
-    __slots__ = ("__weakref__", "closing", "key", "sentinel", "value")
+    __slots__ = ("__weakref__", "closing", "key", "pid", "sentinel", "value")
 
     def __init__(self, key: weakref.ref[asyncio.AbstractEventLoop], value: _T) -> None:
         self.key = key
         self.value = value
         self.closing = False
+        self.pid = os.getpid()  # a fork child must never dispose what its parent created
         self.sentinel: AsyncIterator[None] | None = None
 
 
@@ -171,6 +172,11 @@ class PerLoop(Generic[_T]):
 
         def close() -> None:
             reg, live = registry(), slot_ref()
+            if live is not None and live.pid != os.getpid():
+                # A fork child closing the loop it inherited: the value's sockets are the
+                # parent's. Close the loop object only (its own epoll fd and self-pipe).
+                original_close()
+                return
             if reg is not None and live is not None and not live.closing and not loop.is_closed():
                 try:
                     loop.run_until_complete(reg._retire(live))
@@ -187,7 +193,8 @@ class PerLoop(Generic[_T]):
         try:
             yield
         finally:
-            if not slot.closing:
+            # Never in a fork child: the value belongs to the parent (see _forget_after_fork).
+            if not slot.closing and slot.pid == os.getpid():
                 await self._retire(slot)
 
     # -- disposal -----------------------------------------------------------------------------
@@ -250,9 +257,12 @@ class PerLoop(Generic[_T]):
         return count
 
     def _forget_after_fork(self) -> None:
-        # In the child: keep the parent's values referenced and never touch them.
-        _inherited.extend(self._slots.values())
-        _inherited.extend(self._orphans)
+        # In the child: keep the parent's values referenced and never touch them. Marked
+        # closing, so no hook (loop.close() wrapper, sentinel, reap) disposes of them here.
+        inherited = [*self._slots.values(), *self._orphans]
+        for slot in inherited:
+            slot.closing = True
+        _inherited.extend(inherited)
         self._slots = {}
         self._orphans = []
         self._last = None
