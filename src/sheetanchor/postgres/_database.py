@@ -106,6 +106,19 @@ class _Engine:
     cleanups: set[asyncio.Task[None]] = field(default_factory=set)
 
 
+# Pool options of create_async_engine and the PoolSettings field that replaces each: the
+# fast checkout path relies on the pool being configured by Database (pool_pre_ping=True, for
+# one, would ping outside SQLAlchemy's greenlet and fail with MissingGreenlet).
+_POOL_OPTIONS = {
+    "pool_size": "size",
+    "max_overflow": "max_overflow",
+    "pool_timeout": "timeout",
+    "pool_recycle": "recycle",
+    "pool_use_lifo": "use_lifo",
+    "pool_pre_ping": "pre_ping_idle",
+}
+
+
 def _pgbouncer_statement_name() -> str:
     # Unique per statement: behind PgBouncer in transaction mode a name may meet a server
     # connection that already has (or lacks) a statement of that name.
@@ -136,7 +149,8 @@ class Database:
         leak_threshold: report a connection held longer than this, seconds (``None``: only
             report connections garbage-collected without being returned).
         json_codecs: bind ``dict``/``list`` to ``json``/``jsonb`` natively (orjson).
-        engine_options: extra keyword arguments for ``create_async_engine`` (``echo=True``...).
+        engine_options: extra keyword arguments for ``create_async_engine`` (``echo=True``...);
+            pool options (``pool_size``, ``pool_pre_ping``...) are refused: use ``pool``.
 
     Raises:
         ConfigError: a setting is invalid (the message names it) or no URL is configured.
@@ -196,6 +210,12 @@ class Database:
         self.leak_threshold = leak_threshold
         self.json_codecs = json_codecs
         self._engine_options = dict(engine_options or {})
+        for option in self._engine_options:
+            if option in _POOL_OPTIONS:
+                raise ConfigError(
+                    f"engine_options={{{option!r}: ...}} is not allowed: the pool is configured "
+                    f"by pool=PoolSettings({_POOL_OPTIONS[option]}=...) instead"
+                )
         self._closed = False
         self._commit_failures = 0
         self._leaks = LeakWatch(name, leak_threshold)
