@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import multiprocessing
 import os
 import subprocess
@@ -268,3 +269,27 @@ def test_fork_child_closing_its_inherited_loop_leaves_the_parents_engine_alone(
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "same-backend", done.stdout
+
+
+@pytest.mark.parametrize("how", ["by_hand", "asyncio_run"])
+def test_a_failing_disposal_still_closes_the_loop_and_is_counted(
+    how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def aclose(value: object) -> None:
+        raise OSError("dispose failed")
+
+    registry: PerLoop[object] = PerLoop(object, aclose, lambda value: None, what="thing")
+
+    async def use() -> None:
+        registry.get()
+
+    with caplog.at_level(logging.WARNING, logger="sheetanchor"):
+        if how == "by_hand":
+            loop = asyncio.new_event_loop()
+            loop.run_until_complete(use())
+            loop.close()
+            assert loop.is_closed()
+        else:
+            asyncio.run(use())
+    assert (registry.alive, registry.dispose_failures) == (0, 1)
+    assert any("dispose failed" in r.getMessage() for r in caplog.records), caplog.text

@@ -607,6 +607,7 @@ class Database:
             leaks_unreturned=self._leaks.unreturned,
             commit_failures=self._commit_failures,
             cleanup_failures=self._cleanup_failures,
+            dispose_failures=self._engines.dispose_failures,
         )
 
     def leak_reports(self) -> list[LeakReport]:

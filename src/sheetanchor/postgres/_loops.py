@@ -85,6 +85,7 @@ class PerLoop(Generic[_T]):
         self._last: _Slot[_T] | None = None
         self._lock = threading.RLock()  # creation and removal only; never on the hot path
         self._disposed = 0
+        self._dispose_failures = 0
         # Slots whose loop was freed, appended by a GC callback and emptied by every reap.
         self._orphans: list[_Slot[_T]] = []
         _registries.add(self)
@@ -129,6 +130,11 @@ class PerLoop(Generic[_T]):
     def alive(self) -> int:
         """How many values are alive (one per loop that used them and is still open)."""
         return len(self._slots)
+
+    @property
+    def dispose_failures(self) -> int:
+        """How many disposals inside a closing loop failed (logged at WARNING)."""
+        return self._dispose_failures
 
     @property
     def disposed(self) -> int:
@@ -177,17 +183,39 @@ class PerLoop(Generic[_T]):
                 # parent's. Close the loop object only (its own epoll fd and self-pipe).
                 original_close()
                 return
-            if reg is not None and live is not None and not live.closing and not loop.is_closed():
-                try:
-                    loop.run_until_complete(reg._retire(live))
-                except RuntimeError:
-                    # The loop is running or another loop runs in this thread: the value is
-                    # abandoned by the next reap instead.
-                    _log.debug("could not dispose %s while closing its loop", reg._what)
-            original_close()
+            try:
+                if (
+                    reg is not None
+                    and live is not None
+                    and not live.closing
+                    and not loop.is_closed()
+                    and not loop.is_running()  # close() raises below; nothing to dispose yet
+                ):
+                    reg._dispose_while_closing(loop, live)
+            finally:
+                original_close()  # whatever the disposal did, the loop gets closed
 
         with contextlib.suppress(AttributeError):  # uvloop loops have no instance __dict__
             loop.close = close  # type: ignore[method-assign]
+
+    def _dispose_while_closing(self, loop: asyncio.AbstractEventLoop, slot: _Slot[_T]) -> None:
+        try:
+            loop.run_until_complete(self._retire(slot))
+        except Exception as exc:  # noqa: BLE001 - recorded: counted and logged with the reason
+            # RuntimeError: another loop runs in this thread. The loop is closed right after
+            # this either way; a value not detached yet is abandoned by the next reap.
+            self._failed(exc, "while closing its event loop by hand")
+
+    def _failed(self, exc: BaseException, when: str) -> None:
+        self._dispose_failures += 1
+        _log.warning(
+            "disposing the %s of an event loop failed %s (%s: %s)",
+            self._what,
+            when,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
 
     async def _sentinel(self, slot: _Slot[_T]) -> AsyncIterator[None]:
         try:
@@ -195,7 +223,10 @@ class PerLoop(Generic[_T]):
         finally:
             # Never in a fork child: the value belongs to the parent (see _forget_after_fork).
             if not slot.closing and slot.pid == os.getpid():
-                await self._retire(slot)
+                try:
+                    await self._retire(slot)
+                except Exception as exc:  # noqa: BLE001 - recorded: counted and logged
+                    self._failed(exc, "at the end of asyncio.run()")
 
     # -- disposal -----------------------------------------------------------------------------
 

@@ -40,6 +40,8 @@ class DatabaseStats(NamedTuple):
         commit_failures: commits that failed and were raised as ``CommitFailed``.
         cleanup_failures: rollbacks or closes of a session or transaction that failed (logged
             at WARNING; after a successful COMMIT the data is saved and the block succeeds).
+        dispose_failures: engines whose disposal failed while their loop shut down (logged at
+            WARNING; the loop is closed anyway).
     """
 
     name: str
@@ -55,6 +57,7 @@ class DatabaseStats(NamedTuple):
     leaks_unreturned: int
     commit_failures: int
     cleanup_failures: int = 0
+    dispose_failures: int = 0
 
 
 class _Source(Protocol):
@@ -86,6 +89,11 @@ _COUNTERS = (
         "cleanup_failures",
         "cleanup_failures",
         "Rollbacks or closes of a session or transaction that failed (connection invalidated).",
+    ),
+    (
+        "dispose_failures",
+        "dispose_failures",
+        "Engine disposals that failed while their event loop shut down.",
     ),
 )
 
