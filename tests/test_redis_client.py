@@ -9,8 +9,10 @@ the failed call drops it, so the next run connects afresh and works) and leaks t
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
 import textwrap
@@ -215,3 +217,54 @@ async def test_transient_connection_reset_is_retried(
         # ...with them, it reconnects and succeeds.
         assert await ours.client().set("retry:k", 2)
         assert await ours.client().get("retry:k") == b"2"
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_loops_closed_by_hand_close_their_clients(redis_url: str) -> None:
+    # The usual Celery helper: new_event_loop / run_until_complete / close, no task cancelled.
+    rc = RedisClient(redis_url, name="t_by_hand")
+
+    async def use(i: int) -> None:
+        await rc.client().set("by_hand:k", i)
+
+    def one_loop(i: int) -> None:
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(use(i))
+        loop.close()
+
+    one_loop(0)  # warm-up: imports, lazily opened files
+    gc.collect()
+    start = _open_fds()
+    for i in range(1, 51):
+        one_loop(i)
+    gc.collect()
+    assert _open_fds() == start  # every loop's socket closed (flat, not +50)
+    assert rc._inherited == []  # only fork-inherited clients are kept there
+    stats = rc.stats()
+    assert (stats.clients_alive, stats.clients_disposed, stats.clients_abandoned) == (0, 51, 0)
+
+
+def test_client_of_a_loop_closed_without_hooks_is_abandoned_with_its_sockets_closed(
+    redis_url: str,
+) -> None:
+    rc = RedisClient(redis_url, name="t_unhooked")
+
+    async def use() -> None:
+        await rc.client().set("unhooked:k", 1)
+
+    asyncio.run(use())  # warm-up
+    gc.collect()
+    start = _open_fds()
+    for _ in range(5):
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(use())
+        type(loop).close(loop)  # bypasses the instance hook, like a loop we cannot patch
+    asyncio.run(use())  # sweeps the closed loops' clients
+    gc.collect()  # no ResourceWarning (filterwarnings=error): sockets closed, not left to GC
+    assert _open_fds() == start
+    assert rc._inherited == []
+    stats = rc.stats()
+    assert (stats.clients_alive, stats.clients_abandoned) == (0, 5)
