@@ -180,20 +180,29 @@ def test_recycled_loop_ids_never_get_a_dead_loops_value() -> None:
 
 
 @pytest.fixture(scope="module")
-def shared_db(pg_url: str) -> Database:
-    # One Database for several pytest-asyncio tests: each test has its own loop.
-    return _small(pg_url, name="shared")
+def shared_db(pg_url: str) -> tuple[Database, list[int]]:
+    # One Database for several pytest-asyncio tests: each test has its own loop. The list
+    # counts the tests that used it so far, so each test knows its own baseline and passes
+    # alone, in any order, or after the others.
+    return _small(pg_url, name="shared"), []
 
 
-async def test_pytest_asyncio_loop_one(shared_db: Database) -> None:
-    assert await shared_db.fetchval("SELECT 1") == 1
+async def _use_shared(shared_db: tuple[Database, list[int]], value: int) -> None:
+    db, users = shared_db
+    earlier = len(users)  # tests before this one, each with its own (now closed) loop
+    users.append(value)
+    assert await db.fetchval("SELECT $1::int", value) == value
+    stats = db.stats()
+    assert stats.engines_alive == 1  # this test's loop only
+    assert stats.engines_disposed == earlier  # each earlier loop took its engine with it
 
 
-async def test_pytest_asyncio_loop_two(shared_db: Database) -> None:
-    assert await shared_db.fetchval("SELECT 2") == 2
-    stats = shared_db.stats()
-    assert stats.engines_alive == 1
-    assert stats.engines_disposed >= 1  # the previous test's loop took its engine with it
+async def test_pytest_asyncio_loop_one(shared_db: tuple[Database, list[int]]) -> None:
+    await _use_shared(shared_db, 1)
+
+
+async def test_pytest_asyncio_loop_two(shared_db: tuple[Database, list[int]]) -> None:
+    await _use_shared(shared_db, 2)
 
 
 def _child_uses_inherited_db(db: Database, queue: Any) -> None:
