@@ -245,7 +245,7 @@ async def test_fork_child_builds_its_own_engine_and_parent_pool_survives(pg_url:
 
 
 _FORK_CHILD_CLOSES_INHERITED_LOOP = """
-import asyncio, os, sys
+import asyncio, os, sys, time
 from sheetanchor.postgres import Database, PoolSettings
 db = Database(sys.argv[1], pool=PoolSettings(size=1, max_overflow=0), leak_threshold=None)
 loop = asyncio.new_event_loop()
@@ -260,8 +260,13 @@ async def query() -> int:
     async with asyncio.timeout(10):
         return await db.fetchval("SELECT pg_backend_pid()")
 after = loop.run_until_complete(query())
+async def wake_from_thread() -> str:  # the parent's self-pipe still wakes its loop
+    async with asyncio.timeout(10):
+        # The thread sleeps so that the loop is blocked in epoll_wait when it finishes.
+        return await asyncio.to_thread(lambda: (time.sleep(0.2), "woke")[1])
+woke = loop.run_until_complete(wake_from_thread())
 loop.close()
-print("same-backend" if after == before else f"other-backend {before} {after}")
+print("same-backend" if after == before else f"other-backend {before} {after}", woke)
 """
 
 
@@ -277,7 +282,7 @@ def test_fork_child_closing_its_inherited_loop_leaves_the_parents_engine_alone(
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "same-backend", done.stdout
+    assert done.stdout.strip() == "same-backend woke", done.stdout
 
 
 @pytest.mark.parametrize("how", ["by_hand", "asyncio_run"])

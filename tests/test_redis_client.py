@@ -268,3 +268,44 @@ def test_client_of_a_loop_closed_without_hooks_is_abandoned_with_its_sockets_clo
     assert rc._inherited == []
     stats = rc.stats()
     assert (stats.clients_alive, stats.clients_abandoned) == (0, 5)
+
+
+_FORK_CHILD_CLOSES_INHERITED_LOOP = textwrap.dedent(
+    """
+    import asyncio, os, sys, time
+    from sheetanchor.redis import RedisClient
+    rc = RedisClient(sys.argv[1], name="t_fork_close")
+    loop = asyncio.new_event_loop()
+    async def client_id() -> int:
+        return int(await rc.client().client_id())
+    before = loop.run_until_complete(client_id())
+    pid = os.fork()
+    if pid == 0:
+        loop.close()  # must neither close the parent's client nor unhook its epoll set
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0, status
+    async def check() -> tuple[int, str]:
+        async with asyncio.timeout(10):
+            same = await client_id()
+            woke = await asyncio.to_thread(lambda: (time.sleep(0.2), "woke")[1])
+            return same, woke
+    after, woke = loop.run_until_complete(check())
+    loop.close()
+    print("same-connection" if after == before else "other-connection", woke)
+    """
+)
+
+
+def test_fork_child_closing_its_inherited_loop_leaves_the_parents_client_alone(
+    redis_url: str,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _FORK_CHILD_CLOSES_INHERITED_LOOP, redis_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "same-connection woke", done.stdout

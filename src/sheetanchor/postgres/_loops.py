@@ -38,7 +38,7 @@ from typing import Any, Generic, TypeVar
 from sheetanchor.errors import WrongEventLoop
 from sheetanchor.observe import get_logger
 
-__all__ = ["PerLoop"]
+__all__ = ["PerLoop", "close_inherited_loop"]
 
 _T = TypeVar("_T")
 _log = get_logger("postgres")
@@ -180,8 +180,9 @@ class PerLoop(Generic[_T]):
             reg, live = registry(), slot_ref()
             if live is not None and live.pid != os.getpid():
                 # A fork child closing the loop it inherited: the value's sockets are the
-                # parent's. Close the loop object only (its own epoll fd and self-pipe).
-                original_close()
+                # parent's. Close the loop object only, off the epoll set it shares with the
+                # parent.
+                close_inherited_loop(loop, original_close)
                 return
             try:
                 if (
@@ -298,6 +299,25 @@ class PerLoop(Generic[_T]):
         self._orphans = []
         self._last = None
         self._lock = threading.RLock()  # the parent's lock may have been held by another thread
+
+
+def close_inherited_loop(loop: asyncio.AbstractEventLoop, close: Callable[[], None]) -> None:
+    """Close, in a fork child, a selector loop inherited from the parent, leaving the parent be.
+
+    The child's epoll descriptor refers to the parent's epoll instance: the unregistering that
+    ``close()`` does (its self-pipe) would remove the *parent's* registration, and the parent's
+    loop would never again wake up for ``call_soon_threadsafe`` (``asyncio.to_thread``...).
+    So the loop gets a fresh, empty selector first, and the inherited descriptor is only
+    closed (which does not touch the shared interest list). Private attributes of asyncio's
+    selector loops, guarded: other loops are closed as they are.
+    """
+    any_loop: Any = loop
+    old = getattr(any_loop, "_selector", None)
+    shared = getattr(old, "_selector", None)
+    if old is not None and shared is not None and hasattr(shared, "close"):
+        any_loop._selector = type(old)()
+        shared.close()  # this process's descriptor only
+    close()
 
 
 def _loop_gone(slot: _Slot[Any]) -> bool:

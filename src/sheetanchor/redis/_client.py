@@ -42,6 +42,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sheetanchor.config import parse_url, redact, redis_url_from_env
 from sheetanchor.errors import ConfigError, ResourceClosed, WrongEventLoop
 from sheetanchor.observe import get_logger
+from sheetanchor.postgres._loops import close_inherited_loop
 from sheetanchor.redis import _metrics
 from sheetanchor.retry import RetryPolicy
 
@@ -401,11 +402,15 @@ class RedisClient:
 
         def close() -> None:
             rc, live = client_ref(), entry_ref()
+            if live is not None and live.pid != os.getpid():
+                # A fork child closing an inherited loop: never touch the parent's sockets,
+                # nor its epoll registrations.
+                close_inherited_loop(loop, original_close)
+                return
             try:
                 if (
                     rc is not None
                     and live is not None
-                    and live.pid == os.getpid()  # a fork child never touches the parent's
                     and not (live.closed or live.forsaken)
                     and not loop.is_closed()
                     and not loop.is_running()  # close() raises below; the closer runs later
