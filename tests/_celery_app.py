@@ -5,6 +5,7 @@ configured through the environment the test gives the worker:
 
     SHEETANCHOR_TEST_CELERY_BROKER  Redis URL for broker and result backend (dedicated db)
     SHEETANCHOR_TEST_CELERY_QUEUE   queue name, unique per test run
+    SHEETANCHOR_TEST_CELERY_ROLE    role of the sheetanchor Database, unique per test run
     SHEETANCHOR_PG_URL              the test module's database
     SHEETANCHOR_REDIS_URL           Redis for the tasks' own data
     SHEETANCHOR_TEST_POOL_SIZE      pool size per process for the sheetanchor Database
@@ -27,6 +28,7 @@ from sheetanchor.redis import RedisClient
 
 BROKER = os.environ["SHEETANCHOR_TEST_CELERY_BROKER"]
 QUEUE = os.environ["SHEETANCHOR_TEST_CELERY_QUEUE"]
+ROLE = os.environ.get("SHEETANCHOR_TEST_CELERY_ROLE", "celery")
 PG_URL = os.environ["SHEETANCHOR_PG_URL"]
 REDIS_URL = os.environ["SHEETANCHOR_REDIS_URL"]
 
@@ -71,7 +73,7 @@ def naive_engine_task(number: int) -> int:
 
 # The sheetanchor way: the same module-level globals, but loop-aware and fork-safe.
 install()
-db = Database(PG_URL, pool=PoolSettings(size=POOL_SIZE, max_overflow=MAX_OVERFLOW), role="celery")
+db = Database(PG_URL, pool=PoolSettings(size=POOL_SIZE, max_overflow=MAX_OVERFLOW), role=ROLE)
 rc = RedisClient(REDIS_URL)
 
 

@@ -56,6 +56,7 @@ class Worker:
     log: Path
     pg_url: str
     budget: PoolBudget
+    role: str  # the worker Database's role, unique to this run: its application_name prefix
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -70,7 +71,7 @@ class Worker:
         deadline = time.monotonic() + RESULT_TIMEOUT
         with psycopg.connect(self.pg_url, autocommit=True) as monitor:
             while not results.ready():
-                peak = max(peak, _sheetanchor_connections(monitor))
+                peak = max(peak, _sheetanchor_connections(monitor, self.role))
                 if time.monotonic() > deadline:
                     pytest.fail(
                         f"{count} {task} tasks not done after {RESULT_TIMEOUT} s on the "
@@ -79,7 +80,7 @@ class Worker:
                 if self.process.poll() is not None:
                     pytest.fail(f"the {self.pool} worker exited:\n{self.log_tail()}")
                 time.sleep(0.1)
-            peak = max(peak, _sheetanchor_connections(monitor))
+            peak = max(peak, _sheetanchor_connections(monitor, self.role))
         values = [r.get(propagate=False) for r in results.results]
         for result in results.results:
             assert isinstance(result, AsyncResult)
@@ -90,15 +91,20 @@ class Worker:
         """sheetanchor connections left on the server, waiting up to ``limit`` s for zero."""
         deadline = time.monotonic() + limit
         with psycopg.connect(self.pg_url, autocommit=True) as monitor:
-            while (count := _sheetanchor_connections(monitor)) and time.monotonic() < deadline:
+            while (
+                count := _sheetanchor_connections(monitor, self.role)
+            ) and time.monotonic() < deadline:
                 time.sleep(0.1)
         return count
 
 
-def _sheetanchor_connections(monitor: psycopg.Connection[tuple[object, ...]]) -> int:
+def _sheetanchor_connections(monitor: psycopg.Connection[tuple[object, ...]], role: str) -> int:
+    # Only this worker's Database (its role is unique to this run): other runs and other
+    # tests sharing the server cannot inflate the count.
     row = monitor.execute(
         "SELECT count(*) FROM pg_stat_activity"
-        " WHERE datname = current_database() AND application_name LIKE 'sheetanchor:%%'"
+        " WHERE datname = current_database() AND application_name LIKE %s",
+        (f"sheetanchor:{role}:%",),
     ).fetchone()
     assert row is not None
     return int(str(row[0]))
@@ -143,12 +149,15 @@ def worker(
     # The Redis database this test session claimed (no other session uses it): broker,
     # results and the tasks' keys, kept apart by a unique queue name and key prefix.
     broker = _redis_db(sheetanchor_redis_server_url, sheetanchor_redis_db)
-    queue = f"sheetanchor-test-{uuid.uuid4().hex[:12]}"
+    run_id = uuid.uuid4().hex[:12]
+    queue = f"sheetanchor-test-{run_id}"
+    role = f"celery-{run_id}"
     log = tmp_path_factory.mktemp(f"celery-{pool}") / "worker.log"
     env = {
         **os.environ,
         "SHEETANCHOR_TEST_CELERY_BROKER": broker,
         "SHEETANCHOR_TEST_CELERY_QUEUE": queue,
+        "SHEETANCHOR_TEST_CELERY_ROLE": role,
         "SHEETANCHOR_PG_URL": pg_url,
         "SHEETANCHOR_REDIS_URL": broker,
         "SHEETANCHOR_TEST_POOL_SIZE": str(budget.pool_size),
@@ -184,7 +193,7 @@ def worker(
             start_new_session=True,  # its own process group, so teardown can reap children
         )
     try:
-        yield Worker(pool, process, client, queue, log, pg_url, budget)
+        yield Worker(pool, process, client, queue, log, pg_url, budget, role)
     finally:
         _stop(process)
         client.close()

@@ -7,9 +7,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
+from sheetanchor.config import to_sqlalchemy_url
 from sheetanchor.errors import ConfigError, WrongEventLoop
 from sheetanchor.postgres import Database, PoolSettings
+from sheetanchor.postgres._pool import checkout_without_io
 
 
 def _boom() -> None:
@@ -167,3 +170,24 @@ async def test_overflow_connections_are_closed_on_return(pg_url: str) -> None:
     # The overflow connection was closed on return (the greenlet path), the other kept.
     assert (stats.pool_size, stats.idle, stats.checked_out, stats.overflow) == (1, 1, 0, 0)
     await db.close()
+
+
+@pytest.mark.parametrize(
+    ("option", "field"),
+    [("pool_pre_ping", "pre_ping_idle"), ("pool_size", "size"), ("pool_recycle", "recycle")],
+)
+def test_pool_options_in_engine_options_are_refused(option: str, field: str) -> None:
+    # pool_pre_ping=True used to break every fast-path read after the first (MissingGreenlet).
+    with pytest.raises(ConfigError, match=rf"{option}.*PoolSettings\({field}="):
+        Database("postgresql://u@127.0.0.1/db", engine_options={option: True})
+
+
+async def test_fast_checkout_declines_a_pool_that_pre_pings(pg_url: str) -> None:
+    # A pre-pinging pool needs I/O on every checkout: the greenlet-free path must not take it.
+    engine = create_async_engine(to_sqlalchemy_url(pg_url), pool_size=1, pool_pre_ping=True)
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))  # leaves one idle connection in the pool
+        assert checkout_without_io(engine.sync_engine.pool, None) is None
+    finally:
+        await engine.dispose()

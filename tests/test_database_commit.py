@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 
 import pytest
+import sqlalchemy.event
 import sqlalchemy.exc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -86,3 +87,39 @@ async def test_failed_commit_in_transaction_raises_commit_failed(db: Database) -
         await handler()
     assert isinstance(info.value.__cause__, sqlalchemy.exc.IntegrityError)
     assert db.stats().checked_out == 0
+
+
+def _fail_next_checkin(db: Database) -> list[int]:
+    """Make the next connection check-in fail (after COMMIT): a broken pool listener."""
+    pool = db.engine().sync_engine.pool
+    fired: list[int] = []
+
+    def checkin(dbapi_conn: object, rec: object) -> None:
+        if fired:
+            return
+        fired.append(1)
+        dbapi_conn.driver_connection.terminate()  # type: ignore[attr-defined]  # no stray socket
+        raise RuntimeError("check-in failed after COMMIT")
+
+    sqlalchemy.event.listen(pool, "checkin", checkin)
+    return fired
+
+
+@pytest.mark.parametrize("block", ["session", "transaction"])
+async def test_close_failing_after_a_good_commit_is_success_logged_and_counted(
+    db: Database, block: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    await db.execute("INSERT INTO conversations (id) VALUES (1)")
+    fired = _fail_next_checkin(db)
+    with caplog.at_level(logging.WARNING, logger="sheetanchor"):
+        if block == "session":
+            async with db.session() as s:
+                await s.execute(SAVE, {"c": 1, "b": "kept"})
+        else:
+            async with db.transaction() as conn:
+                await conn.execute(SAVE, {"c": 1, "b": "kept"})
+    assert fired == [1]  # the fault did happen
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE body = 'kept'") == 1
+    stats = db.stats()
+    assert (stats.commit_failures, stats.cleanup_failures) == (0, 1)
+    assert any("COMMIT succeeded" in r.getMessage() for r in caplog.records), caplog.text

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -177,20 +180,29 @@ def test_recycled_loop_ids_never_get_a_dead_loops_value() -> None:
 
 
 @pytest.fixture(scope="module")
-def shared_db(pg_url: str) -> Database:
-    # One Database for several pytest-asyncio tests: each test has its own loop.
-    return _small(pg_url, name="shared")
+def shared_db(pg_url: str) -> tuple[Database, list[int]]:
+    # One Database for several pytest-asyncio tests: each test has its own loop. The list
+    # counts the tests that used it so far, so each test knows its own baseline and passes
+    # alone, in any order, or after the others.
+    return _small(pg_url, name="shared"), []
 
 
-async def test_pytest_asyncio_loop_one(shared_db: Database) -> None:
-    assert await shared_db.fetchval("SELECT 1") == 1
+async def _use_shared(shared_db: tuple[Database, list[int]], value: int) -> None:
+    db, users = shared_db
+    earlier = len(users)  # tests before this one, each with its own (now closed) loop
+    users.append(value)
+    assert await db.fetchval("SELECT $1::int", value) == value
+    stats = db.stats()
+    assert stats.engines_alive == 1  # this test's loop only
+    assert stats.engines_disposed == earlier  # each earlier loop took its engine with it
 
 
-async def test_pytest_asyncio_loop_two(shared_db: Database) -> None:
-    assert await shared_db.fetchval("SELECT 2") == 2
-    stats = shared_db.stats()
-    assert stats.engines_alive == 1
-    assert stats.engines_disposed >= 1  # the previous test's loop took its engine with it
+async def test_pytest_asyncio_loop_one(shared_db: tuple[Database, list[int]]) -> None:
+    await _use_shared(shared_db, 1)
+
+
+async def test_pytest_asyncio_loop_two(shared_db: tuple[Database, list[int]]) -> None:
+    await _use_shared(shared_db, 2)
 
 
 def _child_uses_inherited_db(db: Database, queue: Any) -> None:
@@ -230,3 +242,68 @@ async def test_fork_child_builds_its_own_engine_and_parent_pool_survives(pg_url:
     assert await db.fetchval("SELECT pg_backend_pid()") == parent_backend
     assert os.getpid() != child.pid
     await db.close()
+
+
+_FORK_CHILD_CLOSES_INHERITED_LOOP = """
+import asyncio, os, sys, time
+from sheetanchor.postgres import Database, PoolSettings
+db = Database(sys.argv[1], pool=PoolSettings(size=1, max_overflow=0), leak_threshold=None)
+loop = asyncio.new_event_loop()
+before = loop.run_until_complete(db.fetchval("SELECT pg_backend_pid()"))
+pid = os.fork()
+if pid == 0:
+    loop.close()  # the child closes the loop it inherited: must not dispose the parent's engine
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+assert status == 0, status
+async def query() -> int:
+    async with asyncio.timeout(10):
+        return await db.fetchval("SELECT pg_backend_pid()")
+after = loop.run_until_complete(query())
+async def wake_from_thread() -> str:  # the parent's self-pipe still wakes its loop
+    async with asyncio.timeout(10):
+        # The thread sleeps so that the loop is blocked in epoll_wait when it finishes.
+        return await asyncio.to_thread(lambda: (time.sleep(0.2), "woke")[1])
+woke = loop.run_until_complete(wake_from_thread())
+loop.close()
+print("same-backend" if after == before else f"other-backend {before} {after}", woke)
+"""
+
+
+def test_fork_child_closing_its_inherited_loop_leaves_the_parents_engine_alone(
+    pg_url: str,
+) -> None:
+    # In a subprocess with a timeout: the regression is a hang of the parent's next query.
+    done = subprocess.run(
+        [sys.executable, "-c", _FORK_CHILD_CLOSES_INHERITED_LOOP, pg_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "same-backend woke", done.stdout
+
+
+@pytest.mark.parametrize("how", ["by_hand", "asyncio_run"])
+def test_a_failing_disposal_still_closes_the_loop_and_is_counted(
+    how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def aclose(value: object) -> None:
+        raise OSError("dispose failed")
+
+    registry: PerLoop[object] = PerLoop(object, aclose, lambda value: None, what="thing")
+
+    async def use() -> None:
+        registry.get()
+
+    with caplog.at_level(logging.WARNING, logger="sheetanchor"):
+        if how == "by_hand":
+            loop = asyncio.new_event_loop()
+            loop.run_until_complete(use())
+            loop.close()
+            assert loop.is_closed()
+        else:
+            asyncio.run(use())
+    assert (registry.alive, registry.dispose_failures) == (0, 1)
+    assert any("dispose failed" in r.getMessage() for r in caplog.records), caplog.text

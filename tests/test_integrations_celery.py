@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Iterator
 
 import pytest
 from celery import signals
 
-from sheetanchor.integrations.celery import close_loops, install, run_async
+from sheetanchor.integrations.celery import _LOOPS, close_loops, install, run_async
 
 
 @pytest.fixture(autouse=True)
@@ -65,3 +66,53 @@ def test_install_closes_loops_on_worker_shutdown() -> None:
     loop = run_async(_current_loop())
     signals.worker_shutdown.send(sender=None)
     assert loop.is_closed()
+
+
+async def _close_raises_once() -> asyncio.AbstractEventLoop:
+    loop = asyncio.get_running_loop()
+    original = loop.close
+
+    def close() -> None:
+        original()  # the loop is closed (nothing leaks) but its close reports a failure
+        raise RuntimeError("close failed")
+
+    loop.close = close  # type: ignore[method-assign]
+    return loop
+
+
+def test_a_failing_loop_close_does_not_stop_the_others(caplog: pytest.LogCaptureFixture) -> None:
+    failures = _LOOPS.close_failures
+    seen: list[asyncio.AbstractEventLoop] = []
+    thread = threading.Thread(target=lambda: seen.append(run_async(_close_raises_once())))
+    thread.start()
+    thread.join()
+    other = run_async(_current_loop())
+    with caplog.at_level(logging.WARNING, logger="sheetanchor"):
+        assert close_loops() == 1  # the other loop, whatever the order
+    assert other.is_closed()
+    assert _LOOPS.close_failures == failures + 1
+    assert "close failed" in caplog.text
+
+
+def test_a_loop_running_in_another_thread_is_skipped_then_closed_later() -> None:
+    started, release = threading.Event(), threading.Event()
+    seen: list[asyncio.AbstractEventLoop] = []
+
+    async def busy() -> None:
+        seen.append(asyncio.get_running_loop())
+        started.set()
+        await asyncio.to_thread(release.wait, 30)
+
+    thread = threading.Thread(target=lambda: run_async(busy()))
+    thread.start()
+    assert started.wait(30)
+    skipped = _LOOPS.skipped
+    try:
+        assert close_loops() == 0  # running a task in its thread: not closed from here
+        assert _LOOPS.skipped == skipped + 1
+        assert not seen[0].is_closed()
+    finally:
+        release.set()
+        thread.join(30)
+    assert close_loops() == 1
+    assert seen[0].is_closed()

@@ -9,8 +9,10 @@ the failed call drops it, so the next run connects afresh and works) and leaks t
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
 import textwrap
@@ -215,3 +217,95 @@ async def test_transient_connection_reset_is_retried(
         # ...with them, it reconnects and succeeds.
         assert await ours.client().set("retry:k", 2)
         assert await ours.client().get("retry:k") == b"2"
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_loops_closed_by_hand_close_their_clients(redis_url: str) -> None:
+    # The usual Celery helper: new_event_loop / run_until_complete / close, no task cancelled.
+    rc = RedisClient(redis_url, name="t_by_hand")
+
+    async def use(i: int) -> None:
+        await rc.client().set("by_hand:k", i)
+
+    def one_loop(i: int) -> None:
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(use(i))
+        loop.close()
+
+    one_loop(0)  # warm-up: imports, lazily opened files
+    gc.collect()
+    start = _open_fds()
+    for i in range(1, 51):
+        one_loop(i)
+    gc.collect()
+    assert _open_fds() == start  # every loop's socket closed (flat, not +50)
+    assert rc._inherited == []  # only fork-inherited clients are kept there
+    stats = rc.stats()
+    assert (stats.clients_alive, stats.clients_disposed, stats.clients_abandoned) == (0, 51, 0)
+
+
+def test_client_of_a_loop_closed_without_hooks_is_abandoned_with_its_sockets_closed(
+    redis_url: str,
+) -> None:
+    rc = RedisClient(redis_url, name="t_unhooked")
+
+    async def use() -> None:
+        await rc.client().set("unhooked:k", 1)
+
+    asyncio.run(use())  # warm-up
+    gc.collect()
+    start = _open_fds()
+    for _ in range(5):
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(use())
+        type(loop).close(loop)  # bypasses the instance hook, like a loop we cannot patch
+    asyncio.run(use())  # sweeps the closed loops' clients
+    gc.collect()  # no ResourceWarning (filterwarnings=error): sockets closed, not left to GC
+    assert _open_fds() == start
+    assert rc._inherited == []
+    stats = rc.stats()
+    assert (stats.clients_alive, stats.clients_abandoned) == (0, 5)
+
+
+_FORK_CHILD_CLOSES_INHERITED_LOOP = textwrap.dedent(
+    """
+    import asyncio, os, sys, time
+    from sheetanchor.redis import RedisClient
+    rc = RedisClient(sys.argv[1], name="t_fork_close")
+    loop = asyncio.new_event_loop()
+    async def client_id() -> int:
+        return int(await rc.client().client_id())
+    before = loop.run_until_complete(client_id())
+    pid = os.fork()
+    if pid == 0:
+        loop.close()  # must neither close the parent's client nor unhook its epoll set
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0, status
+    async def check() -> tuple[int, str]:
+        async with asyncio.timeout(10):
+            same = await client_id()
+            woke = await asyncio.to_thread(lambda: (time.sleep(0.2), "woke")[1])
+            return same, woke
+    after, woke = loop.run_until_complete(check())
+    loop.close()
+    print("same-connection" if after == before else "other-connection", woke)
+    """
+)
+
+
+def test_fork_child_closing_its_inherited_loop_leaves_the_parents_client_alone(
+    redis_url: str,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _FORK_CHILD_CLOSES_INHERITED_LOOP, redis_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "same-connection woke", done.stdout

@@ -46,6 +46,8 @@ class _Loops:
         self._lock = threading.Lock()
         self._runners: dict[int, asyncio.Runner] = {}
         self._pid = os.getpid()
+        self.close_failures = 0  # loops whose close() raised (logged at WARNING)
+        self.skipped = 0  # loops not closed because they were running in another thread
 
     def runner(self) -> asyncio.Runner:
         if self._pid != os.getpid():
@@ -77,12 +79,34 @@ class _Loops:
             self.forget_inherited()
             return 0
         with self._lock:
-            runners, self._runners = list(self._runners.values()), {}
-        for runner in runners:
-            # Runner.close cancels the loop's remaining tasks (sheetanchor's per-loop closers
-            # among them), so engines and Redis pools close in their own loop.
-            runner.close()
-        return len(runners)
+            runners, self._runners = list(self._runners.items()), {}
+        closed = 0
+        for key, runner in runners:
+            loop = getattr(runner, "_loop", None)  # None: never used, nothing to run
+            if loop is not None and loop.is_running():
+                # A task is running in it, in its worker thread: closing it from here would
+                # raise. Keep it for a later close_loops() (or its thread's exit).
+                self.skipped += 1
+                with self._lock:
+                    self._runners.setdefault(key, runner)
+                _log.warning("not closing an event loop that is still running in thread %d", key)
+                continue
+            try:
+                # Runner.close cancels the loop's remaining tasks (sheetanchor's per-loop
+                # closers among them), so engines and Redis pools close in their own loop.
+                runner.close()
+            except Exception as exc:  # noqa: BLE001 - recorded: counted, logged; next loop
+                self.close_failures += 1
+                _log.warning(
+                    "closing the event loop of thread %d failed (%s: %s)",
+                    key,
+                    type(exc).__name__,
+                    exc,
+                    exc_info=exc,
+                )
+                continue
+            closed += 1
+        return closed
 
 
 _LOOPS = _Loops()
@@ -105,6 +129,8 @@ def close_loops() -> int:
     """Close this process's :func:`run_async` loops (and the clients in them); return how many.
 
     :func:`install` calls it when a worker process shuts down. Safe to call more than once.
+    A loop whose close fails is logged at WARNING and counted, and the others are still
+    closed; a loop running a task in another thread is left open (closed by a later call).
     """
     return _LOOPS.close()
 

@@ -106,6 +106,19 @@ class _Engine:
     cleanups: set[asyncio.Task[None]] = field(default_factory=set)
 
 
+# Pool options of create_async_engine and the PoolSettings field that replaces each: the
+# fast checkout path relies on the pool being configured by Database (pool_pre_ping=True, for
+# one, would ping outside SQLAlchemy's greenlet and fail with MissingGreenlet).
+_POOL_OPTIONS = {
+    "pool_size": "size",
+    "max_overflow": "max_overflow",
+    "pool_timeout": "timeout",
+    "pool_recycle": "recycle",
+    "pool_use_lifo": "use_lifo",
+    "pool_pre_ping": "pre_ping_idle",
+}
+
+
 def _pgbouncer_statement_name() -> str:
     # Unique per statement: behind PgBouncer in transaction mode a name may meet a server
     # connection that already has (or lacks) a statement of that name.
@@ -136,7 +149,8 @@ class Database:
         leak_threshold: report a connection held longer than this, seconds (``None``: only
             report connections garbage-collected without being returned).
         json_codecs: bind ``dict``/``list`` to ``json``/``jsonb`` natively (orjson).
-        engine_options: extra keyword arguments for ``create_async_engine`` (``echo=True``...).
+        engine_options: extra keyword arguments for ``create_async_engine`` (``echo=True``...);
+            pool options (``pool_size``, ``pool_pre_ping``...) are refused: use ``pool``.
 
     Raises:
         ConfigError: a setting is invalid (the message names it) or no URL is configured.
@@ -196,8 +210,15 @@ class Database:
         self.leak_threshold = leak_threshold
         self.json_codecs = json_codecs
         self._engine_options = dict(engine_options or {})
+        for option in self._engine_options:
+            if option in _POOL_OPTIONS:
+                raise ConfigError(
+                    f"engine_options={{{option!r}: ...}} is not allowed: the pool is configured "
+                    f"by pool=PoolSettings({_POOL_OPTIONS[option]}=...) instead"
+                )
         self._closed = False
         self._commit_failures = 0
+        self._cleanup_failures = 0
         self._leaks = LeakWatch(name, leak_threshold)
         self._engines: PerLoop[_Engine] = PerLoop(
             self._create_engine, self._dispose_engine, self._abandon_engine, what="engine"
@@ -282,7 +303,9 @@ class Database:
         event.listen(sync_pool, "checkin", checkin_hook(leaks))
         entry = _Engine(
             engine=engine,
-            sessions=async_sessionmaker(engine, expire_on_commit=False),
+            sessions=async_sessionmaker(
+                engine, expire_on_commit=False, sync_session_class=_TrackedSession
+            ),
             forget_leaks=leaks.forget,
         )
         self._schedule_sweep(entry)
@@ -346,14 +369,18 @@ class Database:
             await self._cleanup(entry, _rollback_and_close(session))
             raise
         try:
-            # COMMIT and close in one trip through SQLAlchemy's greenlet (one spawn, not two).
-            await session.run_sync(_commit_and_close)
+            released = await session.run_sync(_commit)
         except Exception as exc:
             await self._cleanup(entry, _rollback_and_close(session))
             raise self._commit_failed(exc) from exc
         except BaseException:
             await self._cleanup(entry, _rollback_and_close(session))
             raise
+        # Separately from the COMMIT: a release or close that fails after a good COMMIT is not
+        # a failed commit (the data is saved); it is logged and counted.
+        if released is not None:
+            self._close_failed_after_commit(released)
+        await self._cleanup(entry, session.close(), after_commit=True)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
@@ -381,7 +408,8 @@ class Database:
         except BaseException:
             await self._cleanup(entry, _rollback_and_close_conn(conn))
             raise
-        await conn.close()  # the commit already ended the transaction
+        # The commit already ended the transaction; shielded, like every other cleanup.
+        await self._cleanup(entry, conn.close(), after_commit=True)
 
     def _commit_failed(self, exc: Exception) -> CommitFailed:
         self._commit_failures += 1
@@ -399,23 +427,36 @@ class Database:
         _log.warning("%s", msg)
         return CommitFailed(msg)
 
-    async def _cleanup(self, entry: _Engine, aw: Any) -> None:
+    async def _cleanup(self, entry: _Engine, aw: Any, *, after_commit: bool = False) -> None:
         # Run the rollback/close even if this task is cancelled again while it runs: shield
         # it in its own task, kept referenced until done (the loop only holds tasks weakly).
         task: asyncio.Task[None] = asyncio.ensure_future(aw)
-        if task.done():
-            task.result()
-            return
-        entry.cleanups.add(task)
-        task.add_done_callback(entry.cleanups.discard)
+        if not task.done():
+            entry.cleanups.add(task)
+            task.add_done_callback(entry.cleanups.discard)
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - routed: logged; the caller gets its own outcome
+        except Exception:  # noqa: BLE001 - routed: counted and logged; the caller has its outcome
             # A rollback/close that fails leaves SQLAlchemy to invalidate the connection; the
             # caller already has the real outcome (its error, CommitFailed, or a commit).
-            _log.warning("closing a session failed; its connection was invalidated", exc_info=True)
+            if after_commit:
+                self._close_failed_after_commit(task.exception())
+            else:
+                self._cleanup_failures += 1
+                _log.warning(
+                    "closing a session failed; its connection was invalidated", exc_info=True
+                )
+
+    def _close_failed_after_commit(self, exc: BaseException | None) -> None:
+        self._cleanup_failures += 1
+        _log.warning(
+            "COMMIT succeeded on %s (the data is saved) but releasing the connection failed "
+            "afterwards; the connection was invalidated",
+            self.address,
+            exc_info=exc,
+        )
 
     def _entry(self) -> _Engine:
         if self._closed:
@@ -565,6 +606,8 @@ class Database:
             leaks=self._leaks.leaks,
             leaks_unreturned=self._leaks.unreturned,
             commit_failures=self._commit_failures,
+            cleanup_failures=self._cleanup_failures,
+            dispose_failures=self._engines.dispose_failures,
         )
 
     def leak_reports(self) -> list[LeakReport]:
@@ -595,9 +638,35 @@ def _json_dumps_str(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def _commit_and_close(session: Session) -> None:
-    session.commit()
-    session.close()  # only reached when the commit succeeded
+_COMMITTED = "sheetanchor_committed"
+
+
+class _TrackedSession(Session):
+    """A ``Session`` that records when the database accepted its COMMIT (``after_commit``)."""
+
+
+def _mark_committed(session: Session) -> None:
+    session.info[_COMMITTED] = True
+
+
+event.listen(_TrackedSession, "after_commit", _mark_committed)
+
+
+def _commit(session: Session) -> Exception | None:
+    """COMMIT; return what failed *after* the database committed, or ``None``.
+
+    ``Session.commit()`` also gives its connection back to the pool; a failure there (a pool
+    ``checkin`` listener, a reset that breaks) is raised by ``commit()`` although the data is
+    saved. Such a failure is returned, not raised; a failure before the COMMIT is raised.
+    """
+    session.info.pop(_COMMITTED, None)
+    try:
+        session.commit()
+    except Exception as exc:
+        if not session.info.pop(_COMMITTED, False):
+            raise
+        return exc
+    return None
 
 
 async def _rollback_and_close(session: AsyncSession) -> None:

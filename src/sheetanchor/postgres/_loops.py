@@ -38,7 +38,7 @@ from typing import Any, Generic, TypeVar
 from sheetanchor.errors import WrongEventLoop
 from sheetanchor.observe import get_logger
 
-__all__ = ["PerLoop"]
+__all__ = ["PerLoop", "close_inherited_loop"]
 
 _T = TypeVar("_T")
 _log = get_logger("postgres")
@@ -49,12 +49,13 @@ _registries: weakref.WeakSet[PerLoop[Any]] = weakref.WeakSet()
 
 
 class _Slot(Generic[_T]):
-    __slots__ = ("__weakref__", "closing", "key", "sentinel", "value")
+    __slots__ = ("__weakref__", "closing", "key", "pid", "sentinel", "value")
 
     def __init__(self, key: weakref.ref[asyncio.AbstractEventLoop], value: _T) -> None:
         self.key = key
         self.value = value
         self.closing = False
+        self.pid = os.getpid()  # a fork child must never dispose what its parent created
         self.sentinel: AsyncIterator[None] | None = None
 
 
@@ -84,6 +85,7 @@ class PerLoop(Generic[_T]):
         self._last: _Slot[_T] | None = None
         self._lock = threading.RLock()  # creation and removal only; never on the hot path
         self._disposed = 0
+        self._dispose_failures = 0
         # Slots whose loop was freed, appended by a GC callback and emptied by every reap.
         self._orphans: list[_Slot[_T]] = []
         _registries.add(self)
@@ -130,6 +132,11 @@ class PerLoop(Generic[_T]):
         return len(self._slots)
 
     @property
+    def dispose_failures(self) -> int:
+        """How many disposals inside a closing loop failed (logged at WARNING)."""
+        return self._dispose_failures
+
+    @property
     def disposed(self) -> int:
         """How many values were disposed or abandoned so far in this process."""
         return self._disposed
@@ -171,24 +178,56 @@ class PerLoop(Generic[_T]):
 
         def close() -> None:
             reg, live = registry(), slot_ref()
-            if reg is not None and live is not None and not live.closing and not loop.is_closed():
-                try:
-                    loop.run_until_complete(reg._retire(live))
-                except RuntimeError:
-                    # The loop is running or another loop runs in this thread: the value is
-                    # abandoned by the next reap instead.
-                    _log.debug("could not dispose %s while closing its loop", reg._what)
-            original_close()
+            if live is not None and live.pid != os.getpid():
+                # A fork child closing the loop it inherited: the value's sockets are the
+                # parent's. Close the loop object only, off the epoll set it shares with the
+                # parent.
+                close_inherited_loop(loop, original_close)
+                return
+            try:
+                if (
+                    reg is not None
+                    and live is not None
+                    and not live.closing
+                    and not loop.is_closed()
+                    and not loop.is_running()  # close() raises below; nothing to dispose yet
+                ):
+                    reg._dispose_while_closing(loop, live)
+            finally:
+                original_close()  # whatever the disposal did, the loop gets closed
 
         with contextlib.suppress(AttributeError):  # uvloop loops have no instance __dict__
             loop.close = close  # type: ignore[method-assign]
+
+    def _dispose_while_closing(self, loop: asyncio.AbstractEventLoop, slot: _Slot[_T]) -> None:
+        try:
+            loop.run_until_complete(self._retire(slot))
+        except Exception as exc:  # noqa: BLE001 - recorded: counted and logged with the reason
+            # RuntimeError: another loop runs in this thread. The loop is closed right after
+            # this either way; a value not detached yet is abandoned by the next reap.
+            self._failed(exc, "while closing its event loop by hand")
+
+    def _failed(self, exc: BaseException, when: str) -> None:
+        self._dispose_failures += 1
+        _log.warning(
+            "disposing the %s of an event loop failed %s (%s: %s)",
+            self._what,
+            when,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
 
     async def _sentinel(self, slot: _Slot[_T]) -> AsyncIterator[None]:
         try:
             yield
         finally:
-            if not slot.closing:
-                await self._retire(slot)
+            # Never in a fork child: the value belongs to the parent (see _forget_after_fork).
+            if not slot.closing and slot.pid == os.getpid():
+                try:
+                    await self._retire(slot)
+                except Exception as exc:  # noqa: BLE001 - recorded: counted and logged
+                    self._failed(exc, "at the end of asyncio.run()")
 
     # -- disposal -----------------------------------------------------------------------------
 
@@ -250,13 +289,35 @@ class PerLoop(Generic[_T]):
         return count
 
     def _forget_after_fork(self) -> None:
-        # In the child: keep the parent's values referenced and never touch them.
-        _inherited.extend(self._slots.values())
-        _inherited.extend(self._orphans)
+        # In the child: keep the parent's values referenced and never touch them. Marked
+        # closing, so no hook (loop.close() wrapper, sentinel, reap) disposes of them here.
+        inherited = [*self._slots.values(), *self._orphans]
+        for slot in inherited:
+            slot.closing = True
+        _inherited.extend(inherited)
         self._slots = {}
         self._orphans = []
         self._last = None
         self._lock = threading.RLock()  # the parent's lock may have been held by another thread
+
+
+def close_inherited_loop(loop: asyncio.AbstractEventLoop, close: Callable[[], None]) -> None:
+    """Close, in a fork child, a selector loop inherited from the parent, leaving the parent be.
+
+    The child's epoll descriptor refers to the parent's epoll instance: the unregistering that
+    ``close()`` does (its self-pipe) would remove the *parent's* registration, and the parent's
+    loop would never again wake up for ``call_soon_threadsafe`` (``asyncio.to_thread``...).
+    So the loop gets a fresh, empty selector first, and the inherited descriptor is only
+    closed (which does not touch the shared interest list). Private attributes of asyncio's
+    selector loops, guarded: other loops are closed as they are.
+    """
+    any_loop: Any = loop
+    old = getattr(any_loop, "_selector", None)
+    shared = getattr(old, "_selector", None)
+    if old is not None and shared is not None and hasattr(shared, "close"):
+        any_loop._selector = type(old)()
+        shared.close()  # this process's descriptor only
+    close()
 
 
 def _loop_gone(slot: _Slot[Any]) -> bool:

@@ -62,6 +62,8 @@ def _next_idle(pool: Any) -> Any:
 def checkout_without_io(pool: Any, idle_limit: float | None) -> PoolProxiedConnection | None:
     """Check out the next idle connection synchronously if that needs no I/O, else ``None``."""
     try:
+        if pool._pre_ping:  # SQLAlchemy's own ping on every checkout: that is I/O
+            return None
         rec = _next_idle(pool)
         if rec is None or rec.dbapi_connection is None:
             return None

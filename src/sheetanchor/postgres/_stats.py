@@ -38,6 +38,10 @@ class DatabaseStats(NamedTuple):
         leaks: checkouts reported as leaked (held past the threshold, or never returned).
         leaks_unreturned: of those, the ones garbage-collected without being returned.
         commit_failures: commits that failed and were raised as ``CommitFailed``.
+        cleanup_failures: rollbacks or closes of a session or transaction that failed (logged
+            at WARNING; after a successful COMMIT the data is saved and the block succeeds).
+        dispose_failures: engines whose disposal failed while their loop shut down (logged at
+            WARNING; the loop is closed anyway).
     """
 
     name: str
@@ -52,6 +56,8 @@ class DatabaseStats(NamedTuple):
     leaks: int
     leaks_unreturned: int
     commit_failures: int
+    cleanup_failures: int = 0
+    dispose_failures: int = 0
 
 
 class _Source(Protocol):
@@ -79,6 +85,16 @@ _COUNTERS = (
         "Connections garbage-collected without being returned.",
     ),
     ("commit_failures", "commit_failures", "Commits that failed and were raised as CommitFailed."),
+    (
+        "cleanup_failures",
+        "cleanup_failures",
+        "Rollbacks or closes of a session or transaction that failed (connection invalidated).",
+    ),
+    (
+        "dispose_failures",
+        "dispose_failures",
+        "Engine disposals that failed while their event loop shut down.",
+    ),
 )
 
 

@@ -12,8 +12,9 @@ Rules it keeps:
   The registry holds the loop strongly, so a key cannot be recycled while its entry lives.
 * Each client is closed *inside its own loop* when that loop shuts down: a small closer task
   waits in the loop, and ``asyncio.run`` (or ``asyncio.Runner``) cancels it at the end, which
-  closes the pool cleanly. A loop closed without cancelling its tasks leaves the client to be
-  swept and counted as abandoned on the next creation.
+  closes the pool cleanly. A loop closed by hand (``loop.close()`` without cancelling its
+  tasks) closes the client from a hook on that loop's ``close()``; a loop closed without
+  either (uvloop) is swept on the next creation, its sockets closed without the loop.
 * After ``fork()`` the child never touches the parent's sockets: the inherited clients are
   set aside untouched (not closed: closing a TLS socket would send bytes on the parent's
   session) and the child opens its own on first use.
@@ -41,6 +42,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sheetanchor.config import parse_url, redact, redis_url_from_env
 from sheetanchor.errors import ConfigError, ResourceClosed, WrongEventLoop
 from sheetanchor.observe import get_logger
+from sheetanchor.postgres._loops import close_inherited_loop
 from sheetanchor.redis import _metrics
 from sheetanchor.retry import RetryPolicy
 
@@ -84,7 +86,7 @@ AnyRedis = aioredis.Redis | aioredis.RedisCluster
 """A single-server client or a cluster client (both speak the same commands)."""
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class _Entry:
     loop: asyncio.AbstractEventLoop
     redis: AnyRedis
@@ -186,7 +188,9 @@ class RedisClient:
         self._decode_responses = decode_responses
         self.cluster = cluster
         self._entries: dict[asyncio.AbstractEventLoop, _Entry] = {}
-        self._inherited: list[_Entry] = []  # kept referenced so their sockets are never closed
+        # What a fork child inherited (only that): kept referenced so their sockets are never
+        # closed here. Bounded: the clients alive at fork time, once per fork.
+        self._inherited: list[_Entry] = []
         self._lock = threading.Lock()
         self._closed = False
         self._created = 0
@@ -383,9 +387,68 @@ class RedisClient:
             )
             self._entries[loop] = entry
             self._created += 1
+            self._install_close_hook(loop, entry)
         _metrics.CREATED.labels(self.name).inc()
         _log.debug("RedisClient %s: new client for loop %r (pid %d)", self.name, loop, entry.pid)
         return redis
+
+    def _install_close_hook(self, loop: asyncio.AbstractEventLoop, entry: _Entry) -> None:
+        # A loop closed by hand (new_event_loop / run_until_complete / close: the usual Celery
+        # helper) never cancels the closer task: close the client from loop.close(), in the
+        # loop, while it can still run. Weak references: the hook must not keep them alive.
+        original_close = loop.close
+        client_ref = weakref.ref(self)
+        entry_ref = weakref.ref(entry)
+
+        def close() -> None:
+            rc, live = client_ref(), entry_ref()
+            if live is not None and live.pid != os.getpid():
+                # A fork child closing an inherited loop: never touch the parent's sockets,
+                # nor its epoll registrations.
+                close_inherited_loop(loop, original_close)
+                return
+            try:
+                if (
+                    rc is not None
+                    and live is not None
+                    and not (live.closed or live.forsaken)
+                    and not loop.is_closed()
+                    and not loop.is_running()  # close() raises below; the closer runs later
+                ):
+                    rc._close_with_loop(loop, live)
+            finally:
+                original_close()  # whatever the disposal did, the loop gets closed
+
+        try:
+            loop.close = close  # type: ignore[method-assign]
+        except AttributeError:  # uvloop loops have no instance __dict__: swept when closed
+            _log.debug("RedisClient %s: cannot hook close() of %r", self.name, loop)
+
+    def _close_with_loop(self, loop: asyncio.AbstractEventLoop, entry: _Entry) -> None:
+        with self._lock:
+            if self._entries.get(loop) is entry:
+                del self._entries[loop]
+
+        async def dispose_and_finish_closer() -> None:
+            await self._dispose(entry, reason="loop_closed_by_hand")  # sets entry.stop
+            if entry.closer is not None:
+                await entry.closer  # returns now that stop is set: no pending task is left
+
+        try:
+            loop.run_until_complete(dispose_and_finish_closer())
+        except Exception as exc:  # noqa: BLE001 - recorded: counted and logged with the reason
+            # RuntimeError: another loop runs in this thread. Its sockets are closed without
+            # the loop instead (the loop is closed right after this).
+            _metrics.CLOSE_ERRORS.labels(self.name).inc()
+            _log.warning(
+                "RedisClient %s: closing the client with its loop failed (%s: %s)",
+                self.name,
+                type(exc).__name__,
+                exc,
+                exc_info=exc,
+            )
+            if not entry.closed:
+                self._abandon(entry, reason="loop_closed")
 
     async def _close_at_loop_end(self, entry: _Entry) -> None:
         try:
@@ -416,8 +479,10 @@ class RedisClient:
         _metrics.DISPOSED.labels(self.name, reason).inc()
 
     def _abandon(self, entry: _Entry, *, reason: str) -> None:
+        # The entry's loop is closed (never a fork child's inherited entry: see
+        # _forsake_inherited): no I/O is possible, so close its sockets directly and drop it.
         entry.forsaken = True
-        self._inherited.append(entry)
+        _close_dead_loop_sockets(entry.redis)
         self._abandoned += 1
         _metrics.DISPOSED.labels(self.name, reason).inc()
         _log.warning(
@@ -449,6 +514,31 @@ class RedisClient:
 
     def _snapshot(self) -> tuple[str, RedisStats]:
         return self.name, self.stats()
+
+
+def _close_dead_loop_sockets(redis: AnyRedis) -> None:
+    """Close the sockets of a closed loop's client without that loop (no protocol I/O).
+
+    Uses private attributes of redis-py connections and asyncio's selector transports; where
+    they are missing (a cluster client, uvloop) the sockets are left to the garbage collector.
+    """
+    pool = getattr(redis, "connection_pool", None)
+    connections = [
+        *getattr(pool, "_available_connections", ()),
+        *getattr(pool, "_in_use_connections", ()),
+    ]
+    for conn in connections:
+        transport = getattr(getattr(conn, "_writer", None), "transport", None)
+        sock = getattr(transport, "_sock", None)
+        if transport is None or sock is None:
+            continue
+        try:
+            sock.close()
+        except OSError as exc:  # already closed by the peer: the fd is released either way
+            _log.debug("closing an abandoned Redis socket: %r", exc)
+        transport._sock = None  # nothing left for the transport's __del__
+        transport._closing = True  # and the StreamWriter's __del__ sees a closed transport
+        conn._writer = conn._reader = None  # redis-py: not connected, no ResourceWarning
 
 
 def _iter_live() -> list[RedisClient]:

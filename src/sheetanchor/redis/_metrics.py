@@ -27,7 +27,8 @@ CREATED = Counter(
 )
 DISPOSED = Counter(
     metric_name("redis", "clients_disposed", "total"),
-    "Per-loop Redis clients disposed of (reason: closed, loop_end, loop_closed).",
+    "Per-loop Redis clients disposed of "
+    "(reason: closed, loop_end, loop_closed_by_hand, loop_closed).",
     ["client", "reason"],
     registry=REGISTRY,
 )
