@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -46,6 +47,8 @@ from sheetanchor.observe import get_logger
 __all__ = ["WriteBuffer"]
 
 _log = get_logger("ingest")
+# Recovered journal records read per worker-thread call.
+_RECOVER_CHUNK = 1000
 
 
 class WriteBuffer:
@@ -197,6 +200,13 @@ class WriteBuffer:
             self._journal = open_journal(self._journal_dir, fsync=self._journal_fsync)
         self._writer.start(self._global_sem, self._journal)
         self._opened = True
+        try:
+            await self._start_tasks()
+        except BaseException as exc:
+            await self._abort_open(exc)
+            raise
+
+    async def _start_tasks(self) -> None:
         for st in self._states.values():
             self._flushers.append(asyncio.create_task(self._flusher(st), name=f"flush:{st.name}"))
             if st.best_effort:
@@ -209,6 +219,53 @@ class WriteBuffer:
             self._replayer = asyncio.create_task(self._replay_loop(), name="ingest:replay")
         if self._journal is not None:
             await self._recover()
+
+    async def _abort_open(self, exc: BaseException) -> None:
+        """open() failed part-way: stop what it started and leave the journal uncommitted.
+
+        Records recovered or buffered so far are dropped from memory: the journal still holds
+        every one of them (nothing past what reached PostgreSQL or the dead letters was
+        committed), so the next open() recovers them again.
+        """
+        _log.error("WriteBuffer.open failed (%s: %s); stopping its tasks", type(exc).__name__, exc)
+        self._writer.closing = True
+        tasks = [*self._flushers, *self._writers]
+        if self._replayer is not None:
+            tasks.append(self._replayer)
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for task, result in zip(tasks, results, strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                _log.error(
+                    "task %s failed while open() was aborted: %s: %s",
+                    task.get_name(),
+                    type(result).__name__,
+                    result,
+                )
+        self._flushers.clear()
+        self._writers.clear()
+        self._replayer = None
+        for st in self._states.values():
+            st.rows, st.bytes, st.spill, st.spill_bytes = [], 0, [], 0
+            st.commits.clear()
+            st.last_seq = 0
+        journal, self._journal = self._journal, None
+        if journal is not None:
+            # Only commit marks already made (for records stored in PostgreSQL or the dead
+            # letters) are written; nothing new is committed here.
+            await maybe_await(journal.close())
+        if self._journal_dir is None:
+            self._journal = journal  # a journal passed in stays this buffer's (now closed)
+        if self._writer.unsaved:
+            _log.warning(
+                "%d row(s) of the aborted open() were saved neither in PostgreSQL nor in the "
+                "dead letters; the journal still holds them for the next open()",
+                self._writer.unsaved,
+            )
+            self._writer.unsaved = 0
+        self._writer.closing = False
+        self._opened = False
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -595,29 +652,51 @@ class WriteBuffer:
     # -- recovery ------------------------------------------------------------------------------
     async def _recover(self) -> None:
         assert self._journal is not None
-        records = await maybe_await(self._journal.recover())
-        # Every recovered record has a sequence number <= last_seq, and no new append can
-        # happen before open() returns: the batches holding them may commit up to last_seq.
-        for state in self._states.values():
-            state.last_seq = max(state.last_seq, self._journal.last_seq)
+        # A stream's last_seq advances only as each recovered record is admitted (or saved as
+        # poison): a batch swapped out while recovery is still going on commits exactly the
+        # records it carries, never ones still waiting to be re-queued (a crash then would lose
+        # them). Records are read one segment at a time, in a worker thread (blocking reads).
+        iter_seq = getattr(self._journal, "iter_recover_seq", None)
+        if iter_seq is not None:
+            source: Iterator[tuple[int, str, dict[str, Any]]] = iter(iter_seq())
+        else:
+            # A journal without sequence numbers per record: commit nothing until the last
+            # recovered record is admitted (batches swapped meanwhile carry seq 0).
+            records = await maybe_await(self._journal.recover())
+            final = self._journal.last_seq
+            source = ((0, stream, record) for stream, record in records)
         count = 0
-        for stream, record in records:
-            st = self._states.get(stream)
-            if st is None:
-                _log.error(
-                    "journal holds records of unknown stream %r; left in the journal", stream
-                )
-                continue
-            try:
-                row, size = st.validator.validate(record)
-            except RecordError as exc:
-                bad = tuple(record.get(c) for c in st.stream.column_names)
-                await self._writer.dead_letter(st, "poison", [bad], errors=[error_info(exc)])
-                continue
-            if not st.has_room(size):
-                await self._wait_room(st, size)
-            self._admit(st, row, size, record)
-            count += 1
+        touched: set[str] = set()
+        while True:
+            chunk = await asyncio.to_thread(list, itertools.islice(source, _RECOVER_CHUNK))
+            if not chunk:
+                break
+            for seq, stream, record in chunk:
+                st = self._states.get(stream)
+                if st is None:
+                    _log.error(
+                        "journal holds records of unknown stream %r; left in the journal", stream
+                    )
+                    continue
+                touched.add(stream)
+                try:
+                    row, size = st.validator.validate(record)
+                except RecordError as exc:
+                    bad = tuple(record.get(c) for c in st.stream.column_names)
+                    await self._writer.dead_letter(st, "poison", [bad], errors=[error_info(exc)])
+                    st.last_seq = max(st.last_seq, seq)
+                    continue
+                if not st.has_room(size):
+                    await self._wait_room(st, size)
+                self._admit(st, row, size, record)
+                # Set right after the record joined st.rows (no await in between): the next
+                # swap carries this record and its sequence number together.
+                st.last_seq = max(st.last_seq, seq)
+                count += 1
+        if iter_seq is None:
+            for name in touched:
+                st = self._states[name]
+                st.last_seq = max(st.last_seq, final)
         if count:
             _log.warning("re-enqueued %d record(s) recovered from the journal", count)
 
