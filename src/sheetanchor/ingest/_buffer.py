@@ -34,7 +34,7 @@ from sheetanchor.errors import (
 )
 from sheetanchor.ingest._classify import error_info
 from sheetanchor.ingest._journal_seam import JournalLike, open_journal
-from sheetanchor.ingest._replay import FileReplay, replay_files
+from sheetanchor.ingest._replay import REPLAY_ERRORS, FileReplay, replay_files
 from sheetanchor.ingest._retry import DEFAULT_INGEST_POLICY, RetryLike
 from sheetanchor.ingest._sink import ConnectionSource
 from sheetanchor.ingest._state import StreamState, StreamStats, WriteBufferStats
@@ -306,12 +306,15 @@ class WriteBuffer:
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*pending, return_exceptions=True)
+            self._log_task_errors([*_done, *pending])
             # Flushers may have started writers after the first wait began.
             if self._writers:
                 await asyncio.wait(list(self._writers), timeout=self._close_timeout)
-            for task in list(self._writers):
+            writers = list(self._writers)
+            for task in writers:
                 task.cancel()
-            await asyncio.gather(*self._writers, return_exceptions=True)
+            await asyncio.gather(*writers, return_exceptions=True)
+            self._log_task_errors(writers)
             for st in self._states.values():
                 # Flushers cancelled at the deadline may leave rows behind: to disk, not lost.
                 rows, spill = st.rows, st.spill
@@ -323,6 +326,7 @@ class WriteBuffer:
             if self._replayer is not None:
                 self._replayer.cancel()
                 await asyncio.gather(self._replayer, return_exceptions=True)
+                self._log_task_errors([self._replayer])
             for st in self._states.values():
                 st.publish()
             if self._journal is not None:
@@ -334,6 +338,22 @@ class WriteBuffer:
                 f"{self._writer.unsaved} row(s) could be written neither to PostgreSQL nor to the "
                 f"dead-letter store {self._store.directory}; see the log for their errors"
             )
+
+    @staticmethod
+    def _log_task_errors(tasks: Sequence[asyncio.Task[None]]) -> None:
+        """Log (never hide) what finished tasks raised, other than cancellation."""
+        for task in tasks:
+            if not task.done() or task.cancelled():
+                continue
+            exc = task.exception()
+            if exc is not None:
+                _log.error(
+                    "WriteBuffer task %s failed: %s: %s",
+                    task.get_name(),
+                    type(exc).__name__,
+                    exc,
+                    exc_info=exc,
+                )
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if getattr(self, "_opened", False) and not getattr(self, "_closed", True):
@@ -731,25 +751,37 @@ class WriteBuffer:
         assert self._replay_interval is not None
         while True:
             await asyncio.sleep(self._replay_interval)
-            if time.monotonic() - self._pruned_at > 3600.0:
-                try:
-                    async with asyncio.timeout(30.0), self._db.connection() as conn:
-                        await self._prune_ledger(conn)
-                except Exception as exc:  # noqa: BLE001  retried next hour; logged
-                    _log.warning("ledger pruning postponed: %s: %s", type(exc).__name__, exc)
-            if not any(
-                f.reason in ("failed", "spilled")
-                for f in self._store.files()
-                if f.stream in self._states
-            ):
-                self._store.rescan()
-                continue
             try:
-                async with asyncio.timeout(5.0), self._db.connection() as conn:
-                    await conn.fetchval("SELECT 1")
-            except Exception as exc:  # noqa: BLE001  health probe: any failure = not healthy
-                _log.debug("dead-letter replay waits: database not healthy (%s)", exc)
-                continue
-            results = await self.replay()
-            if results:
-                _log.info("replayed %d dead-letter file(s)", sum(r.deleted for r in results))
+                await self._replay_pass()
+            except Exception as exc:  # noqa: BLE001  logged and counted; the next pass retries
+                REPLAY_ERRORS.inc()
+                _log.exception(
+                    "dead-letter replay pass failed (%s: %s); retrying in %s s",
+                    type(exc).__name__,
+                    exc,
+                    self._replay_interval,
+                )
+
+    async def _replay_pass(self) -> None:
+        if time.monotonic() - self._pruned_at > 3600.0:
+            try:
+                async with asyncio.timeout(30.0), self._db.connection() as conn:
+                    await self._prune_ledger(conn)
+            except Exception as exc:  # noqa: BLE001  retried next hour; logged
+                _log.warning("ledger pruning postponed: %s: %s", type(exc).__name__, exc)
+        if not any(
+            f.reason in ("failed", "spilled")
+            for f in self._store.files()
+            if f.stream in self._states
+        ):
+            self._store.rescan()
+            return
+        try:
+            async with asyncio.timeout(5.0), self._db.connection() as conn:
+                await conn.fetchval("SELECT 1")
+        except Exception as exc:  # noqa: BLE001  health probe: any failure = not healthy
+            _log.debug("dead-letter replay waits: database not healthy (%s)", exc)
+            return
+        results = await self.replay()
+        if results:
+            _log.info("replayed %d dead-letter file(s)", sum(r.deleted for r in results))

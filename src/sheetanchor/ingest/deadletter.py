@@ -42,6 +42,7 @@ __all__ = [
     "REASONS",
     "DeadLetterFile",
     "DeadLetterStore",
+    "MalformedDeadLetter",
     "default_deadletter_dir",
 ]
 
@@ -63,6 +64,16 @@ _FULL = Counter(
     ["stream"],
     registry=REGISTRY,
 )
+_BAD = Counter(
+    metric_name("ingest", "deadletter_bad_files", "total"),
+    "Malformed dead-letter files moved aside to <name>.bad, per stream.",
+    ["stream"],
+    registry=REGISTRY,
+)
+
+
+class MalformedDeadLetter(ValueError):
+    """A dead-letter file cannot be decoded (bad header or record line)."""
 
 
 def default_deadletter_dir() -> Path:
@@ -309,6 +320,23 @@ class DeadLetterStore:
         _fsync_dir(path.parent)
         with self._lock:
             self._account(stream, -size)
+
+    def set_aside(self, path: Path, reason: str) -> Path:
+        """Move a malformed file out of the way, to ``<name>.bad`` (no longer listed).
+
+        The file is kept for inspection; ``reason`` is logged and counted in
+        ``sheetanchor_ingest_deadletter_bad_files_total``.
+        """
+        stream = path.parent.parent.name
+        bad = path.with_name(path.name + ".bad")
+        size = path.stat().st_size
+        os.replace(path, bad)
+        _fsync_dir(path.parent)
+        with self._lock:
+            self._account(stream, -size)
+        _BAD.labels(stream).inc()
+        _log.error("dead-letter file %s is malformed (%s); moved aside to %s", path, reason, bad)
+        return bad
 
     def purge(self, stream: str | None = None, reason: str | None = None) -> int:
         """Delete files (optionally of one stream/reason); return how many were deleted."""
