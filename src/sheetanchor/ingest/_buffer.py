@@ -40,7 +40,7 @@ from sheetanchor.ingest._sink import ConnectionSource
 from sheetanchor.ingest._state import StreamState, StreamStats, WriteBufferStats
 from sheetanchor.ingest._stream import Stream
 from sheetanchor.ingest._validate import Row
-from sheetanchor.ingest._writer import BatchWriter, maybe_await
+from sheetanchor.ingest._writer import STRANDED_RETRY_SECONDS, Batch, BatchWriter, maybe_await
 from sheetanchor.ingest.deadletter import DEFAULT_DEADLETTER_MAX_BYTES, DeadLetterStore
 from sheetanchor.observe import get_logger
 
@@ -249,6 +249,8 @@ class WriteBuffer:
         for st in self._states.values():
             st.rows, st.bytes, st.spill, st.spill_bytes = [], 0, [], 0
             st.commits.clear()
+            st.stranded.clear()
+            st.inflight_rows = st.inflight_bytes = 0
             st.last_seq = 0
         journal, self._journal = self._journal, None
         if journal is not None:
@@ -316,6 +318,8 @@ class WriteBuffer:
             await asyncio.gather(*writers, return_exceptions=True)
             self._log_task_errors(writers)
             for st in self._states.values():
+                # Rows the dead-letter store could not take so far: one last (blocking) try.
+                self._writer.release_stranded(st)
                 # Flushers cancelled at the deadline may leave rows behind: to disk, not lost.
                 rows, spill = st.rows, st.spill
                 st.rows, st.bytes, st.spill, st.spill_bytes = [], 0, [], 0
@@ -626,6 +630,9 @@ class WriteBuffer:
                     await st.wake.wait()
             st.wake.clear()
             await self._drain(st)
+            if st.stranded and asyncio.get_running_loop().time() >= st.stranded_retry_at:
+                st.stranded_retry_at = asyncio.get_running_loop().time() + STRANDED_RETRY_SECONDS
+                await self._writer.retry_stranded(st)
             if self._closing and not st.rows:
                 return
 
@@ -662,11 +669,19 @@ class WriteBuffer:
         # Spilled rows stay counted in memory (as in flight) until their file is on disk.
         st.inflight_rows += len(rows)
         st.inflight_bytes += nbytes
+        batch = Batch(None)
+        kept_bytes = 0
         try:
-            await self._writer.dead_letter(st, "spilled", rows)
+            await self._writer.dead_letter(st, "spilled", rows, batch=batch)
+            # Saved nowhere (store full): kept in memory, still counted, retried later.
+            for item in batch.new:
+                item.nbytes = nbytes * len(item.rows) // len(rows)
+                kept_bytes += item.nbytes
+                st.stranded.append(item)
         finally:
-            st.inflight_rows -= len(rows)
-            st.inflight_bytes -= nbytes
+            kept_rows = sum(len(item.rows) for item in batch.new)
+            st.inflight_rows -= len(rows) - kept_rows
+            st.inflight_bytes -= nbytes - kept_bytes
             st.room.set()
 
     # -- recovery ------------------------------------------------------------------------------
@@ -703,7 +718,15 @@ class WriteBuffer:
                     row, size = st.validator.validate(record)
                 except RecordError as exc:
                     bad = tuple(record.get(c) for c in st.stream.column_names)
-                    await self._writer.dead_letter(st, "poison", [bad], errors=[error_info(exc)])
+                    saved = await self._writer.dead_letter(
+                        st, "poison", [bad], errors=[error_info(exc)]
+                    )
+                    if not saved:
+                        raise DeadLetterFull(
+                            f"stream {stream!r}: a recovered journal record failed validation "
+                            f"({exc}) and the dead-letter store {self._store.directory} cannot "
+                            "take it; it stays in the journal. Free the store and open again"
+                        ) from exc
                     st.last_seq = max(st.last_seq, seq)
                     continue
                 if not st.has_room(size):
