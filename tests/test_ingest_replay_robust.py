@@ -108,3 +108,21 @@ def test_cli_list_and_replay_with_a_malformed_file(pg_url: str, tmp_path: Path) 
     assert len(summary["errors"]) == 2
     assert not good.exists()
     assert bad_header.with_name(bad_header.name + ".bad").exists()
+
+
+async def test_two_concurrent_replays_quarantine_poison_once(db: Database, tmp_path: Path) -> None:
+    table = table_name()
+    await create_tick_table(db, table)
+    stream = tick_stream(table)
+    v = Validator(stream)
+    store = DeadLetterStore(tmp_path / "dl")
+    rows = [v.validate(tick(i, price=-1.0 if i == 7 else 1.0))[0] for i in range(40)]
+    store.write(stream.describe(), "spilled", rows)
+    other = DeadLetterStore(tmp_path / "dl")  # e.g. the CLI next to the buffer's replayer
+    first, second = await asyncio.gather(replay_files(db, store), replay_files(db, other))
+    assert sorted(r.deleted for r in [*first, *second]) == [False, True]
+    assert await db.fetchval(f"SELECT count(*) FROM {table}") == 39
+    poison = store.files("ticks", "poison")
+    assert len(poison) == 1
+    assert len(store.read(poison[0].path).rows) == 1
+    assert store.files("ticks", "spilled") == []

@@ -6,9 +6,11 @@ Used by the write buffer's background recovery and by ``sheetanchor deadletter r
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from prometheus_client import Counter
 
@@ -60,6 +62,33 @@ class FileReplay(NamedTuple):
     error: str | None
 
 
+CLAIMED: Final = "claimed by another replay"
+
+
+def _claim(path: Path) -> int | None:
+    """Lock ``path`` for this replay (``flock``, released on close or process death).
+
+    Returns the locked descriptor, or None when another replay holds the file or it is gone
+    (replayed and deleted meanwhile: the inode behind ``path`` changed or vanished).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        same = os.stat(path).st_ino == os.fstat(fd).st_ino
+    except (BlockingIOError, FileNotFoundError):
+        same = False
+    except BaseException:
+        os.close(fd)
+        raise
+    if not same:
+        os.close(fd)
+        return None
+    return fd
+
+
 async def replay_file(
     db: ConnectionSource,
     store: DeadLetterStore,
@@ -72,8 +101,28 @@ async def replay_file(
 
     Rows that PostgreSQL still refuses for data reasons are isolated by bisection; from a
     ``failed``/``spilled`` file they move to a new ``poison`` file, a ``poison`` file keeps
-    them (the original is rewritten only if some rows now went in).
+    them (the original is rewritten only if some rows now went in). The file is claimed
+    (locked) first: a concurrent replay of the same file, in this process or another, skips
+    it (``error`` = ``"claimed by another replay"``) instead of quarantining its rows twice.
     """
+    fd = await asyncio.to_thread(_claim, path)
+    if fd is None:
+        _log.info("replay of %s skipped: %s", path, CLAIMED)
+        return FileReplay(path, 0, 0, False, 0, False, CLAIMED)
+    try:
+        return await _replay_claimed(db, store, path, retry=retry, write_timeout=write_timeout)
+    finally:
+        os.close(fd)
+
+
+async def _replay_claimed(
+    db: ConnectionSource,
+    store: DeadLetterStore,
+    path: Path,
+    *,
+    retry: RetryLike | None,
+    write_timeout: float,
+) -> FileReplay:
     policy: RetryLike = retry if retry is not None else DEFAULT_INGEST_POLICY
     try:
         header = await asyncio.to_thread(store.read_header, path)
@@ -190,7 +239,7 @@ def stops_replay(result: FileReplay) -> bool:
         and not result.deleted
         and result.error != "rows still refused"
         and not result.error.startswith(
-            ("malformed", "file vanished", "poison rows not", "unexpected")
+            ("malformed", "file vanished", "poison rows not", "unexpected", CLAIMED)
         )
     )
 
