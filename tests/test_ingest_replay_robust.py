@@ -7,6 +7,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -126,3 +127,35 @@ async def test_two_concurrent_replays_quarantine_poison_once(db: Database, tmp_p
     assert len(poison) == 1
     assert len(store.read(poison[0].path).rows) == 1
     assert store.files("ticks", "spilled") == []
+
+
+class _ListingFailsOnce(DeadLetterStore):
+    """A real store whose next listing fails once ``failed`` is reset (a brief disk error)."""
+
+    failed = True
+
+    def files(self, stream: str | None = None, reason: str | None = None) -> list[Any]:
+        if not self.failed:
+            self.failed = True
+            raise OSError("directory briefly unreadable")
+        return super().files(stream, reason)
+
+
+async def test_a_failed_replay_pass_is_logged_and_the_loop_goes_on(
+    db: Database, tmp_path: Path
+) -> None:
+    table = table_name()
+    await create_tick_table(db, table)
+    stream = tick_stream(table)
+    v = Validator(stream)
+    store = _ListingFailsOnce(tmp_path / "dl")
+    async with WriteBuffer(db, [stream], deadletter=store, replay_interval=0.05) as buffer:
+        good = store.write(stream.describe(), "failed", [v.validate(tick(i))[0] for i in range(5)])
+        store.failed = False
+        async with asyncio.timeout(30):
+            while good.exists():
+                await asyncio.sleep(0.05)
+        assert store.failed
+        assert buffer._replayer is not None
+        assert not buffer._replayer.done()
+    assert await db.fetchval(f"SELECT count(*) FROM {table}") == 5
