@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import decimal
 import math
 import os
+import subprocess
+import threading
 import uuid
 from pathlib import Path
 
@@ -133,3 +136,48 @@ def test_failed_write_cleans_up_when_the_disk_refuses(
 def test_unknown_reason_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="reason"):
         DeadLetterStore(tmp_path).write(ALL_TYPES.describe(), "lost", [_row(1)])
+
+
+class _PausedStore(DeadLetterStore):
+    """A real store whose file write waits for the test (a write in progress)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def _write_file(self, stream: str, reason: str, data: bytes, nrows: int) -> Path:
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(30)
+        return super()._write_file(stream, reason, data, nrows)
+
+
+def test_rescan_keeps_reservations_of_writes_in_progress(tmp_path: Path) -> None:
+    one = DeadLetterStore(tmp_path / "probe")
+    size = one.write(ALL_TYPES.describe(), "failed", [_row(1)]).stat().st_size
+    store = _PausedStore(tmp_path / "dl", max_bytes=size + size // 2)  # room for one file
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(store.write, ALL_TYPES.describe(), "failed", [_row(1)])
+        assert store.entered.wait(30)
+        store.rescan()  # nothing linked yet: the reservation must survive the recount
+        with pytest.raises(DeadLetterFull):
+            store.write(ALL_TYPES.describe(), "failed", [_row(2)])
+        store.release.set()
+        first.result(30)
+    assert store.total_bytes == size
+    assert store.rescan() == size
+
+
+def test_rescan_removes_temporary_files_of_dead_writers(tmp_path: Path) -> None:
+    store = DeadLetterStore(tmp_path)
+    path = store.write(ALL_TYPES.describe(), "failed", [_row(1)])
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    stale = path.parent / f".tmp-{proc.pid}-1-1"
+    stale.write_bytes(b"half a file")
+    mine = path.parent / f".tmp-{os.getpid()}-1-99"
+    mine.write_bytes(b"in progress")
+    assert store.rescan() == path.stat().st_size
+    assert not stale.exists()
+    assert mine.exists()  # this process's write in progress is left alone

@@ -65,6 +65,18 @@ def _file_json(f: DeadLetterFile, header: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _file_row(store: DeadLetterStore, f: DeadLetterFile) -> dict[str, Any]:
+    """One file's listing; a file whose header cannot be read is listed with its error."""
+    try:
+        header = store.read_header(f.path)
+    except (OSError, ValueError) as exc:
+        row = _file_json(f, {})
+        row["table"] = "?"
+        row["error"] = f"unreadable header: {type(exc).__name__}: {exc}"
+        return row
+    return _file_json(f, header)
+
+
 def _echo_json(data: Any) -> None:
     sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
 
@@ -82,7 +94,7 @@ def list_(
     """
     store = _store(directory)
     files = store.files(stream, reason)
-    rows = [_file_json(f, store.read_header(f.path)) for f in files]
+    rows = [_file_row(store, f) for f in files]
     if as_json:
         _echo_json({"directory": str(store.directory), "files": rows})
         return
@@ -96,6 +108,9 @@ def list_(
         )  # fmt: skip
     Console().print(table)
     typer.echo(f"{len(files)} file(s), {sum(f.size for f in files)} bytes")
+    for r in rows:
+        if "error" in r:
+            typer.echo(f"{r['path']}: {r['error']}", err=True)
 
 
 def _resolve(store: DeadLetterStore, name: str) -> Path:
@@ -198,7 +213,7 @@ def replay(
 async def _replay(
     url: str, store: DeadLetterStore, files: list[DeadLetterFile], *, progress: bool
 ) -> list[dict[str, Any]]:
-    from sheetanchor.ingest._replay import replay_file
+    from sheetanchor.ingest._replay import replay_file_guarded, stops_replay
     from sheetanchor.postgres import Database
 
     db = Database(url, name="deadletter-replay")
@@ -213,7 +228,7 @@ async def _replay(
         with Progress(*columns, disable=not progress, transient=False) as bar:
             task = bar.add_task("replaying", total=sum(f.size for f in files) or 1)
             for f in files:
-                result = await replay_file(db, store, f.path)
+                result = await replay_file_guarded(db, store, f.path)
                 out.append(
                     {
                         "path": str(result.path),
@@ -226,7 +241,7 @@ async def _replay(
                     }
                 )
                 bar.advance(task, f.size)
-                if result.error and not result.deleted and result.error != "rows still refused":
+                if stops_replay(result):
                     break  # the database is not answering: stop, keep the rest
     finally:
         await db.close()

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -33,19 +34,21 @@ from sheetanchor.errors import (
 )
 from sheetanchor.ingest._classify import error_info
 from sheetanchor.ingest._journal_seam import JournalLike, open_journal
-from sheetanchor.ingest._replay import FileReplay, replay_files
+from sheetanchor.ingest._replay import REPLAY_ERRORS, FileReplay, replay_files
 from sheetanchor.ingest._retry import DEFAULT_INGEST_POLICY, RetryLike
 from sheetanchor.ingest._sink import ConnectionSource
 from sheetanchor.ingest._state import StreamState, StreamStats, WriteBufferStats
 from sheetanchor.ingest._stream import Stream
 from sheetanchor.ingest._validate import Row
-from sheetanchor.ingest._writer import BatchWriter, maybe_await
+from sheetanchor.ingest._writer import STRANDED_RETRY_SECONDS, Batch, BatchWriter, maybe_await
 from sheetanchor.ingest.deadletter import DEFAULT_DEADLETTER_MAX_BYTES, DeadLetterStore
 from sheetanchor.observe import get_logger
 
 __all__ = ["WriteBuffer"]
 
 _log = get_logger("ingest")
+# Recovered journal records read per worker-thread call.
+_RECOVER_CHUNK = 1000
 
 
 class WriteBuffer:
@@ -197,6 +200,13 @@ class WriteBuffer:
             self._journal = open_journal(self._journal_dir, fsync=self._journal_fsync)
         self._writer.start(self._global_sem, self._journal)
         self._opened = True
+        try:
+            await self._start_tasks()
+        except BaseException as exc:
+            await self._abort_open(exc)
+            raise
+
+    async def _start_tasks(self) -> None:
         for st in self._states.values():
             self._flushers.append(asyncio.create_task(self._flusher(st), name=f"flush:{st.name}"))
             if st.best_effort:
@@ -209,6 +219,55 @@ class WriteBuffer:
             self._replayer = asyncio.create_task(self._replay_loop(), name="ingest:replay")
         if self._journal is not None:
             await self._recover()
+
+    async def _abort_open(self, exc: BaseException) -> None:
+        """open() failed part-way: stop what it started and leave the journal uncommitted.
+
+        Records recovered or buffered so far are dropped from memory: the journal still holds
+        every one of them (nothing past what reached PostgreSQL or the dead letters was
+        committed), so the next open() recovers them again.
+        """
+        _log.error("WriteBuffer.open failed (%s: %s); stopping its tasks", type(exc).__name__, exc)
+        self._writer.closing = True
+        tasks = [*self._flushers, *self._writers]
+        if self._replayer is not None:
+            tasks.append(self._replayer)
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for task, result in zip(tasks, results, strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                _log.error(
+                    "task %s failed while open() was aborted: %s: %s",
+                    task.get_name(),
+                    type(result).__name__,
+                    result,
+                )
+        self._flushers.clear()
+        self._writers.clear()
+        self._replayer = None
+        for st in self._states.values():
+            st.rows, st.bytes, st.spill, st.spill_bytes = [], 0, [], 0
+            st.commits.clear()
+            st.stranded.clear()
+            st.inflight_rows = st.inflight_bytes = 0
+            st.last_seq = 0
+        journal, self._journal = self._journal, None
+        if journal is not None:
+            # Only commit marks already made (for records stored in PostgreSQL or the dead
+            # letters) are written; nothing new is committed here.
+            await maybe_await(journal.close())
+        if self._journal_dir is None:
+            self._journal = journal  # a journal passed in stays this buffer's (now closed)
+        if self._writer.unsaved:
+            _log.warning(
+                "%d row(s) of the aborted open() were saved neither in PostgreSQL nor in the "
+                "dead letters; the journal still holds them for the next open()",
+                self._writer.unsaved,
+            )
+            self._writer.unsaved = 0
+        self._writer.closing = False
+        self._opened = False
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -249,13 +308,18 @@ class WriteBuffer:
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*pending, return_exceptions=True)
+            self._log_task_errors([*_done, *pending])
             # Flushers may have started writers after the first wait began.
             if self._writers:
                 await asyncio.wait(list(self._writers), timeout=self._close_timeout)
-            for task in list(self._writers):
+            writers = list(self._writers)
+            for task in writers:
                 task.cancel()
-            await asyncio.gather(*self._writers, return_exceptions=True)
+            await asyncio.gather(*writers, return_exceptions=True)
+            self._log_task_errors(writers)
             for st in self._states.values():
+                # Rows the dead-letter store could not take so far: one last (blocking) try.
+                self._writer.release_stranded(st)
                 # Flushers cancelled at the deadline may leave rows behind: to disk, not lost.
                 rows, spill = st.rows, st.spill
                 st.rows, st.bytes, st.spill, st.spill_bytes = [], 0, [], 0
@@ -266,6 +330,7 @@ class WriteBuffer:
             if self._replayer is not None:
                 self._replayer.cancel()
                 await asyncio.gather(self._replayer, return_exceptions=True)
+                self._log_task_errors([self._replayer])
             for st in self._states.values():
                 st.publish()
             if self._journal is not None:
@@ -277,6 +342,22 @@ class WriteBuffer:
                 f"{self._writer.unsaved} row(s) could be written neither to PostgreSQL nor to the "
                 f"dead-letter store {self._store.directory}; see the log for their errors"
             )
+
+    @staticmethod
+    def _log_task_errors(tasks: Sequence[asyncio.Task[None]]) -> None:
+        """Log (never hide) what finished tasks raised, other than cancellation."""
+        for task in tasks:
+            if not task.done() or task.cancelled():
+                continue
+            exc = task.exception()
+            if exc is not None:
+                _log.error(
+                    "WriteBuffer task %s failed: %s: %s",
+                    task.get_name(),
+                    type(exc).__name__,
+                    exc,
+                    exc_info=exc,
+                )
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if getattr(self, "_opened", False) and not getattr(self, "_closed", True):
@@ -549,6 +630,9 @@ class WriteBuffer:
                     await st.wake.wait()
             st.wake.clear()
             await self._drain(st)
+            if st.stranded and asyncio.get_running_loop().time() >= st.stranded_retry_at:
+                st.stranded_retry_at = asyncio.get_running_loop().time() + STRANDED_RETRY_SECONDS
+                await self._writer.retry_stranded(st)
             if self._closing and not st.rows:
                 return
 
@@ -585,39 +669,77 @@ class WriteBuffer:
         # Spilled rows stay counted in memory (as in flight) until their file is on disk.
         st.inflight_rows += len(rows)
         st.inflight_bytes += nbytes
+        batch = Batch(None)
+        kept_bytes = 0
         try:
-            await self._writer.dead_letter(st, "spilled", rows)
+            await self._writer.dead_letter(st, "spilled", rows, batch=batch)
+            # Saved nowhere (store full): kept in memory, still counted, retried later.
+            for item in batch.new:
+                item.nbytes = nbytes * len(item.rows) // len(rows)
+                kept_bytes += item.nbytes
+                st.stranded.append(item)
         finally:
-            st.inflight_rows -= len(rows)
-            st.inflight_bytes -= nbytes
+            kept_rows = sum(len(item.rows) for item in batch.new)
+            st.inflight_rows -= len(rows) - kept_rows
+            st.inflight_bytes -= nbytes - kept_bytes
             st.room.set()
 
     # -- recovery ------------------------------------------------------------------------------
     async def _recover(self) -> None:
         assert self._journal is not None
-        records = await maybe_await(self._journal.recover())
-        # Every recovered record has a sequence number <= last_seq, and no new append can
-        # happen before open() returns: the batches holding them may commit up to last_seq.
-        for state in self._states.values():
-            state.last_seq = max(state.last_seq, self._journal.last_seq)
+        # A stream's last_seq advances only as each recovered record is admitted (or saved as
+        # poison): a batch swapped out while recovery is still going on commits exactly the
+        # records it carries, never ones still waiting to be re-queued (a crash then would lose
+        # them). Records are read one segment at a time, in a worker thread (blocking reads).
+        iter_seq = getattr(self._journal, "iter_recover_seq", None)
+        if iter_seq is not None:
+            source: Iterator[tuple[int, str, dict[str, Any]]] = iter(iter_seq())
+        else:
+            # A journal without sequence numbers per record: commit nothing until the last
+            # recovered record is admitted (batches swapped meanwhile carry seq 0).
+            records = await maybe_await(self._journal.recover())
+            final = self._journal.last_seq
+            source = ((0, stream, record) for stream, record in records)
         count = 0
-        for stream, record in records:
-            st = self._states.get(stream)
-            if st is None:
-                _log.error(
-                    "journal holds records of unknown stream %r; left in the journal", stream
-                )
-                continue
-            try:
-                row, size = st.validator.validate(record)
-            except RecordError as exc:
-                bad = tuple(record.get(c) for c in st.stream.column_names)
-                await self._writer.dead_letter(st, "poison", [bad], errors=[error_info(exc)])
-                continue
-            if not st.has_room(size):
-                await self._wait_room(st, size)
-            self._admit(st, row, size, record)
-            count += 1
+        touched: set[str] = set()
+        while True:
+            chunk = await asyncio.to_thread(list, itertools.islice(source, _RECOVER_CHUNK))
+            if not chunk:
+                break
+            for seq, stream, record in chunk:
+                st = self._states.get(stream)
+                if st is None:
+                    _log.error(
+                        "journal holds records of unknown stream %r; left in the journal", stream
+                    )
+                    continue
+                touched.add(stream)
+                try:
+                    row, size = st.validator.validate(record)
+                except RecordError as exc:
+                    bad = tuple(record.get(c) for c in st.stream.column_names)
+                    saved = await self._writer.dead_letter(
+                        st, "poison", [bad], errors=[error_info(exc)]
+                    )
+                    if not saved:
+                        raise DeadLetterFull(
+                            f"stream {stream!r}: a recovered journal record failed validation "
+                            f"({exc}) and the dead-letter store {self._store.directory} cannot "
+                            "take it; it stays in the journal. Free the store and open again"
+                        ) from exc
+                    st.last_seq = max(st.last_seq, seq)
+                    continue
+                if not st.has_room(size):
+                    await self._wait_room(st, size)
+                self._admit(st, row, size, record)
+                # Set right after the record joined st.rows (no await in between): the next
+                # swap carries this record and its sequence number together.
+                st.last_seq = max(st.last_seq, seq)
+                count += 1
+        if iter_seq is None:
+            for name in touched:
+                st = self._states[name]
+                st.last_seq = max(st.last_seq, final)
         if count:
             _log.warning("re-enqueued %d record(s) recovered from the journal", count)
 
@@ -652,25 +774,37 @@ class WriteBuffer:
         assert self._replay_interval is not None
         while True:
             await asyncio.sleep(self._replay_interval)
-            if time.monotonic() - self._pruned_at > 3600.0:
-                try:
-                    async with asyncio.timeout(30.0), self._db.connection() as conn:
-                        await self._prune_ledger(conn)
-                except Exception as exc:  # noqa: BLE001  retried next hour; logged
-                    _log.warning("ledger pruning postponed: %s: %s", type(exc).__name__, exc)
-            if not any(
-                f.reason in ("failed", "spilled")
-                for f in self._store.files()
-                if f.stream in self._states
-            ):
-                self._store.rescan()
-                continue
             try:
-                async with asyncio.timeout(5.0), self._db.connection() as conn:
-                    await conn.fetchval("SELECT 1")
-            except Exception as exc:  # noqa: BLE001  health probe: any failure = not healthy
-                _log.debug("dead-letter replay waits: database not healthy (%s)", exc)
-                continue
-            results = await self.replay()
-            if results:
-                _log.info("replayed %d dead-letter file(s)", sum(r.deleted for r in results))
+                await self._replay_pass()
+            except Exception as exc:  # noqa: BLE001  logged and counted; the next pass retries
+                REPLAY_ERRORS.inc()
+                _log.exception(
+                    "dead-letter replay pass failed (%s: %s); retrying in %s s",
+                    type(exc).__name__,
+                    exc,
+                    self._replay_interval,
+                )
+
+    async def _replay_pass(self) -> None:
+        if time.monotonic() - self._pruned_at > 3600.0:
+            try:
+                async with asyncio.timeout(30.0), self._db.connection() as conn:
+                    await self._prune_ledger(conn)
+            except Exception as exc:  # noqa: BLE001  retried next hour; logged
+                _log.warning("ledger pruning postponed: %s: %s", type(exc).__name__, exc)
+        if not any(
+            f.reason in ("failed", "spilled")
+            for f in self._store.files()
+            if f.stream in self._states
+        ):
+            self._store.rescan()
+            return
+        try:
+            async with asyncio.timeout(5.0), self._db.connection() as conn:
+                await conn.fetchval("SELECT 1")
+        except Exception as exc:  # noqa: BLE001  health probe: any failure = not healthy
+            _log.debug("dead-letter replay waits: database not healthy (%s)", exc)
+            return
+        results = await self.replay()
+        if results:
+            _log.info("replayed %d dead-letter file(s)", sum(r.deleted for r in results))

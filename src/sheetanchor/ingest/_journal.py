@@ -339,6 +339,15 @@ class Journal:
         Blocking file reads: at start-up that is fine; on a busy event loop, iterate in a
         worker thread or between awaits.
         """
+        for _seq, stream, record in self.iter_recover_seq():
+            yield stream, record
+
+    def iter_recover_seq(self) -> Iterator[tuple[int, str, dict[str, Any]]]:
+        """Like :meth:`iter_recover`, with each record's sequence number: ``(seq, stream, record)``.
+
+        A consumer that re-ingests the records may ``commit(stream, seq)`` once every record
+        of ``stream`` up to ``seq`` is safely stored, even before the rest is re-ingested.
+        """
         # Every mark on disk was read when the journal was opened; add the ones made since.
         marks = dict(self._durable_marks)
         for stream, upto in self._marks.items():
@@ -346,7 +355,7 @@ class Journal:
         for segment in list(self._segments):
             for entry in iter_entries(_read_bytes(segment.path)):
                 if entry["k"] == "r" and entry["s"] > marks.get(entry["t"], 0):
-                    yield str(entry["t"]), decode_record(entry)
+                    yield int(entry["s"]), str(entry["t"]), decode_record(entry)
 
     def stats(self) -> JournalStats:
         """Return counts and sizes of this journal."""

@@ -12,6 +12,7 @@ __all__ = [
     "FILL",
     "FLUSH_SECONDS",
     "ROWS",
+    "UNSAVED_ROWS",
 ]
 
 
@@ -44,6 +45,13 @@ BUFFERED_ROWS = Gauge(
 BUFFERED_BYTES = Gauge(
     metric_name("ingest", "held", "bytes"),
     "Estimated bytes held in memory (buffered + being written), per stream.",
+    ["stream"],
+    registry=REGISTRY,
+)
+UNSAVED_ROWS = Gauge(
+    metric_name("ingest", "unsaved", "rows"),
+    "Rows neither in PostgreSQL nor in the dead-letter store (the store is full or the disk "
+    "refuses); kept in memory, counted as held, retried; per stream.",
     ["stream"],
     registry=REGISTRY,
 )

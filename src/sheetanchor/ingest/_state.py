@@ -124,6 +124,11 @@ class StreamState:
         self.last_seq = 0
         # Batches in swap order as [max journal seq, done]; see WriteBuffer._journal_done.
         self.commits: collections.deque[list[int]] = collections.deque()
+        # Rows that could be saved neither in PostgreSQL nor in the dead letters (store full,
+        # disk refusing): kept in memory and still counted in flight, retried by the flusher
+        # (see BatchWriter.retry_stranded). Items are writer-owned ``Stranded`` objects.
+        self.stranded: list[Any] = []
+        self.stranded_retry_at = 0.0
 
     @property
     def held_rows(self) -> int:

@@ -8,6 +8,7 @@ dead-lettered after the retry budget. Rows never go back into the buffer.
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import time
 import uuid
@@ -18,7 +19,7 @@ from sheetanchor.errors import DeadLetterFull
 from sheetanchor.ingest._bisect import BisectAborted, BisectResult, bisect_write
 from sheetanchor.ingest._classify import error_info, is_data_error
 from sheetanchor.ingest._journal_seam import JournalLike
-from sheetanchor.ingest._metrics import FLUSH_SECONDS
+from sheetanchor.ingest._metrics import FLUSH_SECONDS, UNSAVED_ROWS
 from sheetanchor.ingest._retry import RetryLike
 from sheetanchor.ingest._sink import ConnectionSource, SinkOutcome
 from sheetanchor.ingest._state import StreamState
@@ -37,6 +38,46 @@ async def maybe_await(value: Awaitable[T] | T) -> T:
     if inspect.isawaitable(value):
         return await value
     return value
+
+
+# Attempts to write one dead-letter file before its rows are kept in memory as "stranded".
+DEADLETTER_ATTEMPTS = 5
+# Seconds between the flusher's retries of stranded rows.
+STRANDED_RETRY_SECONDS = 2.0
+
+
+class Batch:
+    """One swap being written: its journal entry and the rows saved nowhere yet."""
+
+    __slots__ = ("entry", "new", "pending")
+
+    def __init__(self, entry: list[int] | None) -> None:
+        self.entry = entry
+        # Rows of the current chunk that could not be saved (adopted after the chunk).
+        self.new: list[Stranded] = []
+        # Stranded items of this batch not yet saved; the journal entry waits for them.
+        self.pending = 0
+
+
+class Stranded:
+    """Rows saved neither in PostgreSQL nor in the dead letters; kept, counted, retried."""
+
+    __slots__ = ("batch", "batch_id", "errors", "nbytes", "reason", "rows")
+
+    def __init__(
+        self,
+        batch: Batch | None,
+        reason: str,
+        rows: list[Row],
+        errors: list[dict[str, Any]] | None,
+        batch_id: str | None,
+    ) -> None:
+        self.batch = batch
+        self.reason = reason
+        self.rows = rows
+        self.errors = errors
+        self.batch_id = batch_id
+        self.nbytes = 0
 
 
 class BatchWriter:
@@ -66,39 +107,114 @@ class BatchWriter:
     async def write_batch(
         self, st: StreamState, rows: list[Row], nbytes: int, entry: list[int]
     ) -> None:
-        assert self._global_sem is not None
-        released_rows = 0
-        released_bytes = 0
-        unsaved_before = self.unsaved
+        """Write one swap in chunks of ``batch_rows``.
+
+        Every row ends in PostgreSQL, in a dead-letter file, or stranded (store full: kept in
+        memory, still counted in flight, retried by ``retry_stranded``). The global semaphore
+        is held only while PostgreSQL is written, never while waiting for the dead-letter
+        store, so a full store cannot block the other streams. The journal entry of the swap
+        is resolved in ``finally``: done once every row of this swap is saved somewhere.
+        """
+        batch = Batch(entry)
+        total = len(rows)
+        # Chunks are handed out one at a time and dropped once written, so rows of a large
+        # swap are freed as they are saved instead of living until the whole swap is done.
+        chunks = collections.deque(
+            rows[i : i + st.batch_rows] for i in range(0, total, st.batch_rows)
+        )
+        rows.clear()
+        done_rows = 0
+        done_bytes = 0
+        current: list[Row] = []
         try:
-            async with self._global_sem:
-                healthy = True
-                for start in range(0, len(rows), st.batch_rows):
-                    chunk = rows[start : start + st.batch_rows]
-                    healthy = await self.write_chunk(st, chunk, give_up=not healthy)
-                    chunk_bytes = nbytes * (start + len(chunk)) // len(rows) - released_bytes
-                    st.inflight_rows -= len(chunk)
-                    st.inflight_bytes -= chunk_bytes
-                    released_rows += len(chunk)
-                    released_bytes += chunk_bytes
-                    st.room.set()
-            if self.unsaved == unsaved_before:
-                # Only rows that are in PostgreSQL or in a dead-letter file may leave the
-                # journal; rows saved nowhere stay in it and are recovered at the next open.
-                entry[1] = 1
-            await self.journal_done(st)
-        except asyncio.CancelledError:
-            # close() ran out of time: what is not written goes to disk, never lost silently.
-            rest = rows[released_rows:]
-            if rest:
-                self.dead_letter_now(st, "failed", rest)
-            raise
+            healthy = True
+            while chunks:
+                current = chunks.popleft()
+                chunk_bytes = nbytes * (done_rows + len(current)) // total - done_bytes
+                healthy = await self.write_chunk(st, current, give_up=not healthy, batch=batch)
+                kept_rows = kept_bytes = 0
+                for item in batch.new:
+                    item.nbytes = chunk_bytes * len(item.rows) // len(current)
+                    kept_rows += len(item.rows)
+                    kept_bytes += item.nbytes
+                    batch.pending += 1
+                    st.stranded.append(item)
+                batch.new = []
+                # Stranded rows stay counted in flight until retry_stranded saves them.
+                st.inflight_rows -= len(current) - kept_rows
+                st.inflight_bytes -= chunk_bytes - kept_bytes
+                done_rows += len(current)
+                done_bytes += chunk_bytes
+                current = []
+                st.room.set()
+        except BaseException as exc:
+            # Cancelled by close() past its deadline, or an unexpected error: what is not
+            # saved yet goes to disk now (blocking), never lost silently.
+            batch.new = []
+            rest = current + [row for chunk in chunks for row in chunk]
+            chunks.clear()
+            current = []
+            saved = not rest
+            try:
+                if rest:
+                    saved = self.dead_letter_now(st, "failed", rest)
+            finally:
+                if not saved:
+                    batch.pending += 1  # saved nowhere: the journal keeps this swap
+            if not isinstance(exc, Exception):
+                raise  # cancellation (close() past its deadline) and interpreter exits
+            st.last_error = f"{type(exc).__name__}: {exc}"
+            _log.error(
+                "stream %s: writing a batch of %d rows failed unexpectedly (%s); "
+                "rows not written were dead-lettered now (or stay in the journal)",
+                st.name,
+                total,
+                st.last_error,
+                exc_info=exc,
+            )
         finally:
-            st.inflight_rows -= len(rows) - released_rows
-            st.inflight_bytes -= nbytes - released_bytes
+            st.inflight_rows -= total - done_rows
+            st.inflight_bytes -= nbytes - done_bytes
             st.sem.release()
             st.room.set()
+            self._publish_unsaved(st)
+            if batch.pending == 0 and batch.entry is not None:
+                # Only rows that are in PostgreSQL or in a dead-letter file may leave the
+                # journal; rows saved nowhere stay in it and are recovered at the next open.
+                batch.entry[1] = 1
             st.publish()
+        await self.journal_done(st)
+
+    def _publish_unsaved(self, st: StreamState) -> None:
+        UNSAVED_ROWS.labels(st.name).set(sum(len(item.rows) for item in st.stranded))
+
+    async def retry_stranded(self, st: StreamState) -> None:
+        """One more try to save the stranded rows of ``st`` (dead letters, or PostgreSQL)."""
+        for item in list(st.stranded):
+            saved = await self.dead_letter(
+                st, item.reason, item.rows, errors=item.errors, batch_id=item.batch_id, attempts=1
+            )
+            if not saved:
+                return  # the store is still full: try again later
+            st.stranded.remove(item)
+            st.inflight_rows -= len(item.rows)
+            st.inflight_bytes -= item.nbytes
+            st.room.set()
+            if item.batch is not None:
+                item.batch.pending -= 1
+                if item.batch.pending == 0 and item.batch.entry is not None:
+                    item.batch.entry[1] = 1
+        self._publish_unsaved(st)
+        await self.journal_done(st)
+
+    def release_stranded(self, st: StreamState) -> None:
+        """close(): write stranded rows to the dead letters now (blocking) or count them."""
+        for item in st.stranded:
+            st.inflight_rows -= len(item.rows)
+            st.inflight_bytes -= item.nbytes
+            self.dead_letter_now(st, item.reason, item.rows, errors=item.errors)
+        st.stranded.clear()
+        self._publish_unsaved(st)
 
     async def journal_done(self, st: StreamState) -> None:
         # Commit the journal only up to the oldest batch still in flight: a later batch that
@@ -119,7 +235,12 @@ class BatchWriter:
             return await st.sink.write(conn, rows, batch_id=batch_id)
 
     async def write_chunk(
-        self, st: StreamState, chunk: list[Row], *, give_up: bool = False
+        self,
+        st: StreamState,
+        chunk: list[Row],
+        *,
+        give_up: bool = False,
+        batch: Batch | None = None,
     ) -> bool:
         """Write one chunk; every outcome is routed (written, quarantined, dead-lettered).
 
@@ -128,28 +249,38 @@ class BatchWriter:
         already spent the retry budget: each chunk waiting out its own budget would keep the
         stream full for budget x chunks while the database is down).
         """
+        assert self._global_sem is not None
         batch_id = str(uuid.uuid4())
         st.batches += 1
         if give_up:
-            await self.dead_letter(st, "failed", chunk, batch_id=batch_id)
+            await self.dead_letter(st, "failed", chunk, batch_id=batch_id, batch=batch)
             return False
         started = time.perf_counter()
+        failure: Exception | None = None
+        bisected: tuple[BisectResult[Row], list[Row], int] | None = None
         try:
-            outcome = await self._retry.call(self.attempt, st, chunk, batch_id)
-        except Exception as exc:  # noqa: BLE001  routed below: bisect or dead-letter
-            if is_data_error(exc):
-                return await self.bisect(st, chunk, exc)
-            st.last_error = f"{type(exc).__name__}: {exc}"
+            async with self._global_sem:
+                try:
+                    outcome = await self._retry.call(self.attempt, st, chunk, batch_id)
+                except Exception as exc:  # noqa: BLE001  routed below: bisect or dead-letter
+                    failure = exc
+                    if is_data_error(exc):
+                        bisected = await self._bisect_rows(st, chunk, exc)
+        finally:
+            FLUSH_SECONDS.labels(st.name).observe(time.perf_counter() - started)
+        # Dead-lettering happens outside the global semaphore (a full store must not hold it).
+        if bisected is not None:
+            return await self._route_bisected(st, bisected, batch)
+        if failure is not None:
+            st.last_error = f"{type(failure).__name__}: {failure}"
             _log.warning(
                 "stream %s: batch of %d rows not written (%s); dead-lettering it",
                 st.name,
                 len(chunk),
                 st.last_error,
             )
-            await self.dead_letter(st, "failed", chunk, batch_id=batch_id)
+            await self.dead_letter(st, "failed", chunk, batch_id=batch_id, batch=batch)
             return False
-        finally:
-            FLUSH_SECONDS.labels(st.name).observe(time.perf_counter() - started)
         st.last_error = None
         if outcome.path == "ledger":
             st.counts["duplicate"] += len(chunk)
@@ -158,8 +289,10 @@ class BatchWriter:
             st.counts["duplicate"] += len(chunk) - outcome.inserted
         return True
 
-    async def bisect(self, st: StreamState, chunk: list[Row], first: Exception) -> bool:
-        """Isolate poison rows of ``chunk``; False when the database failed meanwhile."""
+    async def _bisect_rows(
+        self, st: StreamState, chunk: list[Row], first: Exception
+    ) -> tuple[BisectResult[Row], list[Row], int]:
+        """Isolate poison rows of ``chunk`` (database work only; the caller routes them)."""
         inserted = 0
 
         async def write_segment(segment: Sequence[Row]) -> SinkOutcome:
@@ -178,6 +311,15 @@ class BatchWriter:
             remaining = exc.remaining
             cause = exc.__cause__
             st.last_error = f"{type(cause).__name__}: {cause}"
+        return result, remaining, inserted
+
+    async def _route_bisected(
+        self,
+        st: StreamState,
+        bisected: tuple[BisectResult[Row], list[Row], int],
+        batch: Batch | None,
+    ) -> bool:
+        result, remaining, inserted = bisected
         st.counts["written"] += inserted
         st.counts["duplicate"] += result.written - inserted
         if result.poison:
@@ -185,10 +327,17 @@ class BatchWriter:
             errors = [error_info(err) for _, err in result.poison]
             for row, err in result.poison[:5]:
                 _log.warning("stream %s: poison record quarantined: %s (%s)", st.name, err, row)
-            await self.dead_letter(st, "poison", rows, errors=errors)
+            await self.dead_letter(st, "poison", rows, errors=errors, batch=batch)
         if remaining:
-            await self.dead_letter(st, "failed", remaining)
+            await self.dead_letter(st, "failed", remaining, batch=batch)
         return not remaining
+
+    async def bisect(self, st: StreamState, chunk: list[Row], first: Exception) -> bool:
+        """Isolate poison rows of ``chunk``; False when the database failed meanwhile."""
+        assert self._global_sem is not None
+        async with self._global_sem:
+            bisected = await self._bisect_rows(st, chunk, first)
+        return await self._route_bisected(st, bisected, None)
 
     async def dead_letter(
         self,
@@ -198,43 +347,81 @@ class BatchWriter:
         *,
         errors: list[dict[str, Any]] | None = None,
         batch_id: str | None = None,
-    ) -> None:
+        batch: Batch | None = None,
+        attempts: int = DEADLETTER_ATTEMPTS,
+    ) -> bool:
+        """Save ``rows`` to the dead letters (a failed batch may also still reach PostgreSQL).
+
+        Tries ``attempts`` times, never holding the global semaphore while waiting. Returns
+        False when the rows were saved nowhere: with ``batch`` they are then stranded (kept
+        in memory, still counted in flight, retried by ``retry_stranded``), logged with
+        ``last_error`` and the ``ingest_unsaved_rows`` gauge.
+        """
         delay = 0.2
-        while True:
+        for attempt in range(1, attempts + 1):
             try:
                 await asyncio.to_thread(
                     self._store.write, st.describe, reason, rows, errors=errors, batch_id=batch_id
                 )
-                break
             except (DeadLetterFull, OSError) as exc:
-                # Nowhere to put them: the rows stay in flight, still counted against the
-                # stream's limit (memory stays bounded; producers wait) and we retry both
-                # the disk and, for a failed batch, the database.
                 st.last_error = f"{type(exc).__name__}: {exc}"
-                _log.error("stream %s: cannot dead-letter %d rows: %s", st.name, len(rows), exc)
-                if self.closing:
-                    self.unsaved += len(rows)
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-                if reason == "failed":
-                    try:
-                        outcome = await self.attempt(st, rows, batch_id)
-                    except Exception as db_exc:  # noqa: BLE001  logged; retried next round
-                        _log.info("stream %s: database still refuses: %s", st.name, db_exc)
-                        continue
-                    st.counts["written"] += outcome.inserted
-                    st.counts["duplicate"] += len(rows) - outcome.inserted
-                    return
-        key = {"failed": "failed", "spilled": "spilled", "poison": "quarantined"}[reason]
-        st.counts[key] += len(rows)
+                _log.error(
+                    "stream %s: cannot dead-letter %d %s rows (attempt %d of %d): %s",
+                    st.name,
+                    len(rows),
+                    reason,
+                    attempt,
+                    attempts,
+                    exc,
+                )
+            else:
+                key = {"failed": "failed", "spilled": "spilled", "poison": "quarantined"}[reason]
+                st.counts[key] += len(rows)
+                return True
+            if self.closing or attempt == attempts:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            if reason == "failed" and await self._write_directly(st, rows, batch_id):
+                return True
+        if batch is not None:
+            batch.new.append(Stranded(batch, reason, rows, errors, batch_id))
+            _log.error(
+                "stream %s: %d %s row(s) saved neither in PostgreSQL nor in the dead letters; "
+                "kept in memory (counted against the stream's limit) and retried",
+                st.name,
+                len(rows),
+                reason,
+            )
+        return False
 
-    def dead_letter_now(self, st: StreamState, reason: str, rows: list[Row]) -> None:
+    async def _write_directly(self, st: StreamState, rows: list[Row], batch_id: str | None) -> bool:
+        assert self._global_sem is not None
+        try:
+            async with self._global_sem:
+                outcome = await self.attempt(st, rows, batch_id)
+        except Exception as db_exc:  # noqa: BLE001  logged; the rows stay routed by the caller
+            _log.info("stream %s: database still refuses: %s", st.name, db_exc)
+            return False
+        st.counts["written"] += outcome.inserted
+        st.counts["duplicate"] += len(rows) - outcome.inserted
+        return True
+
+    def dead_letter_now(
+        self,
+        st: StreamState,
+        reason: str,
+        rows: list[Row],
+        *,
+        errors: list[dict[str, Any]] | None = None,
+    ) -> bool:
         """Blocking dead-letter write, for close() past its deadline (no loop time left)."""
         try:
-            self._store.write(st.describe, reason, rows)
+            self._store.write(st.describe, reason, rows, errors=errors)
         except (DeadLetterFull, OSError) as exc:
             _log.error("stream %s: %d rows saved nowhere at close: %s", st.name, len(rows), exc)
             self.unsaved += len(rows)
-            return
-        st.counts["spilled" if reason == "spilled" else "failed"] += len(rows)
+            return False
+        key = {"failed": "failed", "spilled": "spilled", "poison": "quarantined"}[reason]
+        st.counts[key] += len(rows)
+        return True

@@ -42,6 +42,7 @@ __all__ = [
     "REASONS",
     "DeadLetterFile",
     "DeadLetterStore",
+    "MalformedDeadLetter",
     "default_deadletter_dir",
 ]
 
@@ -63,6 +64,26 @@ _FULL = Counter(
     ["stream"],
     registry=REGISTRY,
 )
+_BAD = Counter(
+    metric_name("ingest", "deadletter_bad_files", "total"),
+    "Malformed dead-letter files moved aside to <name>.bad, per stream.",
+    ["stream"],
+    registry=REGISTRY,
+)
+
+
+class MalformedDeadLetter(ValueError):
+    """A dead-letter file cannot be decoded (bad header or record line)."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def default_deadletter_dir() -> Path:
@@ -124,32 +145,62 @@ class DeadLetterStore:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
+        # Bytes on disk per stream, and bytes reserved by writes not linked into place yet
+        # (kept apart so a rescan, which recounts the disk, never forgets a reservation).
         self._bytes: dict[str, int] = {}
+        self._reserved: dict[str, int] = {}
         self.rescan()
 
     # -- accounting -------------------------------------------------------------------------
     def rescan(self) -> int:
-        """Recount the bytes on disk (other processes may replay or purge) and return them."""
+        """Recount the bytes on disk (other processes may replay or purge) and return them.
+
+        Bytes reserved by writes in progress still count against ``max_bytes``. Temporary
+        files left behind by a process that died mid-write are removed.
+        """
+        self._remove_stale_tmp()
         sizes: dict[str, int] = {}
         for f in self.files():
             sizes[f.stream] = sizes.get(f.stream, 0) + f.size
         with self._lock:
-            for stream in set(self._bytes) | set(sizes):
-                _BYTES.labels(stream).set(sizes.get(stream, 0))
+            for stream in set(self._bytes) | set(sizes) | set(self._reserved):
+                _BYTES.labels(stream).set(sizes.get(stream, 0) + self._reserved.get(stream, 0))
             self._bytes = sizes
         return sum(sizes.values())
 
+    def _remove_stale_tmp(self) -> None:
+        if not self.directory.is_dir():
+            return
+        for tmp in self.directory.glob("*/*/.tmp-*"):
+            try:
+                pid = int(tmp.name.split("-")[1])
+            except (IndexError, ValueError):
+                pid = 0
+            if pid == os.getpid() or (pid > 0 and _alive(pid)):
+                continue  # a write in progress
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                continue
+            _log.warning("removed %s, left by a dead-letter write that never finished", tmp)
+
     @property
     def total_bytes(self) -> int:
-        """Bytes currently held (as last counted by this process)."""
+        """Bytes currently held (as last counted by this process), reservations included."""
         with self._lock:
-            return sum(self._bytes.values())
+            return sum(self._bytes.values()) + sum(self._reserved.values())
 
     def _account(self, stream: str, delta: int) -> None:
         # Called with self._lock held.
         value = max(0, self._bytes.get(stream, 0) + delta)
         self._bytes[stream] = value
-        _BYTES.labels(stream).set(value)
+        _BYTES.labels(stream).set(value + self._reserved.get(stream, 0))
+
+    def _reserve(self, stream: str, delta: int) -> None:
+        # Called with self._lock held.
+        value = max(0, self._reserved.get(stream, 0) + delta)
+        self._reserved[stream] = value
+        _BYTES.labels(stream).set(self._bytes.get(stream, 0) + value)
 
     # -- writing ----------------------------------------------------------------------------
     def write(
@@ -195,7 +246,7 @@ class DeadLetterStore:
             parts.append(orjson.dumps(entry, default=json_default))
         data = b"\n".join(parts) + b"\n"
         with self._lock:
-            total = sum(self._bytes.values())
+            total = sum(self._bytes.values()) + sum(self._reserved.values())
             if total + len(data) > self.max_bytes:
                 _FULL.labels(stream).inc()
                 raise DeadLetterFull(
@@ -204,13 +255,18 @@ class DeadLetterStore:
                     f"would pass max_bytes={self.max_bytes}. Replay or purge it "
                     "(`sheetanchor deadletter replay` / `purge`) or raise max_bytes"
                 )
-            self._account(stream, len(data))  # reserve before writing outside the lock
+            self._reserve(stream, len(data))  # reserve before writing outside the lock
         try:
-            return self._write_file(stream, reason, data, len(rows))
+            path = self._write_file(stream, reason, data, len(rows))
         except BaseException:
             with self._lock:
-                self._account(stream, -len(data))
+                self._reserve(stream, -len(data))
             raise
+        with self._lock:
+            # Linked into place: the reservation becomes bytes on disk, in one step.
+            self._reserve(stream, -len(data))
+            self._account(stream, len(data))
+        return path
 
     def _write_file(self, stream: str, reason: str, data: bytes, nrows: int) -> Path:
         folder = self.directory / stream / reason
@@ -309,6 +365,23 @@ class DeadLetterStore:
         _fsync_dir(path.parent)
         with self._lock:
             self._account(stream, -size)
+
+    def set_aside(self, path: Path, reason: str) -> Path:
+        """Move a malformed file out of the way, to ``<name>.bad`` (no longer listed).
+
+        The file is kept for inspection; ``reason`` is logged and counted in
+        ``sheetanchor_ingest_deadletter_bad_files_total``.
+        """
+        stream = path.parent.parent.name
+        bad = path.with_name(path.name + ".bad")
+        size = path.stat().st_size
+        os.replace(path, bad)
+        _fsync_dir(path.parent)
+        with self._lock:
+            self._account(stream, -size)
+        _BAD.labels(stream).inc()
+        _log.error("dead-letter file %s is malformed (%s); moved aside to %s", path, reason, bad)
+        return bad
 
     def purge(self, stream: str | None = None, reason: str | None = None) -> int:
         """Delete files (optionally of one stream/reason); return how many were deleted."""

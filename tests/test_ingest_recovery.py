@@ -1,0 +1,108 @@
+"""Journal recovery against a real server through a fault proxy: commits cover only what
+was stored, and a failed open() leaves the journal able to recover everything again."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from _ingest_helpers import create_tick_table, fast_retry, table_name, tick, tick_stream
+from sheetanchor.config import parse_url
+from sheetanchor.errors import BufferFull
+from sheetanchor.ingest import DeadLetterStore, WriteBuffer
+from sheetanchor.ingest._journal import Journal
+from sheetanchor.postgres import Database, PoolSettings
+from sheetanchor.testing import FaultProxy
+
+pytestmark = pytest.mark.faults
+
+
+def _db(url: str) -> Database:
+    return Database(
+        url, pool=PoolSettings(size=3, max_overflow=0, timeout=2.0), connect_timeout=1.0
+    )
+
+
+class _DownAfterFirstCommit(Journal):
+    """A real journal; the database goes away right after the first commit mark."""
+
+    proxy: FaultProxy | None = None
+    commits: list[tuple[str, int]]
+
+    def commit(self, stream: str, upto_seq: int) -> None:
+        super().commit(stream, upto_seq)
+        self.commits.append((stream, upto_seq))
+        if self.proxy is not None:
+            self.proxy.refuse()
+            self.proxy.reset_all()
+            self.proxy = None
+
+
+async def test_recovery_backlog_larger_than_the_buffer_commits_only_what_was_stored(
+    pg_url: str, fault_proxy: Callable[[str, int], FaultProxy], tmp_path: Path
+) -> None:
+    parsed = parse_url(pg_url)
+    assert parsed.host is not None
+    proxy = fault_proxy(parsed.host, parsed.port or 5432)
+    direct = _db(pg_url)
+    db = _db(proxy.url(pg_url))
+    try:
+        table = table_name()
+        await create_tick_table(direct, table)
+        backlog = 50
+        # A producer journaled 50 records and crashed before any reached PostgreSQL.
+        journal = Journal(tmp_path / "j")
+        await journal.append("ticks", [tick(i) for i in range(backlog)])
+        await journal.close()
+
+        # Recovery into a buffer of 20 rows: the first batch lands, then the database goes
+        # down and the dead-letter store is full, so open() cannot finish (a second crash).
+        hooked = _DownAfterFirstCommit(tmp_path / "j")
+        hooked.commits = []
+        hooked.proxy = proxy
+        stream = tick_stream(
+            table, max_rows=20, batch_rows=10, flush_interval=0.02, put_timeout=0.5
+        )
+        buffer = WriteBuffer(
+            db,
+            [stream],
+            deadletter=DeadLetterStore(tmp_path / "full", max_bytes=1),
+            journal=hooked,
+            retry=fast_retry(),
+            replay_interval=None,
+            close_timeout=5.0,
+        )
+        with pytest.raises(BufferFull):
+            await buffer.open()
+        landed = await direct.fetchval(f"SELECT count(*) FROM {table}")
+        assert 0 < landed < backlog
+        # Every commit covered records already in PostgreSQL, never records still waiting.
+        assert hooked.commits
+        assert all(upto <= landed for _, upto in hooked.commits)
+        # The failed open() stopped its tasks and closed the journal; close() has nothing
+        # left to do (the unsaved rows are still in the journal, not lost).
+        assert hooked.closed
+        await buffer.close()
+
+        # Reopen with the database up: every record lands exactly once.
+        proxy.pass_through()
+        async with WriteBuffer(
+            direct,
+            [stream],
+            deadletter_dir=tmp_path / "dl",
+            journal_dir=tmp_path / "j",
+            replay_interval=None,
+        ):
+            pass
+        assert await direct.fetchval(f"SELECT count(*) FROM {table}") == backlog
+        assert await direct.fetchval(f"SELECT count(DISTINCT (ts, symbol)) FROM {table}") == backlog
+        reopened = Journal(tmp_path / "j")
+        try:
+            assert reopened.recover() == []
+        finally:
+            await reopened.close()
+    finally:
+        await db.close()
+        await direct.close()
