@@ -40,6 +40,7 @@ PgBouncer (``pool_mode = transaction``): pass ``Database(url_of_pgbouncer, pgbou
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -88,7 +89,7 @@ from sheetanchor.postgres._settings import (
     check_name,
     check_seconds,
 )
-from sheetanchor.postgres._stats import DatabaseStats, register_source
+from sheetanchor.postgres._stats import DatabaseStats, register_source, tally_for
 
 __all__ = ["Database"]
 
@@ -219,9 +220,23 @@ class Database:
         self._closed = False
         self._commit_failures = 0
         self._cleanup_failures = 0
-        self._leaks = LeakWatch(name, leak_threshold)
+        # The process-wide counters of this name: they outlive this object, so the exported
+        # counters never go down when a Database is garbage-collected (see _stats.py).
+        tally = self._tally = tally_for(name)
+
+        def count_leak(report: LeakReport) -> None:
+            tally.add("leaks")
+            if report.kind == "unreturned":
+                tally.add("leaks_unreturned")
+
+        self._leaks = LeakWatch(name, leak_threshold, on_leak=count_leak)
         self._engines: PerLoop[_Engine] = PerLoop(
-            self._create_engine, self._dispose_engine, self._abandon_engine, what="engine"
+            self._create_engine,
+            self._dispose_engine,
+            self._abandon_engine,
+            what="engine",
+            on_disposed=functools.partial(tally.add, "engines_disposed"),
+            on_failure=functools.partial(tally.add, "dispose_failures"),
         )
         register_source(self)
 
@@ -413,6 +428,7 @@ class Database:
 
     def _commit_failed(self, exc: Exception) -> CommitFailed:
         self._commit_failures += 1
+        self._tally.add("commit_failures")
         detail = redact(f"{type(exc).__name__}: {exc}")
         if is_connection_error(exc):
             msg = (
@@ -445,12 +461,14 @@ class Database:
                 self._close_failed_after_commit(task.exception())
             else:
                 self._cleanup_failures += 1
+                self._tally.add("cleanup_failures")
                 _log.warning(
                     "closing a session failed; its connection was invalidated", exc_info=True
                 )
 
     def _close_failed_after_commit(self, exc: BaseException | None) -> None:
         self._cleanup_failures += 1
+        self._tally.add("cleanup_failures")
         _log.warning(
             "COMMIT succeeded on %s (the data is saved) but releasing the connection failed "
             "afterwards; the connection was invalidated",
@@ -578,9 +596,34 @@ class Database:
         return await wait_until_ready("PostgreSQL", self.url, probe, timeout=timeout)
 
     def stats(self) -> DatabaseStats:
-        """A snapshot of the pools of every loop in this process (see :class:`DatabaseStats`)."""
+        """A snapshot of the pools of every loop in this process (see :class:`DatabaseStats`).
+
+        Also reports connections held past ``leak_threshold`` and drops the engines of loops
+        that were closed without disposing them (the metrics scrape does neither).
+        """
         self._leaks.sweep()
-        engines = self._engines.peek()
+        gauges = self._gauges(self._engines.peek())
+        return DatabaseStats(
+            name=self.name,
+            engines_alive=gauges["engines_alive"],
+            engines_disposed=self._engines.disposed,
+            pool_size=gauges["pool_size"],
+            idle=gauges["idle"],
+            checked_out=gauges["checked_out"],
+            overflow=gauges["overflow"],
+            waiting=gauges["waiting"],
+            capacity=gauges["capacity"],
+            leaks=self._leaks.leaks,
+            leaks_unreturned=self._leaks.unreturned,
+            commit_failures=self._commit_failures,
+            cleanup_failures=self._cleanup_failures,
+            dispose_failures=self._engines.dispose_failures,
+        )
+
+    def _gauges(self, engines: list[_Engine] | None = None) -> dict[str, int]:
+        # Read-only (the metrics collector calls it from the scrape thread): no sweep, no reap.
+        if engines is None:
+            engines = self._engines.values()
         pool_size = idle = checked_out = overflow = waiting = 0
         for entry in engines:
             pool: Any = entry.engine.sync_engine.pool
@@ -593,22 +636,15 @@ class Database:
                 waiting += pool_waiters(pool)
             except AttributeError:  # a pool class without QueuePool's counters
                 continue
-        return DatabaseStats(
-            name=self.name,
-            engines_alive=len(engines),
-            engines_disposed=self._engines.disposed,
-            pool_size=pool_size,
-            idle=idle,
-            checked_out=checked_out,
-            overflow=overflow,
-            waiting=waiting,
-            capacity=self.pool.capacity * len(engines),
-            leaks=self._leaks.leaks,
-            leaks_unreturned=self._leaks.unreturned,
-            commit_failures=self._commit_failures,
-            cleanup_failures=self._cleanup_failures,
-            dispose_failures=self._engines.dispose_failures,
-        )
+        return {
+            "engines_alive": len(engines),
+            "pool_size": pool_size,
+            "idle": idle,
+            "checked_out": checked_out,
+            "overflow": overflow,
+            "waiting": waiting,
+            "capacity": self.pool.capacity * len(engines),
+        }
 
     def leak_reports(self) -> list[LeakReport]:
         """The most recent leak reports (at most 100), oldest first."""

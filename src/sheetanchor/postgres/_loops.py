@@ -67,6 +67,8 @@ class PerLoop(Generic[_T]):
         aclose: disposes a value inside its loop (may do I/O).
         abandon: drops a value whose loop is closed or gone (must not do I/O).
         what: what the values are, for messages.
+        on_disposed: called once per value disposed or abandoned (process-wide counters).
+        on_failure: called once per failed disposal.
     """
 
     def __init__(
@@ -76,8 +78,12 @@ class PerLoop(Generic[_T]):
         abandon: Callable[[_T], None],
         *,
         what: str = "engine",
+        on_disposed: Callable[[], None] | None = None,
+        on_failure: Callable[[], None] | None = None,
     ) -> None:
         self._create = create
+        self._on_disposed = on_disposed
+        self._on_failure = on_failure
         self._aclose = aclose
         self._abandon = abandon
         self._what = what
@@ -124,6 +130,10 @@ class PerLoop(Generic[_T]):
     def peek(self) -> list[_T]:
         """The values alive now, after reaping those of closed or freed loops."""
         self.reap()
+        return self.values()
+
+    def values(self) -> list[_T]:
+        """The values registered now, without reaping (read-only: safe from any thread)."""
         return [slot.value for slot in list(self._slots.values())]
 
     @property
@@ -209,6 +219,8 @@ class PerLoop(Generic[_T]):
 
     def _failed(self, exc: BaseException, when: str) -> None:
         self._dispose_failures += 1
+        if self._on_failure is not None:
+            self._on_failure()
         _log.warning(
             "disposing the %s of an event loop failed %s (%s: %s)",
             self._what,
@@ -241,7 +253,9 @@ class PerLoop(Generic[_T]):
             if self._last is slot:
                 self._last = None
             self._disposed += 1
-            return True
+        if self._on_disposed is not None:
+            self._on_disposed()
+        return True
 
     async def _retire(self, slot: _Slot[_T]) -> None:
         """Dispose ``slot``'s value inside its (still open) loop."""
@@ -280,6 +294,8 @@ class PerLoop(Generic[_T]):
             if self._last is slot:
                 self._last = None
             self._disposed += 1
+            if self._on_disposed is not None:
+                self._on_disposed()
             count += 1
             _log.info(
                 "abandoning the %s of an event loop that was closed without disposing it",
