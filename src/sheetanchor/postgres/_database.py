@@ -44,8 +44,9 @@ import functools
 import os
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 import asyncpg
@@ -66,8 +67,13 @@ from sheetanchor._readiness import wait_until_ready
 from sheetanchor.config import parse_url, pg_url_from_env, redact, to_sqlalchemy_url
 from sheetanchor.errors import CommitFailed, ConfigError, ResourceClosed
 from sheetanchor.observe import get_logger
-from sheetanchor.postgres._errors import is_connection_error, map_error, translate_errors
-from sheetanchor.postgres._leaks import LeakReport, LeakWatch
+from sheetanchor.postgres._errors import (
+    is_connection_error,
+    map_error,
+    translate,
+    translate_errors,
+)
+from sheetanchor.postgres._leaks import LeakReport, LeakTable, LeakWatch
 from sheetanchor.postgres._loops import PerLoop
 from sheetanchor.postgres._pool import (
     checkin_hook,
@@ -75,10 +81,12 @@ from sheetanchor.postgres._pool import (
     checkout_without_io,
     close_dead_loop_sockets,
     driver_of,
+    lease_without_io,
     on_connect_json,
     on_connect_mark,
     pool_waiters,
     release,
+    release_lease,
 )
 from sheetanchor.postgres._settings import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -102,7 +110,9 @@ class _Engine:
 
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
-    forget_leaks: Any
+    new_session: Any  # sessions() without options, minus the sessionmaker's keyword merge
+    leaks: LeakTable
+    pool: Any  # engine.sync_engine.pool, one attribute away for the one-shot reads
     timer: asyncio.TimerHandle | None = None
     cleanups: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -189,6 +199,8 @@ class Database:
             raise ConfigError("no PostgreSQL URL: pass Database(url=...) or set SHEETANCHOR_PG_URL")
         self._parsed = parse_url(url)
         self._target = f"PostgreSQL at {self._parsed.address}"
+        # Stateless, so one instance serves every block (redacting the target costs a regex).
+        self._errors = translate_errors(self._target)
         self._sa_url = to_sqlalchemy_url(url)
         pool = pool if pool is not None else PoolSettings()
         if not isinstance(pool, PoolSettings):
@@ -321,7 +333,11 @@ class Database:
             sessions=async_sessionmaker(
                 engine, expire_on_commit=False, sync_session_class=_TrackedSession
             ),
-            forget_leaks=leaks.forget,
+            new_session=functools.partial(
+                AsyncSession, engine, expire_on_commit=False, sync_session_class=_TrackedSession
+            ),
+            leaks=leaks,
+            pool=sync_pool,
         )
         self._schedule_sweep(entry)
         _log.debug("engine created for %s (role %s)", self.url, self.role)
@@ -349,53 +365,32 @@ class Database:
         if entry.cleanups:
             await asyncio.gather(*entry.cleanups, return_exceptions=True)
         self._leaks.sweep()
-        entry.forget_leaks()
+        entry.leaks.forget()
         await entry.engine.dispose()
 
     def _abandon_engine(self, entry: _Engine) -> None:
         # The loop that owned the sockets is closed or gone: no protocol I/O is possible. Close
         # the idle sockets (the server sees the disconnect at once) and drop the pool.
         entry.timer = None
-        entry.forget_leaks()
+        entry.leaks.forget()
         sync_engine = entry.engine.sync_engine
         close_dead_loop_sockets(sync_engine.pool)
         sync_engine.dispose(close=False)
 
     # -- sessions -----------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def session(self, **options: Any) -> AsyncIterator[AsyncSession]:
+    def session(self, **options: Any) -> AbstractAsyncContextManager[AsyncSession]:
         """An ``AsyncSession``: committed on success, rolled back on error, always closed.
 
         Closed also when the task is cancelled or the commit fails. ``expire_on_commit`` is
-        off, so objects stay readable after the block.
+        off, so objects stay readable after the block. ``options`` go to ``AsyncSession``.
 
         Raises:
             CommitFailed: COMMIT failed; nothing was saved (cause chained).
             ConnectionLost: the connection dropped inside the block.
             PoolTimeout: no connection became free in time.
         """
-        entry = self._entry()
-        session = entry.sessions(**options)
-        try:
-            with translate_errors(self._target):
-                yield session
-        except BaseException:
-            await self._cleanup(entry, _rollback_and_close(session))
-            raise
-        try:
-            released = await session.run_sync(_commit)
-        except Exception as exc:
-            await self._cleanup(entry, _rollback_and_close(session))
-            raise self._commit_failed(exc) from exc
-        except BaseException:
-            await self._cleanup(entry, _rollback_and_close(session))
-            raise
-        # Told apart from the COMMIT: a release or close that fails after a good COMMIT is not
-        # a failed commit (the data is saved); it is logged and counted, and closed again.
-        if released is not None:
-            self._close_failed_after_commit(released)
-            await self._cleanup(entry, session.close(), after_commit=True)
+        return _SessionBlock(self, options)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
@@ -405,12 +400,12 @@ class Database:
             CommitFailed: COMMIT failed; nothing was saved (cause chained).
         """
         entry = self._entry()
-        with translate_errors(self._target):
+        with self._errors:
             conn = await entry.engine.connect()
         try:
-            with translate_errors(self._target):
+            with self._errors:
                 await conn.begin()
-            with translate_errors(self._target):
+            with self._errors:
                 yield conn
         except BaseException:
             await self._cleanup(entry, _rollback_and_close_conn(conn))
@@ -520,6 +515,39 @@ class Database:
             raise
         await release(fairy, pool, None)
 
+    async def _one_shot(self, method: str, sql: str, args: tuple[Any, ...], **kw: Any) -> Any:
+        # One statement on a pooled connection that never leaves this method: leased straight
+        # from the pool's queue when no I/O is needed (see _pool.py), else checked out through
+        # SQLAlchemy's pool. Given back in every case, also on cancellation.
+        entry = self._entry()
+        pool = entry.pool
+        rec = lease_without_io(pool, self.pool.pre_ping_idle)
+        if rec is None:
+            return await self._one_shot_checkout(method, sql, args, kw)
+        leaks = entry.leaks
+        leaks.lease(rec)  # when, and by which task (its stack is read only if reported)
+        try:
+            result = await getattr(rec.dbapi_connection.driver_connection, method)(sql, *args, **kw)
+        except BaseException as exc:
+            await release_lease(rec, pool, leaks, exc)
+            self._raise_mapped(exc)
+            raise
+        await release_lease(rec, pool, leaks, None)
+        return result
+
+    async def _one_shot_checkout(
+        self, method: str, sql: str, args: tuple[Any, ...], kw: dict[str, Any]
+    ) -> Any:
+        fairy, pool = await self._acquire()
+        try:
+            result = await getattr(driver_of(fairy), method)(sql, *args, **kw)
+        except BaseException as exc:
+            await release(fairy, pool, exc)
+            self._raise_mapped(exc)
+            raise
+        await release(fairy, pool, None)
+        return result
+
     async def fetchval(self, sql: str, *args: Any, column: int = 0) -> Any:
         """Run ``sql`` on a pooled connection and return one value (one round trip, no BEGIN).
 
@@ -527,50 +555,23 @@ class Database:
 
             name = await db.fetchval("SELECT name FROM users WHERE id = $1", 42)
         """
-        fairy, pool = await self._acquire()
-        try:
-            value = await driver_of(fairy).fetchval(sql, *args, column=column)
-        except BaseException as exc:
-            await release(fairy, pool, exc)
-            self._raise_mapped(exc)
-            raise
-        await release(fairy, pool, None)
-        return value
+        if column:
+            return await self._one_shot("fetchval", sql, args, column=column)
+        return await self._one_shot("fetchval", sql, args)
 
     async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
         """Run ``sql`` on a pooled connection and return the first row, or ``None``."""
-        fairy, pool = await self._acquire()
-        try:
-            row: asyncpg.Record | None = await driver_of(fairy).fetchrow(sql, *args)
-        except BaseException as exc:
-            await release(fairy, pool, exc)
-            self._raise_mapped(exc)
-            raise
-        await release(fairy, pool, None)
+        row: asyncpg.Record | None = await self._one_shot("fetchrow", sql, args)
         return row
 
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         """Run ``sql`` on a pooled connection and return every row."""
-        fairy, pool = await self._acquire()
-        try:
-            rows: list[asyncpg.Record] = await driver_of(fairy).fetch(sql, *args)
-        except BaseException as exc:
-            await release(fairy, pool, exc)
-            self._raise_mapped(exc)
-            raise
-        await release(fairy, pool, None)
+        rows: list[asyncpg.Record] = await self._one_shot("fetch", sql, args)
         return rows
 
     async def execute(self, sql: str, *args: Any) -> str:
         """Run ``sql`` on a pooled connection in autocommit mode; return the status tag."""
-        fairy, pool = await self._acquire()
-        try:
-            status: str = await driver_of(fairy).execute(sql, *args)
-        except BaseException as exc:
-            await release(fairy, pool, exc)
-            self._raise_mapped(exc)
-            raise
-        await release(fairy, pool, None)
+        status: str = await self._one_shot("execute", sql, args)
         return status
 
     # -- readiness, stats, lifecycle ----------------------------------------------------------
@@ -668,6 +669,54 @@ class Database:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+class _SessionBlock:
+    """``async with db.session()``: a class, not ``@asynccontextmanager``, because the
+    generator machinery costs a few percent of a point query (see BENCHMARKS.md)."""
+
+    __slots__ = ("_db", "_entry", "_options", "_session")
+
+    def __init__(self, db: Database, options: dict[str, Any]) -> None:
+        self._db = db
+        self._options = options
+
+    async def __aenter__(self) -> AsyncSession:
+        entry = self._entry = self._db._entry()
+        options = self._options
+        session = entry.sessions(**options) if options else entry.new_session()
+        self._session: AsyncSession = session
+        return session
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        db, entry, session = self._db, self._entry, self._session
+        if exc is not None:
+            # The block failed: roll back and close (shielded), then raise the error, driver
+            # errors mapped at the boundary (the original is the cause).
+            await db._cleanup(entry, _rollback_and_close(session))
+            mapped = translate(exc, db._target)
+            if mapped is not None:
+                raise mapped from exc
+            return False
+        try:
+            released = await session.run_sync(_commit)
+        except Exception as err:
+            await db._cleanup(entry, _rollback_and_close(session))
+            raise db._commit_failed(err) from err
+        except BaseException:
+            await db._cleanup(entry, _rollback_and_close(session))
+            raise
+        # Told apart from the COMMIT: a release or close that fails after a good COMMIT is not
+        # a failed commit (the data is saved); it is logged and counted, and closed again.
+        if released is not None:
+            db._close_failed_after_commit(released)
+            await db._cleanup(entry, session.close(), after_commit=True)
+        return False
 
 
 def _json_dumps_str(value: Any) -> str:
