@@ -348,3 +348,24 @@ def test_a_failing_disposal_still_closes_the_loop_and_is_counted(
             asyncio.run(use())
     assert (registry.alive, registry.dispose_failures) == (0, 1)
     assert any("dispose failed" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_engines_of_open_idle_loops_are_counted_and_warned_about(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The documented limitation: a loop that is open but not running may run again, so its
+    # engine stays. It is counted (stats, gauge) and, from 4 such engines on, warned about.
+    db = _small(pg_url, role="idle")
+    loops = []
+    with caplog.at_level(logging.WARNING, logger="sheetanchor.postgres"):
+        for _ in range(5):
+            loop = asyncio.new_event_loop()
+            assert loop.run_until_complete(db.fetchval("SELECT 1")) == 1
+            loops.append(loop)  # not closed: like a loop dropped after run_until_complete
+    assert db.stats().engines_idle_loops == 5
+    warnings = [r for r in caplog.records if "open but not running" in r.getMessage()]
+    assert len(warnings) == 1  # at the 5th engine (4 idle ones), not once per engine
+    for loop in loops:
+        loop.close()  # the close hook disposes each engine inside its loop
+    stats = db.stats()
+    assert (stats.engines_alive, stats.engines_idle_loops, stats.engines_disposed) == (0, 0, 5)

@@ -20,6 +20,17 @@ sat in the pool (``pg_terminate_backend``, a restart) is seen for free on checko
 one idle longer than ``PoolSettings.pre_ping_idle`` (10 s) is pinged first (``SELECT 1``, one
 round trip), which catches silent drops (NAT, failover); ``recycle`` replaces old connections.
 
+Event loops dropped without ``close()``: an engine is disposed when its loop ends
+(``asyncio.run``/``asyncio.Runner``, or ``loop.close()``), and abandoned, its sockets closed,
+once its loop is found closed. A loop that is neither closed nor running (``new_event_loop()``,
+``run_until_complete()``, then dropped) cannot be told from one that will run again (a worker's
+loop between jobs), and it is never freed: its asyncpg connections, their transports and the
+pool's queue all hold it. So its engine and up to ``PoolSettings.capacity`` server connections
+stay until the process exits. Disposing them needs I/O in that loop, which nobody runs, and
+closing their sockets from elsewhere is only safe once the loop is closed. ``stats()`` and the
+``sheetanchor_pg_engines_idle_loops`` gauge count such engines, and a warning is logged when
+4, 8, 16... of them exist. Close loops you create (or use ``asyncio.run``).
+
 PgBouncer (``pool_mode = transaction``): pass ``Database(url_of_pgbouncer, pgbouncer=True)``.
 
 * Server-side prepared statements do not survive a change of server connection, so asyncpg's
@@ -100,6 +111,9 @@ from sheetanchor.postgres._settings import (
 from sheetanchor.postgres._stats import DatabaseStats, register_source, tally_for
 
 __all__ = ["Database"]
+
+# Warn when this many engines (then twice as many, ...) belong to open loops that are idle.
+_IDLE_LOOPS_WARN = 4
 
 _log = get_logger("postgres")
 
@@ -230,6 +244,7 @@ class Database:
                     f"by pool=PoolSettings({_POOL_OPTIONS[option]}=...) instead"
                 )
         self._closed = False
+        self._idle_warned = 0
         self._commit_failures = 0
         self._cleanup_failures = 0
         # The process-wide counters of this name: they outlive this object, so the exported
@@ -341,7 +356,25 @@ class Database:
         )
         self._schedule_sweep(entry)
         _log.debug("engine created for %s (role %s)", self.url, self.role)
+        self._warn_idle_loops()
         return entry
+
+    def _warn_idle_loops(self) -> None:
+        # Called under the registry's lock while a new engine is made. Warn at 4, 8, 16...
+        # engines of open but idle loops: once per doubling, not per engine.
+        idle = self._engines.idle_loops()
+        if idle < _IDLE_LOOPS_WARN or idle < 2 * self._idle_warned:
+            return
+        self._idle_warned = idle
+        _log.warning(
+            "Database %s: %d engines belong to event loops that are open but not running; each "
+            "keeps up to %d PostgreSQL connections. An event loop dropped without close() is "
+            "never disposed of (its connections hold it alive): close loops when done "
+            "(asyncio.run and asyncio.Runner do), or reuse one loop per thread",
+            self.name,
+            idle,
+            self.pool.capacity,
+        )
 
     def _schedule_sweep(self, entry: _Engine) -> None:
         threshold = self.leak_threshold
@@ -619,6 +652,7 @@ class Database:
             commit_failures=self._commit_failures,
             cleanup_failures=self._cleanup_failures,
             dispose_failures=self._engines.dispose_failures,
+            engines_idle_loops=gauges["engines_idle_loops"],
         )
 
     def _gauges(self, engines: list[_Engine] | None = None) -> dict[str, int]:
@@ -639,6 +673,7 @@ class Database:
                 continue
         return {
             "engines_alive": len(engines),
+            "engines_idle_loops": self._engines.idle_loops(),
             "pool_size": pool_size,
             "idle": idle,
             "checked_out": checked_out,

@@ -136,6 +136,20 @@ class PerLoop(Generic[_T]):
         """The values registered now, without reaping (read-only: safe from any thread)."""
         return [slot.value for slot in list(self._slots.values())]
 
+    def idle_loops(self) -> int:
+        """How many values belong to a loop that is open but not running now (read-only).
+
+        Such a loop may run again (a worker's loop between jobs), or may have been dropped
+        without ``close()``: nothing tells the two apart, so its value is kept (see
+        ``Database``'s "Event loops dropped without close()").
+        """
+        count = 0
+        for slot in list(self._slots.values()):
+            loop = slot.key()
+            if loop is not None and not loop.is_closed() and not loop.is_running():
+                count += 1
+        return count
+
     @property
     def alive(self) -> int:
         """How many values are alive (one per loop that used them and is still open)."""

@@ -51,6 +51,10 @@ class DatabaseStats(NamedTuple):
             at WARNING; after a successful COMMIT the data is saved and the block succeeds).
         dispose_failures: engines whose disposal failed while their loop shut down (logged at
             WARNING; the loop is closed anyway).
+        engines_idle_loops: of ``engines_alive``, those whose event loop is open but not
+            running now. A loop reused between jobs (a Celery worker's) counts while idle; one
+            that only grows means event loops dropped without ``close()``, each keeping its
+            engine and pooled connections (see ``Database``).
     """
 
     name: str
@@ -67,6 +71,7 @@ class DatabaseStats(NamedTuple):
     commit_failures: int
     cleanup_failures: int = 0
     dispose_failures: int = 0
+    engines_idle_loops: int = 0
 
 
 class _Source(Protocol):
@@ -80,6 +85,11 @@ _lock = threading.Lock()
 
 _GAUGES = (
     ("engines_alive", "engines", "Engines open now (one per event loop using the database)."),
+    (
+        "engines_idle_loops",
+        "engines_idle_loops",
+        "Engines whose event loop is open but not running (loops dropped without close() stay).",
+    ),
     ("pool_size", "pool_connections", "Connections open now, idle and in use."),
     ("idle", "pool_idle_connections", "Connections idle in the pools."),
     ("checked_out", "pool_checked_out_connections", "Connections checked out now."),
