@@ -160,6 +160,10 @@ class WriteBuffer:
         self._flushers: list[asyncio.Task[None]] = []
         self._writers: set[asyncio.Task[None]] = set()
         self._replayer: asyncio.Task[None] | None = None
+        # Set once open() has re-queued the whole journal: until then a journaled put waits,
+        # because its (higher) sequence number would let the next commit mark cover
+        # recovered records not yet back in the buffer (lost if the process died then).
+        self._recovered: asyncio.Event | None = None
         self._opened = False
         self._closing = False
         self._closed = False
@@ -188,6 +192,7 @@ class WriteBuffer:
             raise ResourceClosed("this WriteBuffer was closed; create a new one")
         self._loop = asyncio.get_running_loop()
         self._global_sem = asyncio.Semaphore(self._max_concurrency)
+        self._recovered = asyncio.Event()
 
         async def prepare() -> None:
             async with asyncio.timeout(self._write_timeout), self._db.connection() as conn:
@@ -219,6 +224,8 @@ class WriteBuffer:
             self._replayer = asyncio.create_task(self._replay_loop(), name="ingest:replay")
         if self._journal is not None:
             await self._recover()
+        assert self._recovered is not None
+        self._recovered.set()
 
     async def _abort_open(self, exc: BaseException) -> None:
         """open() failed part-way: stop what it started and leave the journal uncommitted.
@@ -268,6 +275,8 @@ class WriteBuffer:
             self._writer.unsaved = 0
         self._writer.closing = False
         self._opened = False
+        if self._recovered is not None:
+            self._recovered.set()  # puts waiting for recovery wake up and see it failed
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -472,11 +481,14 @@ class WriteBuffer:
         """Validate and buffer ``record``, waiting (up to ``put_timeout``) for room.
 
         Best-effort streams never wait: past the emergency watermark they spill to disk.
-        With a journal, an authoritative record is durable on disk when this returns.
+        With a journal, an authoritative record is durable on disk when this returns; while
+        ``open()`` is still re-queueing the journal's records, the put waits for it.
 
         Raises:
             RecordError: the record is invalid.
-            BufferFull: no room within the stream's ``put_timeout``.
+            BufferFull: no room (or journal recovery not finished) within the stream's
+                ``put_timeout``.
+            ResourceClosed: the buffer is not open (or its ``open()`` failed meanwhile).
         """
         st = self._state(stream)
         self._check_loop()
@@ -484,6 +496,8 @@ class WriteBuffer:
         if st.best_effort:
             self._admit(st, row, size, record)
             return
+        if self._journal is not None:
+            await self._wait_recovered(st)
         if not st.has_room(size):
             await self._wait_room(st, size)
         if self._journal is None:
@@ -504,6 +518,8 @@ class WriteBuffer:
         st = self._state(stream)
         self._check_loop()
         checked = [self._validate(st, record) for record in records]
+        if self._journal is not None and not st.best_effort:
+            await self._wait_recovered(st)
         step = max(1, min(st.batch_rows, st.max_rows))
         for start in range(0, len(checked), step):
             part = checked[start : start + step]
@@ -546,6 +562,28 @@ class WriteBuffer:
         st.bytes += nbytes
         if len(st.rows) >= st.batch_rows or st.held_rows >= st.high_rows:
             st.wake.set()
+
+    async def _wait_recovered(self, st: StreamState) -> None:
+        """Wait (up to ``put_timeout``) until open() has re-queued the whole journal."""
+        recovered = self._recovered
+        assert recovered is not None
+        if not recovered.is_set():
+            try:
+                async with asyncio.timeout(st.stream.put_timeout):
+                    await recovered.wait()
+            except TimeoutError:
+                raise BufferFull(
+                    f"stream {st.name!r}: open() was still re-queueing records recovered from "
+                    f"the journal after put_timeout={st.stream.put_timeout} s; a put waits "
+                    "for that (its records must not be committed ahead of recovered ones). "
+                    "Retry the put, or raise put_timeout"
+                ) from None
+        if self._closing or not self._opened:
+            raise ResourceClosed(
+                f"WriteBuffer {'closed' if self._closing else 'failed to open'} while a put on "
+                f"{st.name!r} waited for journal recovery; open a new buffer (the journal "
+                "keeps every record that was not stored)"
+            )
 
     async def _wait_room(self, st: StreamState, size: int, rows: int = 1) -> None:
         assert self._loop is not None
