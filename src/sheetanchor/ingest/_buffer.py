@@ -33,6 +33,7 @@ from sheetanchor.errors import (
     WrongEventLoop,
 )
 from sheetanchor.ingest._classify import error_info
+from sheetanchor.ingest._journal_group import GroupAppender, enqueue_journaled
 from sheetanchor.ingest._journal_seam import JournalLike, open_journal
 from sheetanchor.ingest._replay import REPLAY_ERRORS, FileReplay, replay_files
 from sheetanchor.ingest._retry import DEFAULT_INGEST_POLICY, RetryLike
@@ -164,6 +165,8 @@ class WriteBuffer:
         # because its (higher) sequence number would let the next commit mark cover
         # recovered records not yet back in the buffer (lost if the process died then).
         self._recovered: asyncio.Event | None = None
+        # Journaled streams: concurrent puts share one journal append (see _journal_group).
+        self._groups: dict[str, GroupAppender] = {}
         self._opened = False
         self._closing = False
         self._closed = False
@@ -204,6 +207,12 @@ class WriteBuffer:
         if self._journal is None and self._journal_dir is not None:
             self._journal = open_journal(self._journal_dir, fsync=self._journal_fsync)
         self._writer.start(self._global_sem, self._journal)
+        if self._journal is not None:
+            self._groups = {
+                st.name: GroupAppender(st, self._journal)
+                for st in self._states.values()
+                if not st.best_effort
+            }
         self._opened = True
         try:
             await self._start_tasks()
@@ -236,7 +245,7 @@ class WriteBuffer:
         """
         _log.error("WriteBuffer.open failed (%s: %s); stopping its tasks", type(exc).__name__, exc)
         self._writer.closing = True
-        tasks = [*self._flushers, *self._writers]
+        tasks = [*self._flushers, *self._writers, *self._group_tasks()]
         if self._replayer is not None:
             tasks.append(self._replayer)
         for task in tasks:
@@ -310,6 +319,15 @@ class WriteBuffer:
                 st.wake.set()
                 st.spill_wake.set()
                 st.room.set()  # waiting producers wake up and see the buffer is closing
+            groups = self._group_tasks()
+            if groups:
+                # Puts already in a journal group are accepted first, so the flushers that
+                # are about to drain and stop see their rows.
+                _done, pending = await asyncio.wait(groups, timeout=self._close_timeout)
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                self._log_task_errors(groups)
             _done, pending = await asyncio.wait(
                 [*self._flushers, *self._writers], timeout=self._close_timeout
             )
@@ -351,6 +369,9 @@ class WriteBuffer:
                 f"{self._writer.unsaved} row(s) could be written neither to PostgreSQL nor to the "
                 f"dead-letter store {self._store.directory}; see the log for their errors"
             )
+
+    def _group_tasks(self) -> list[asyncio.Task[None]]:
+        return [g.task for g in self._groups.values() if g.task is not None]
 
     @staticmethod
     def _log_task_errors(tasks: Sequence[asyncio.Task[None]]) -> None:
@@ -503,7 +524,8 @@ class WriteBuffer:
         if self._journal is None:
             self._admit(st, row, size, record)
         else:
-            await self._journaled(st, [row], size, [record])
+            # Joins the stream's journal group: one append for all concurrent puts.
+            await self._groups[st.name].add(row, size, record)
 
     async def put_many(self, stream: str, records: Sequence[Mapping[str, Any]]) -> None:
         """Validate all ``records`` first, then buffer them like ``put`` (waiting for room).
@@ -553,15 +575,7 @@ class WriteBuffer:
             st.reserved_rows -= len(rows)
             st.reserved_bytes -= nbytes
         st.last_seq = max(st.last_seq, seq)
-        for row, record in zip(rows, records, strict=True):
-            # Room was reserved: enqueue without the bound check (same accounting).
-            st.rows.append(row)
-            st.counts["in"] += 1
-            if st.tail is not None:
-                st.tail.append(record)
-        st.bytes += nbytes
-        if len(st.rows) >= st.batch_rows or st.held_rows >= st.high_rows:
-            st.wake.set()
+        enqueue_journaled(st, rows, records, nbytes)
 
     async def _wait_recovered(self, st: StreamState) -> None:
         """Wait (up to ``put_timeout``) until open() has re-queued the whole journal."""
