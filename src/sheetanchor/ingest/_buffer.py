@@ -213,6 +213,8 @@ class WriteBuffer:
                 for st in self._states.values()
                 if not st.best_effort
             }
+            for st in self._states.values():
+                st.journaled = not st.best_effort
         self._opened = True
         try:
             await self._start_tasks()
@@ -488,14 +490,29 @@ class WriteBuffer:
             ConfigError: unknown stream, or a journaled stream (use ``await put``).
             ResourceClosed: the buffer is not open.
         """
-        st = self._state(stream)
-        self._check_loop()
-        if self._journal is not None and not st.best_effort:
+        # The hot path of ingest: one dict lookup, the stream's compiled validator, one
+        # append. Anything unusual (closed, wrong loop, journaled, a record the fast check
+        # does not accept, quality checks) takes the full path, which raises precisely.
+        st = self._states.get(stream)
+        if st is None or self._closing or not self._opened:
+            st = self._state(stream)
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not self._loop:
+            self._check_loop()
+        if st.journaled:
             raise ConfigError(
                 f"stream {stream!r} is journaled: put_nowait cannot wait for the journal to "
                 "be durable; use `await buffer.put(...)`"
             )
-        row, size = self._validate(st, record)
+        fast = st.fast
+        quick = fast(record) if fast is not None else None
+        if quick is None or quick[1] > st.max_bytes:
+            row, size = self._validate(st, record)
+        else:
+            row, size = quick
         self._admit(st, row, size, record)
 
     async def put(self, stream: str, record: Mapping[str, Any]) -> None:

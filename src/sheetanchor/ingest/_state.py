@@ -89,9 +89,14 @@ class StreamState:
         self.name = stream.name
         self.best_effort = stream.kind == "best_effort"
         self.validator = Validator(stream)
+        self.gate = QualityGate(stream.name, stream.checks) if stream.checks else None
+        # put_nowait's fast path: the compiled validator, unless quality checks must see
+        # every record (they run in the full path).
+        self.fast = self.validator.fast if self.gate is None else None
+        # Set by WriteBuffer.open: authoritative records go through the disk journal.
+        self.journaled = False
         self.sink = CopySink(stream.describe())
         self.describe: dict[str, Any] = stream.describe()
-        self.gate = QualityGate(stream.name, stream.checks) if stream.checks else None
         self.tail: Tail[Mapping[str, Any]] | None = (
             Tail(stream.tail_rows) if stream.tail_rows else None
         )
