@@ -362,6 +362,9 @@ class WriteBuffer:
                 self._log_task_errors([self._replayer])
             for st in self._states.values():
                 st.publish()
+            # Warnings held back by the rate limit: their counts, now.
+            self._writer.notes.flush()
+            self._store.flush_log()
             if self._journal is not None:
                 await maybe_await(self._journal.close())
         finally:

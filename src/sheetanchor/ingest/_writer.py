@@ -23,6 +23,7 @@ from sheetanchor.ingest._metrics import FLUSH_SECONDS, UNSAVED_ROWS
 from sheetanchor.ingest._retry import RetryLike
 from sheetanchor.ingest._sink import ConnectionSource, SinkOutcome
 from sheetanchor.ingest._state import StreamState
+from sheetanchor.ingest._throttle import LogThrottle
 from sheetanchor.ingest._validate import Row
 from sheetanchor.ingest.deadletter import DeadLetterStore
 from sheetanchor.observe import get_logger
@@ -98,6 +99,9 @@ class BatchWriter:
         self._journal: JournalLike | None = None
         self.closing = False
         self.unsaved = 0
+        # One WARNING per stream at once, then one per interval with counts (an outage
+        # would otherwise log every batch); the rows are counted in the metrics either way.
+        self.notes = LogThrottle(_log, interval=store.log_interval)
 
     def start(self, global_sem: asyncio.Semaphore, journal: JournalLike | None) -> None:
         """Bind the loop-owned parts (called by ``WriteBuffer.open``)."""
@@ -273,7 +277,9 @@ class BatchWriter:
             return await self._route_bisected(st, bisected, batch)
         if failure is not None:
             st.last_error = f"{type(failure).__name__}: {failure}"
-            _log.warning(
+            self.notes.event(
+                (st.name, "not written"),
+                len(chunk),
                 "stream %s: batch of %d rows not written (%s); dead-lettering it",
                 st.name,
                 len(chunk),
