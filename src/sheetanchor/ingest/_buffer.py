@@ -456,7 +456,9 @@ class WriteBuffer:
         return row, size
 
     def _admit(self, st: StreamState, row: Row, size: int, record: Mapping[str, Any]) -> None:
-        held_rows = len(st.rows) + st.inflight_rows + len(st.spill) + st.reserved_rows
+        rows = st.rows
+        buffered = len(rows)
+        held_rows = buffered + st.inflight_rows + len(st.spill) + st.reserved_rows
         held_bytes = st.bytes + st.inflight_bytes + st.spill_bytes + st.reserved_bytes + size
         if held_rows >= st.max_rows or held_bytes > st.max_bytes:
             raise BufferFull(
@@ -472,10 +474,10 @@ class WriteBuffer:
             if not st.spill_wake.is_set():
                 st.spill_wake.set()
         else:
-            st.rows.append(row)
+            rows.append(row)
             st.bytes += size
             if (
-                len(st.rows) >= st.batch_rows
+                buffered >= st.batch_rows - 1
                 or held_rows >= st.high_rows
                 or held_bytes >= st.high_bytes
             ) and not st.wake.is_set():

@@ -84,6 +84,47 @@ class StreamState:
     is the lock: a swap of ``rows`` is one assignment, O(1), and nothing interleaves with it.
     """
 
+    __slots__ = (
+        "_reported",
+        "batch_rows",
+        "batches",
+        "best_effort",
+        "bytes",
+        "commits",
+        "counts",
+        "describe",
+        "emergency_bytes",
+        "emergency_rows",
+        "fast",
+        "gate",
+        "high_bytes",
+        "high_rows",
+        "inflight_bytes",
+        "inflight_rows",
+        "journaled",
+        "last_error",
+        "last_seq",
+        "max_bytes",
+        "max_rows",
+        "name",
+        "reserved_bytes",
+        "reserved_rows",
+        "room",
+        "rows",
+        "sem",
+        "sink",
+        "spill",
+        "spill_bytes",
+        "spill_wake",
+        "stranded",
+        "stranded_retry_at",
+        "stream",
+        "tail",
+        "validator",
+        "waits",
+        "wake",
+    )
+
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
         self.name = stream.name
