@@ -7,8 +7,9 @@ returns what was accepted but never committed.
 
 Group commit: appends on the event loop only queue their frames and wait; one flusher task
 hands everything queued to a worker thread, which does one ``write`` and one ``fdatasync``
-for all of them. Under load, many appenders share each fsync; the event loop never blocks
-on the disk.
+for all of them. Under load, many appenders share each fsync; the event loop never waits
+for an fsync. (With ``fsync="never"`` the group's single ``write`` into the page cache is made
+on the loop: a worker-thread round trip costs more than that write.)
 """
 
 from __future__ import annotations
@@ -473,9 +474,14 @@ class Journal:
                 stream_max[append.stream] = max(stream_max.get(append.stream, 0), append.last_seq)
             marks = self._take_marks()
             try:
-                await asyncio.to_thread(
-                    self._write_group, frames, marks, stream_max, len(group), count
-                )
+                if self._fsync == "never":
+                    # No fsync: one write() into the page cache, done on the loop (a worker
+                    # thread round trip would cost more than the write itself).
+                    self._write_group(frames, marks, stream_max, len(group), count)
+                else:
+                    await asyncio.to_thread(
+                        self._write_group, frames, marks, stream_max, len(group), count
+                    )
             except asyncio.CancelledError:
                 # The loop is shutting down under us: the thread may still finish the write,
                 # but nobody will be told. Refuse further use; reopening recovers the truth.
