@@ -14,7 +14,7 @@ import pytest
 
 from _ingest_helpers import create_tick_table, fast_retry, table_name, tick, tick_stream
 from sheetanchor.config import parse_url
-from sheetanchor.errors import BufferFull, DeadLetterFull
+from sheetanchor.errors import BufferFull, DeadLetterFull, ResourceClosed
 from sheetanchor.ingest import DeadLetterStore, WriteBuffer
 from sheetanchor.ingest._journal import Journal
 from sheetanchor.postgres import Database, PoolSettings
@@ -201,3 +201,54 @@ async def test_put_during_recovery_never_commits_records_not_yet_requeued(
     finally:
         await db.close()
         await direct.close()
+
+
+class _Watched(Journal):
+    """A real journal that tells when open() starts reading it back."""
+
+    reading: threading.Event
+
+    def iter_recover_seq(self) -> Iterator[tuple[int, str, dict[str, Any]]]:
+        self.reading.set()
+        yield from super().iter_recover_seq()
+
+
+async def test_put_waiting_for_recovery_is_refused_when_open_fails(
+    pg_url: str, tmp_path: Path
+) -> None:
+    db = _db(pg_url)
+    try:
+        table = table_name()
+        await create_tick_table(db, table)
+        # The journal holds a record that no longer validates, and the dead-letter store
+        # cannot take it: open() fails (after its dead-letter attempts, about 3 s).
+        journal = Journal(tmp_path / "j")
+        await journal.append("ticks", [{**tick(0), "price": "not a number"}])
+        await journal.close()
+        watched = _Watched(tmp_path / "j")
+        watched.reading = threading.Event()
+        stream = tick_stream(table, put_timeout=30.0)
+        buffer = WriteBuffer(
+            db,
+            [stream],
+            deadletter=DeadLetterStore(tmp_path / "full", max_bytes=1),
+            journal=watched,
+            replay_interval=None,
+        )
+        opening = asyncio.create_task(buffer.open())
+        assert await asyncio.to_thread(watched.reading.wait, 5.0)
+        put = asyncio.create_task(buffer.put("ticks", tick(1)))
+        with pytest.raises(DeadLetterFull):
+            await opening
+        # The put waited for recovery and is told the buffer never opened: not accepted.
+        with pytest.raises(ResourceClosed, match="failed to open"):
+            await put
+        await buffer.close()
+        assert await db.fetchval(f"SELECT count(*) FROM {table}") == 0
+        reopened = Journal(tmp_path / "j")
+        try:
+            assert len(reopened.recover()) == 1  # still there for the next open()
+        finally:
+            await reopened.close()
+    finally:
+        await db.close()
