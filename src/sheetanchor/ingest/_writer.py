@@ -26,7 +26,7 @@ from sheetanchor.ingest._state import StreamState
 from sheetanchor.ingest._throttle import LogThrottle
 from sheetanchor.ingest._validate import Row
 from sheetanchor.ingest.deadletter import DeadLetterStore
-from sheetanchor.observe import get_logger
+from sheetanchor.observe import get_logger, timed
 
 __all__ = ["BatchWriter", "maybe_await"]
 
@@ -109,6 +109,18 @@ class BatchWriter:
         self._journal = journal
 
     async def write_batch(
+        self, st: StreamState, rows: list[Row], nbytes: int, entry: list[int]
+    ) -> None:
+        """Write one swap (see ``_write_swap``), timed as the ``ingest/write_batch`` phase.
+
+        ``sheetanchor_phase_duration_seconds{part="ingest",phase="write_batch"}`` is the
+        latency of a whole swap, dead-lettering included; ``ingest_flush_seconds`` has the
+        per-chunk database writes of each stream.
+        """
+        with timed("write_batch", part="ingest"):
+            await self._write_swap(st, rows, nbytes, entry)
+
+    async def _write_swap(
         self, st: StreamState, rows: list[Row], nbytes: int, entry: list[int]
     ) -> None:
         """Write one swap in chunks of ``batch_rows``.
