@@ -68,7 +68,7 @@ FLIGHTS = Gauge(
 )
 DRIFT = Counter(
     metric_name("state", "drift", "total"),
-    "Drift found by the reconciler: missing, stale, ahead, orphan; and repaired.",
+    "Drift found by the reconciler: missing, stale, ahead, orphan; repaired; filled (cached).",
     ["table", "kind"],
     registry=REGISTRY,
 )
