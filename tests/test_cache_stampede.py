@@ -63,7 +63,9 @@ def _worker(pg_url: str, redis_url: str, table: str, barrier: Any, queue: Any, c
                 table=table,
                 value_columns=["name"],
                 read_from=f"{table}_counted",
-                settings=CacheSettings(lease_ttl=60.0, lease_wait=60.0, max_backfill_age=60.0),
+                settings=CacheSettings(
+                    lease_ttl=60.0, lease_wait=60.0, tombstone_ttl=200.0, max_backfill_age=60.0
+                ),
             )
             await store.prepare()
             if cold:
