@@ -10,8 +10,7 @@ keys are invalidated (with the fence) *before* the cache is trusted again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final, cast
 
 import redis.asyncio as aioredis
@@ -21,6 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sheetanchor.observe import get_logger
 from sheetanchor.redis import AnyRedis, RedisClient
+from sheetanchor.redis._metrics import SCRIPT_RELOADS as _SCRIPT_RELOADS
 from sheetanchor.state import _metrics
 from sheetanchor.state._breaker import ALLOW, DENY, CircuitBreaker
 from sheetanchor.state._entry import KIND_INVALID, KIND_VALUE, RANK, build
@@ -30,6 +30,7 @@ from sheetanchor.state._fence import (
     FENCED_SET_RELEASE,
     GET_OR_LEASE,
     LEASE_RELEASE,
+    SCRIPTS,
 )
 from sheetanchor.state._pending import PendingInvalidations
 
@@ -58,7 +59,6 @@ REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (
 # Writing the pending keys may also meet a refusing server (OOM, READONLY): not recovered.
 _RECOVER_ERRORS: tuple[type[BaseException], ...] = (*REDIS_DOWN_ERRORS, ResponseError)
 
-_NO_TIMEOUT = contextlib.nullcontext()
 _CLUSTER_CONCURRENCY = 16
 
 # (redis key, entry bytes, version, rank, ttl ms)
@@ -161,10 +161,6 @@ class CacheSide:
             self.pending.done(items, overflow_handled=overflowed)
             written += len(items)
 
-    def _deadline(self) -> contextlib.AbstractAsyncContextManager[Any]:
-        # asyncio.timeout costs a timer per call (several microseconds): only when asked for.
-        return _NO_TIMEOUT if self.timeout is None else asyncio.timeout(self.timeout)
-
     def failed(self, exc: BaseException) -> None:
         """Count a failed Redis call and tell the breaker."""
         self._errors.inc()
@@ -215,122 +211,119 @@ class CacheSide:
         if batch:
             await client.unlink(*batch)
 
-    # -- reads -------------------------------------------------------------------------
+    # -- one Redis call -----------------------------------------------------------------
 
-    async def get(self, rkey: str) -> bytes | _Down | None:
-        """GET, or :data:`DOWN` when Redis is skipped or failed."""
-        if (
-            (verdict := self.breaker.check()) != ALLOW or self.pending.dirty
-        ) and not await self._admit(verdict):
+    async def _call(self, op: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """``await op(client, *args)`` behind the breaker: the result, or :data:`DOWN`.
+
+        The first call of an operation goes through here: while the breaker is open it
+        skips Redis; the probe (and a closed breaker with keys pending) writes the pending
+        invalidations before anything is read. A failure is counted, the breaker is told,
+        and the caller gets :data:`DOWN`.
+        """
+        # The hot path: one method call and one attribute read, then the Redis call.
+        verdict = self.breaker.check()
+        if (verdict != ALLOW or self.pending.dirty) and not await self._admit(verdict):
             return DOWN
+        client = self.rc.any_client()
         try:
-            async with self._deadline():
-                data = cast(bytes | None, await self.rc.any_client().get(rkey))
+            if self.timeout is None:
+                result = await op(client, *args)
+            else:
+                async with asyncio.timeout(self.timeout):
+                    result = await op(client, *args)
+        except NoScriptError:
+            result = await self._after_noscript(client, op, args)
         except REDIS_DOWN_ERRORS as exc:
             self.failed(exc)
             return DOWN
         self.breaker.note_success()
-        return data
+        return result
+
+    async def _call_admitted(self, op: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """:meth:`_call` without the breaker check: for the later steps of an operation
+        whose first call was admitted (a lease, a peek, the backfill that releases it), so
+        that a breaker opened meanwhile by another caller does not leave them half done."""
+        client = self.rc.any_client()
+        try:
+            if self.timeout is None:
+                result = await op(client, *args)
+            else:
+                async with asyncio.timeout(self.timeout):
+                    result = await op(client, *args)
+        except NoScriptError:
+            result = await self._after_noscript(client, op, args)
+        except REDIS_DOWN_ERRORS as exc:
+            self.failed(exc)
+            return DOWN
+        self.breaker.note_success()
+        return result
+
+    async def _after_noscript(
+        self, client: AnyRedis, op: Callable[..., Awaitable[Any]], args: tuple[Any, ...]
+    ) -> Any:
+        # The server lost its scripts (restart, SCRIPT FLUSH): register them all again (they
+        # are lost together) and run the call once more.
+        try:
+            async with asyncio.timeout(max(self.timeout or 1.0, 1.0) * 10):
+                for script in SCRIPTS:
+                    _SCRIPT_RELOADS.labels(script.name).inc()
+                    await script.load(client)
+                return await op(client, *args)
+        except REDIS_DOWN_ERRORS as exc:
+            self.failed(exc)
+            return DOWN
+
+    # -- reads -------------------------------------------------------------------------
+
+    async def get(self, rkey: str) -> bytes | _Down | None:
+        """GET, or :data:`DOWN` when Redis is skipped or failed."""
+        return cast(bytes | _Down | None, await self._call(_get, rkey))
 
     async def get_or_lease(
         self, rkey: str, lease_key: str, token: str, ttl_ms: int
     ) -> bytes | int | _Down:
         """The entry, or (when there is none) 1 if we took the lease, 0 if another holds it."""
-        if (
-            (verdict := self.breaker.check()) != ALLOW or self.pending.dirty
-        ) and not await self._admit(verdict):
-            return DOWN
-        try:
-            async with self._deadline():
-                res = await GET_OR_LEASE(
-                    self.rc.any_client(), keys=(rkey, lease_key), args=(token, ttl_ms)
-                )
-        except REDIS_DOWN_ERRORS as exc:
-            self.failed(exc)
-            return DOWN
-        self.breaker.note_success()
-        return res if isinstance(res, bytes) else int(res)
+        res = await self._call(_get_or_lease, rkey, lease_key, token, ttl_ms)
+        return res if isinstance(res, (bytes, _Down)) else int(res)
 
     async def fenced_set_release(
         self, item: FencedItem, lease_key: str, token: str
     ) -> bool | _Down:
         """Fenced set of a backfill and release of our lease, in one call."""
-        rkey, entry, version, rank, ttl_ms = item
-        try:
-            async with self._deadline():
-                ok = bool(
-                    await FENCED_SET_RELEASE(
-                        self.rc.any_client(),
-                        keys=(rkey, lease_key),
-                        args=(entry, version, rank, ttl_ms, token),
-                    )
-                )
-        except REDIS_DOWN_ERRORS as exc:
-            self.failed(exc)
-            return DOWN
-        self.breaker.note_success()
-        if not ok:
+        res = await self._call_admitted(_fenced_set_release, item, lease_key, token)
+        if isinstance(res, _Down):
+            return res
+        if not res:
             self._refused.inc()
-        return ok
+        return bool(res)
 
     async def mget(self, rkeys: Sequence[str]) -> list[bytes | None] | _Down:
         """MGET, or :data:`DOWN`."""
-        if (
-            (verdict := self.breaker.check()) != ALLOW or self.pending.dirty
-        ) and not await self._admit(verdict):
-            return DOWN
-        try:
-            async with self._deadline():
-                data = await mget(self.rc.any_client(), rkeys)
-        except REDIS_DOWN_ERRORS as exc:
-            self.failed(exc)
-            return DOWN
-        self.breaker.note_success()
-        return data
+        return cast(list[bytes | None] | _Down, await self._call(mget, rkeys))
 
     # -- fenced writes -----------------------------------------------------------------
 
     async def fenced_set(self, item: FencedItem) -> bool | _Down:
         """Write one entry unless Redis holds a newer one; False when refused."""
-        if (
-            (verdict := self.breaker.check()) != ALLOW or self.pending.dirty
-        ) and not await self._admit(verdict):
-            return DOWN
-        rkey, entry, version, rank, ttl_ms = item
-        try:
-            async with self._deadline():
-                ok = bool(
-                    await FENCED_SET(
-                        self.rc.any_client(), keys=(rkey,), args=(entry, version, rank, ttl_ms)
-                    )
-                )
-        except REDIS_DOWN_ERRORS as exc:
-            self.failed(exc)
-            return DOWN
-        self.breaker.note_success()
-        if not ok:
+        res = await self._call(_fenced_set, item)
+        if isinstance(res, _Down):
+            return res
+        if not res:
             self._refused.inc()
-        return ok
+        return bool(res)
 
     async def fenced_set_many(self, items: Sequence[FencedItem]) -> list[bool] | _Down:
         """Write many entries with the fence in one round trip (a pipeline)."""
         if not items:
             return []
-        if (
-            (verdict := self.breaker.check()) != ALLOW or self.pending.dirty
-        ) and not await self._admit(verdict):
-            return DOWN
-        try:
-            async with self._deadline():
-                results = await self._fenced_many(self.rc.any_client(), items)
-        except REDIS_DOWN_ERRORS as exc:
-            self.failed(exc)
-            return DOWN
-        self.breaker.note_success()
+        results = await self._call(self._fenced_many, items)
+        if isinstance(results, _Down):
+            return results
         refused = results.count(False)
         if refused:
             self._refused.inc(refused)
-        return results
+        return cast(list[bool], results)
 
     async def _fenced_many(self, client: AnyRedis, items: Sequence[FencedItem]) -> list[bool]:
         if isinstance(client, aioredis.RedisCluster):
@@ -392,43 +385,73 @@ class CacheSide:
     async def delete_if_equal(self, rkey: str, data: bytes) -> bool | _Down:
         """Remove an entry unless it changed meanwhile: True when it was deleted, False when
         it had changed (or was gone), :data:`DOWN` when Redis failed."""
-        try:
-            async with self._deadline():
-                deleted = await DELETE_IF_EQUAL(self.rc.any_client(), keys=(rkey,), args=(data,))
-        except REDIS_DOWN_ERRORS as exc:
-            self.failed(exc)
-            return DOWN
-        return bool(deleted)
+        res = await self._call_admitted(_delete_if_equal, rkey, data)
+        return DOWN if res is DOWN else bool(res)
 
     # -- leases ------------------------------------------------------------------------
 
     async def acquire_lease(self, lease_key: str, token: str, ttl_ms: int) -> bool | _Down:
         """``SET lease token NX PX ttl``: True when we hold it now."""
-        try:
-            async with self._deadline():
-                return bool(await self.rc.any_client().set(lease_key, token, nx=True, px=ttl_ms))
-        except REDIS_DOWN_ERRORS as exc:
-            self.failed(exc)
-            return DOWN
+        res = await self._call_admitted(_set_nx, lease_key, token, ttl_ms)
+        return DOWN if res is DOWN else bool(res)
 
     async def release_lease(self, lease_key: str, token: str) -> None:
-        """Delete the lease if it is still ours (a Lua compare-and-delete)."""
-        try:
-            async with self._deadline():
-                await LEASE_RELEASE(self.rc.any_client(), keys=(lease_key,), args=(token,))
-        except REDIS_DOWN_ERRORS as exc:
-            # The lease expires on its own (PX); only the breaker needs to know.
-            self.failed(exc)
+        """Delete the lease if it is still ours (a Lua compare-and-delete).
+
+        When Redis fails, the lease expires on its own (PX); only the breaker is told.
+        """
+        await self._call_admitted(_lease_release, lease_key, token)
 
     async def peek(self, rkey: str, lease_key: str) -> tuple[bytes | None, bool] | _Down:
         """The entry and whether the lease is still held, in one round trip."""
-        try:
-            async with self._deadline():
-                pipe = self.rc.any_client().pipeline(transaction=False)
-                pipe.get(rkey)
-                pipe.exists(lease_key)
-                data, held = await pipe.execute()
-                return data, bool(held)
-        except REDIS_DOWN_ERRORS as exc:
-            self.failed(exc)
-            return DOWN
+        return cast(
+            tuple[bytes | None, bool] | _Down, await self._call_admitted(_peek, rkey, lease_key)
+        )
+
+
+# The operations, as plain functions of the client that return the awaitable (no extra
+# coroutine frame per call). Scripts run by SHA; ``_call`` reloads them on NOSCRIPT.
+
+
+def _get(client: AnyRedis, rkey: str) -> Awaitable[Any]:
+    return client.get(rkey)
+
+
+def _get_or_lease(
+    client: AnyRedis, rkey: str, lease_key: str, token: str, ttl_ms: int
+) -> Awaitable[Any]:
+    return client.evalsha(GET_OR_LEASE.sha, 2, rkey, lease_key, token, ttl_ms)
+
+
+def _fenced_set(client: AnyRedis, item: FencedItem) -> Awaitable[Any]:
+    rkey, entry, version, rank, ttl_ms = item
+    return client.evalsha(FENCED_SET.sha, 1, rkey, entry, version, rank, ttl_ms)
+
+
+def _fenced_set_release(
+    client: AnyRedis, item: FencedItem, lease_key: str, token: str
+) -> Awaitable[Any]:
+    rkey, entry, version, rank, ttl_ms = item
+    return client.evalsha(
+        FENCED_SET_RELEASE.sha, 2, rkey, lease_key, entry, version, rank, ttl_ms, token
+    )
+
+
+def _delete_if_equal(client: AnyRedis, rkey: str, data: bytes) -> Awaitable[Any]:
+    return client.evalsha(DELETE_IF_EQUAL.sha, 1, rkey, data)
+
+
+def _lease_release(client: AnyRedis, lease_key: str, token: str) -> Awaitable[Any]:
+    return client.evalsha(LEASE_RELEASE.sha, 1, lease_key, token)
+
+
+def _set_nx(client: AnyRedis, lease_key: str, token: str, ttl_ms: int) -> Awaitable[Any]:
+    return client.set(lease_key, token, nx=True, px=ttl_ms)
+
+
+async def _peek(client: AnyRedis, rkey: str, lease_key: str) -> tuple[bytes | None, bool]:
+    pipe = client.pipeline(transaction=False)
+    pipe.get(rkey)
+    pipe.exists(lease_key)
+    data, held = await pipe.execute()
+    return data, bool(held)
