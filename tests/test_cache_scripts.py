@@ -33,6 +33,7 @@ async def test_scripts_flushed_on_the_server_are_loaded_again(
             await direct.script_flush()
             store._miss_rate = 1.0  # lease-first: GET_OR_LEASE, then FENCED_SET_RELEASE
             assert await store.get(2) == {"name": "b"}
+            await store.drain()  # the backfill is written in the background
             assert await direct.get(store.redis_key(2)) is not None  # the backfill landed
             assert await direct.get(store.redis_key(2) + ":lease") is None  # released
             assert store.stats().breaker == "closed"

@@ -41,6 +41,14 @@ class CacheSettings:
             just before it was deleted must land while the delete's tombstone still fences
             it out. ``None``: half of that bound.
         max_flights: in-process single-flight table size.
+        max_backfills: ``0`` (the default): a miss writes its backfill to Redis before it
+            returns. Above 0, a miss returns the value as soon as PostgreSQL answered and
+            the fenced set (with the lease release) follows in a tracked background task,
+            at most this many at once (beyond that, inline again); the caller saves one
+            Redis round trip. The fence keeps it correct (a late backfill never overwrites
+            a newer entry). Then :meth:`CachedStore.close` (or ``async with store``) must
+            run before the Redis client closes, or :meth:`CachedStore.drain` when the
+            entries must be in Redis now.
         max_pending: keys remembered while Redis is unreachable; beyond it, the whole
             namespace is dropped from Redis when it returns.
         update_attempts: optimistic-update attempts before :class:`VersionConflict`.
@@ -57,6 +65,7 @@ class CacheSettings:
     timeout: float | None = None
     max_backfill_age: float | None = None
     max_flights: int = 10_000
+    max_backfills: int = 0
     max_pending: int = 10_000
     update_attempts: int = 10
 
@@ -73,6 +82,8 @@ class CacheSettings:
         for name in ("max_flights", "max_pending", "update_attempts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_backfills < 0:
+            raise ConfigError(f"max_backfills must be >= 0 (0: inline), got {self.max_backfills}")
         age = self.max_backfill_age
         if age is not None:
             if age <= 0:

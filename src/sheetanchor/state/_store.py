@@ -13,13 +13,23 @@ This module holds the read path; the write path is in :mod:`sheetanchor.state._w
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Hashable, Iterable
 from typing import Any
 
 import orjson
 
 from sheetanchor.state._cacheside import DOWN, FencedItem
-from sheetanchor.state._core import _CORRUPT, _MISS, _TOKEN_PREFIX, _TOKENS, PgExecutor, StoreStats
+from sheetanchor.state._core import (
+    _CORRUPT,
+    _MISS,
+    _TOKEN_PREFIX,
+    _TOKENS,
+    PgExecutor,
+    StoreStats,
+    _log,
+)
+from sheetanchor.state._singleflight import Landing
 from sheetanchor.state._sql import TableSQL
 from sheetanchor.state._writes import _StoreWrites
 
@@ -209,12 +219,14 @@ class CachedStore(_StoreWrites):
     ) -> Any:
         """Read the row from PostgreSQL; with ``fill``, backfill Redis through the fence.
 
-        With ``lease`` (key, token) the lease is released in every case: together with the
-        backfill when there is one, else on its own.
+        The backfill is written in the background when there is room (see
+        :attr:`CacheSettings.max_backfills`): then a :class:`Landing` is returned, which the
+        single-flight unwraps. With ``lease`` (key, token) the lease is released in every
+        case: together with the backfill when there is one, else on its own.
         """
         assert self._codec is not None
         clock = self._clock
-        released = False
+        handed_over = False
         try:
             started = clock.monotonic()
             row = await self._pg(self.db.fetchrow, sql.read_one, key)
@@ -234,21 +246,97 @@ class CachedStore(_StoreWrites):
                     return value
                 delta_ms = max(1, int((clock.monotonic() - started) * 1000))
                 item = self._value_item(rkey, row[1], payload, delta_ms)
-            if clock.monotonic() - started > self.settings.backfill_age:
+            task = self._backfill_later(item, lease, started)
+            handed_over = True  # the backfill (now or in the background) releases the lease
+            if task is None:
+                await self._backfill(item, lease, started)
+                return value
+            return Landing(value, task)
+        finally:
+            if lease is not None and not handed_over:
+                await self.cache.release_lease(*lease)
+
+    def _backfill_later(
+        self, item: FencedItem, lease: tuple[str, str] | None, started: float
+    ) -> asyncio.Task[None] | None:
+        """Start the backfill as a tracked task, or ``None`` (full or closed: do it inline)."""
+        if self._closed or len(self._backfills) >= self.settings.max_backfills:
+            self._m_backfill_inline.inc()
+            return None
+        task = asyncio.get_running_loop().create_task(self._backfill(item, lease, started))
+        self._backfills.add(task)
+        task.add_done_callback(self._backfills.discard)
+        self._m_backfill_background.inc()
+        return task
+
+    async def _backfill(
+        self, item: FencedItem, lease: tuple[str, str] | None, started: float
+    ) -> None:
+        """The fenced set of a backfill (releasing the lease); never raises in the background.
+
+        A Redis that is down is counted by the breaker (the lease then expires on its own);
+        any other error is logged and counted, and the lease released.
+        """
+        released = False
+        try:
+            if self._clock.monotonic() - started > self.settings.backfill_age:
                 # Too old to be sure a newer entry has not expired meanwhile: don't cache.
                 self._refused()
-                return value
+                return
             if lease is not None:
-                ok = await self.cache.fenced_set_release(item, *lease)
                 released = True
+                ok = await self.cache.fenced_set_release(item, *lease)
             else:
                 ok = await self.cache.fenced_set(item)
             if ok is False:
                 self._counts["refused"] += 1  # a newer entry is there (the metric is counted)
-            return value
+        except Exception as exc:  # noqa: BLE001  logged and counted; the read already has its value
+            released = False  # whether the script ran is unknown: release (by token) anyway
+            self._m_backfill_failed.inc()
+            _log.warning(
+                "cache %s: backfill of %s not written (%s: %s); the next read loads it again",
+                self.table,
+                item[0],
+                type(exc).__name__,
+                exc,
+            )
         finally:
             if lease is not None and not released:
-                await self.cache.release_lease(*lease)
+                try:
+                    await self.cache.release_lease(*lease)
+                except Exception as exc:  # noqa: BLE001  logged and counted; it expires (PX)
+                    self._m_backfill_failed.inc()
+                    _log.warning(
+                        "cache %s: lease of %s not released (%s: %s); it expires on its own",
+                        self.table,
+                        item[0],
+                        type(exc).__name__,
+                        exc,
+                    )
+
+    async def drain(self) -> None:
+        """Wait until the backfills this event loop started in the background are written.
+
+        Example::
+
+            value = await store.get(42)   # a miss: returns once PostgreSQL answered
+            await store.drain()           # ... and now its entry is in Redis
+        """
+        loop = asyncio.get_running_loop()
+        while pending := [t for t in self._backfills if t.get_loop() is loop]:
+            await asyncio.wait(pending)
+
+    async def close(self) -> None:
+        """Write the background backfills and stop starting new ones (later misses backfill
+        before they return). The database and Redis clients belong to the caller."""
+        self._closed = True
+        await self.drain()
+
+    async def __aenter__(self) -> CachedStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     async def get_many(self, keys: Iterable[Hashable]) -> dict[Any, Any]:
         """Values of many keys: one MGET, then one ``= ANY($1)`` query for the misses.
