@@ -10,6 +10,7 @@ keys are invalidated (with the fence) *before* the cache is trusted again.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final, cast
 
@@ -60,6 +61,9 @@ REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (
 _RECOVER_ERRORS: tuple[type[BaseException], ...] = (*REDIS_DOWN_ERRORS, ResponseError)
 
 _CLUSTER_CONCURRENCY = 16
+# Bounds of the background recovery's sleep between probes (seconds).
+_MIN_RECOVERY_WAIT = 0.05
+_MAX_RECOVERY_WAIT = 60.0
 
 # (redis key, entry bytes, version, rank, ttl ms)
 FencedItem = tuple[str, bytes, int, int, int]
@@ -105,6 +109,7 @@ class CacheSide:
         self._refused = _metrics.FENCE_REFUSED.labels(table)
         self._open_gauge = _metrics.BREAKER_OPEN.labels(table)
         self._pending_gauge = _metrics.PENDING.labels(table)
+        self._recovery: asyncio.Task[None] | None = None
 
     # -- breaker -----------------------------------------------------------------------
 
@@ -381,6 +386,29 @@ class CacheSide:
         # written, Redis may hold the old entry and must not be read.
         self.breaker.trip()
         self._open_gauge.set(1)
+        self._recover_soon()
+
+    def _recover_soon(self) -> None:
+        # Other processes never saw the outage: they read Redis as soon as it answers, and
+        # only this process knows which entries went stale. So the pending keys must not
+        # wait for this process's next cache call (an idle writer may make none): probe as
+        # soon as the breaker allows it.
+        if self._recovery is not None and not self._recovery.done():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not in a loop: the next call of the store probes
+            return
+        self._recovery = loop.create_task(
+            _recover_when_allowed(weakref.ref(self)),
+            name=f"sheetanchor-cache-recover[{self.table}]",
+        )
+
+    def stop_recovery(self) -> None:
+        """Stop probing Redis on our own (the store closes). Pending keys stay pending."""
+        if self._recovery is not None:
+            self._recovery.cancel()
+            self._recovery = None
 
     async def delete_if_equal(self, rkey: str, data: bytes) -> bool | _Down:
         """Remove an entry unless it changed meanwhile: True when it was deleted, False when
@@ -407,6 +435,34 @@ class CacheSide:
         return cast(
             tuple[bytes | None, bool] | _Down, await self._call_admitted(_peek, rkey, lease_key)
         )
+
+
+async def _recover_when_allowed(ref: weakref.ref[CacheSide]) -> None:
+    """Probe Redis whenever the breaker allows it, until nothing is pending.
+
+    Holds only a weak reference to its cache side: a store that goes away stops it.
+    """
+    while True:
+        side = ref()
+        if side is None or not side.pending.dirty:
+            return
+        wait = min(max(side.breaker.probe_in(), _MIN_RECOVERY_WAIT), _MAX_RECOVERY_WAIT)
+        del side
+        await asyncio.sleep(wait)
+        side = ref()
+        if side is None:
+            return
+        try:
+            await side.usable()  # the probe, when it is our turn; it writes what is pending
+        except Exception as exc:  # noqa: BLE001  logged; the store's next call probes again
+            _log.warning(
+                "cache %s: background recovery stopped (%s: %s); the next call probes Redis",
+                side.table,
+                type(exc).__name__,
+                exc,
+            )
+            return
+        del side
 
 
 # The operations, as plain functions of the client that return the awaitable (no extra

@@ -328,9 +328,12 @@ class CachedStore(_StoreWrites):
 
     async def close(self) -> None:
         """Write the background backfills and stop starting new ones (later misses backfill
-        before they return). The database and Redis clients belong to the caller."""
+        before they return); stop probing Redis in the background (keys still pending are
+        written by the next call's probe). The database and Redis clients belong to the
+        caller."""
         self._closed = True
         await self.drain()
+        self.cache.stop_recovery()
 
     async def __aenter__(self) -> CachedStore:
         return self
