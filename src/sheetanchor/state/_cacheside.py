@@ -20,7 +20,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sheetanchor.observe import get_logger
-from sheetanchor.redis import AnyRedis, RedisClient
+from sheetanchor.redis import AnyRedis, LuaScript, RedisClient
 from sheetanchor.redis._metrics import SCRIPT_RELOADS as _SCRIPT_RELOADS
 from sheetanchor.state import _metrics
 from sheetanchor.state._breaker import ALLOW, DENY, CircuitBreaker
@@ -331,35 +331,51 @@ class CacheSide:
         return cast(list[bool], results)
 
     async def _fenced_many(self, client: AnyRedis, items: Sequence[FencedItem]) -> list[bool]:
-        if isinstance(client, aioredis.RedisCluster):
-            # redis-py refuses EVALSHA in cluster pipelines: run the scripts concurrently
-            # instead (bounded, so a big batch cannot exhaust the per-node pools).
-            gate = asyncio.Semaphore(_CLUSTER_CONCURRENCY)
+        calls = [
+            ((rkey,), (entry, version, rank, ttl)) for rkey, entry, version, rank, ttl in items
+        ]
+        return [bool(r) for r in await _scripts_many(client, FENCED_SET, calls)]
 
-            async def one(item: FencedItem) -> bool:
-                rkey, entry, version, rank, ttl_ms = item
-                async with gate:
-                    return bool(
-                        await FENCED_SET(client, keys=(rkey,), args=(entry, version, rank, ttl_ms))
-                    )
+    # -- many keys at once (get_many) ----------------------------------------------------
 
-            return list(await asyncio.gather(*(one(item) for item in items)))
-        results = await self._pipeline(client, items)
-        if any(isinstance(r, NoScriptError) for r in results):
-            # The server lost its scripts (restart, flush): load once, run the pipeline again.
-            await FENCED_SET.load(client)
-            results = await self._pipeline(client, items)
-        for r in results:
-            if isinstance(r, ResponseError):
-                raise r
-        return [bool(r) for r in results]
+    async def acquire_leases(
+        self, lease_keys: Sequence[str], token: str, ttl_ms: int
+    ) -> list[bool] | _Down:
+        """``SET NX PX`` of many leases in one round trip: which ones we hold now."""
+        res = await self._call_admitted(_set_nx_many, lease_keys, token, ttl_ms)
+        return res if isinstance(res, _Down) else [bool(r) for r in res]
 
-    async def _pipeline(self, client: AnyRedis, items: Iterable[FencedItem]) -> list[Any]:
-        pipe = client.pipeline(transaction=False)
-        for rkey, entry, version, rank, ttl_ms in items:
-            pipe.evalsha(FENCED_SET.sha, 1, rkey, entry, version, rank, ttl_ms)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
+    async def fenced_set_release_many(
+        self, items: Sequence[FencedItem], token: str
+    ) -> list[bool] | _Down:
+        """Backfills of many keys, each releasing its lease (``<key>:lease``) if ours."""
+        calls = [
+            ((rkey, rkey + ":lease"), (entry, version, rank, ttl, token))
+            for rkey, entry, version, rank, ttl in items
+        ]
+        res = await self._call_admitted(_scripts_many, FENCED_SET_RELEASE, calls)
+        if isinstance(res, _Down):
+            return res
+        results = [bool(r) for r in res]
+        refused = results.count(False)
+        if refused:
+            self._refused.inc(refused)
         return results
+
+    async def release_leases(self, lease_keys: Sequence[str], token: str) -> None:
+        """Release many leases that are still ours (they expire on their own otherwise)."""
+        await self._call_admitted(
+            _scripts_many, LEASE_RELEASE, [((lk,), (token,)) for lk in lease_keys]
+        )
+
+    async def peek_many(
+        self, rkeys: Sequence[str], lease_keys: Sequence[str]
+    ) -> tuple[list[bytes | None], list[bool]] | _Down:
+        """The entries, and whether each lease is still held, in one round trip."""
+        return cast(
+            tuple[list[bytes | None], list[bool]] | _Down,
+            await self._call_admitted(_peek_many, rkeys, lease_keys),
+        )
 
     async def after_write(self, items: Sequence[FencedItem]) -> None:
         """After a commit: fenced-set the new entries, or remember them for the recovery."""
@@ -463,6 +479,66 @@ async def _recover_when_allowed(ref: weakref.ref[CacheSide]) -> None:
             )
             return
         del side
+
+
+async def _scripts_many(
+    client: AnyRedis,
+    script: LuaScript,
+    calls: Sequence[tuple[tuple[str, ...], tuple[Any, ...]]],
+) -> list[Any]:
+    """Run ``script`` once per (keys, args), in one round trip where the client allows it."""
+    if isinstance(client, aioredis.RedisCluster):
+        # redis-py refuses EVALSHA in cluster pipelines: run the scripts concurrently
+        # instead (bounded, so a big batch cannot exhaust the per-node pools).
+        gate = asyncio.Semaphore(_CLUSTER_CONCURRENCY)
+
+        async def one(keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
+            async with gate:
+                return await script(client, keys=keys, args=args)
+
+        return list(await asyncio.gather(*(one(k, a) for k, a in calls)))
+    results = await _pipeline(client, script, calls)
+    if any(isinstance(r, NoScriptError) for r in results):
+        # The server lost its scripts (restart, flush): load once, run the pipeline again.
+        await script.load(client)
+        results = await _pipeline(client, script, calls)
+    for r in results:
+        if isinstance(r, ResponseError):
+            raise r
+    return results
+
+
+async def _pipeline(
+    client: AnyRedis, script: LuaScript, calls: Iterable[tuple[tuple[str, ...], tuple[Any, ...]]]
+) -> list[Any]:
+    pipe = client.pipeline(transaction=False)
+    for keys, args in calls:
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
+    results: list[Any] = await pipe.execute(raise_on_error=False)
+    return results
+
+
+async def _set_nx_many(
+    client: AnyRedis, lease_keys: Sequence[str], token: str, ttl_ms: int
+) -> list[Any]:
+    pipe = client.pipeline(transaction=False)
+    for lk in lease_keys:
+        pipe.set(lk, token, nx=True, px=ttl_ms)
+    results: list[Any] = await pipe.execute()
+    return results
+
+
+async def _peek_many(
+    client: AnyRedis, rkeys: Sequence[str], lease_keys: Sequence[str]
+) -> tuple[list[bytes | None], list[bool]]:
+    if isinstance(client, aioredis.RedisCluster):
+        datas, leases = await mget(client, rkeys), await mget(client, lease_keys)
+    else:
+        pipe = client.pipeline(transaction=False)
+        pipe.mget(rkeys)
+        pipe.mget(lease_keys)
+        datas, leases = await pipe.execute()
+    return datas, [lease is not None for lease in leases]
 
 
 # The operations, as plain functions of the client that return the awaitable (no extra

@@ -341,9 +341,9 @@ class _StoreCore:
             >= entry.expires_ms
         )
 
-    def _lease(self, outcome: str) -> None:
-        self._m_lease[outcome].inc()
-        self._counts[outcome] += 1
+    def _lease(self, outcome: str, n: int = 1) -> None:
+        self._m_lease[outcome].inc(n)
+        self._counts[outcome] += n
 
     def _refused(self) -> None:
         self._m_refused.inc()

@@ -378,8 +378,65 @@ class CachedStore(_StoreWrites):
                 self._m_miss.inc(len(missing))
                 self._counts["miss"] += len(missing)
         if missing:
-            await self._read_many(sql, missing, out, fill=datas is not DOWN)
+            if datas is DOWN:
+                await self._read_many(sql, missing, out, fill=False)
+            else:
+                await self._load_many(sql, missing, out)
         return out
+
+    async def _load_many(self, sql: TableSQL, keys: list[Hashable], out: dict[Any, Any]) -> None:
+        # The misses of get_many, loaded once across processes: one round trip takes a lease
+        # for every key; we read the keys we hold (one query) and backfill them, releasing
+        # each lease with its fenced set; the keys other processes hold, we wait for.
+        token = f"{_TOKEN_PREFIX[0]}{next(_TOKENS)}"
+        rkeys = [self.redis_key(k) for k in keys]
+        held = await self.cache.acquire_leases([r + ":lease" for r in rkeys], token, self._lease_ms)
+        if held is DOWN:
+            await self._read_many(sql, keys, out, fill=False)
+            return
+        mine = [k for k, h in zip(keys, held, strict=True) if h]  # type: ignore[arg-type]
+        theirs = [k for k, h in zip(keys, held, strict=True) if not h]  # type: ignore[arg-type]
+        if mine:
+            self._lease("acquired", len(mine))
+            await self._read_many(sql, mine, out, fill=True, token=token)
+        if theirs:
+            await self._wait_many(sql, theirs, out)
+
+    async def _wait_many(self, sql: TableSQL, keys: list[Hashable], out: dict[Any, Any]) -> None:
+        # Keys whose lease another loader holds: poll their entries (and leases) with backoff
+        # until they are filled; a key whose holder left without filling it, or still
+        # unfilled at lease_wait, is read here (with the fence, without a lease).
+        clock = self._clock
+        deadline = clock.monotonic() + self.settings.lease_wait
+        delay = 0.002
+        while keys:
+            if clock.monotonic() >= deadline:
+                self._lease("timeout", len(keys))
+                await self._read_many(sql, keys, out, fill=True)
+                return
+            await clock.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            rkeys = [self.redis_key(k) for k in keys]
+            peek = await self.cache.peek_many(rkeys, [r + ":lease" for r in rkeys])
+            if peek is DOWN:
+                await self._read_many(sql, keys, out, fill=False)
+                return
+            datas, leased = peek  # type: ignore[misc]
+            waiting: list[Hashable] = []
+            orphaned: list[Hashable] = []
+            filled = 0
+            for k, value, lease_held in zip(keys, self._decode_many(datas), leased, strict=True):
+                if value is _MISS or value is _CORRUPT:
+                    (waiting if lease_held else orphaned).append(k)
+                    continue
+                filled += 1
+                if value is not None:
+                    out[k] = value
+            if filled:
+                self._lease("waited", filled)
+            if orphaned:
+                await self._read_many(sql, orphaned, out, fill=True)
+            keys = waiting
 
     def _decode_many(self, datas: list[bytes | None]) -> list[Any]:
         # One orjson call for every plain row entry (a JSON array of the payloads) instead of
@@ -417,7 +474,35 @@ class CachedStore(_StoreWrites):
         return out
 
     async def _read_many(
-        self, sql: TableSQL, keys: list[Hashable], out: dict[Any, Any], *, fill: bool
+        self,
+        sql: TableSQL,
+        keys: list[Hashable],
+        out: dict[Any, Any],
+        *,
+        fill: bool,
+        token: str | None = None,
+    ) -> None:
+        """Read ``keys`` in one query; with ``fill``, backfill them through the fence.
+
+        With ``token``, we hold each key's lease: the backfill releases them, and they are
+        released in every other case too.
+        """
+        released = False
+        try:
+            await self._read_many_leased(sql, keys, out, fill=fill, token=token)
+            released = True
+        finally:
+            if token is not None and not released:
+                await self.cache.release_leases([self.redis_key(k) + ":lease" for k in keys], token)
+
+    async def _read_many_leased(
+        self,
+        sql: TableSQL,
+        keys: list[Hashable],
+        out: dict[Any, Any],
+        *,
+        fill: bool,
+        token: str | None,
     ) -> None:
         assert self._codec is not None
         started = self._clock.monotonic()
@@ -433,7 +518,13 @@ class CachedStore(_StoreWrites):
         for k in keys:
             if k not in out:
                 items.append(self._tomb_item(self.redis_key(k), 0, self.settings.absent_ttl))
-        if fill and self._clock.monotonic() - started <= self.settings.backfill_age:
+        if not fill or self._clock.monotonic() - started > self.settings.backfill_age:
+            if token is not None:
+                await self.cache.release_leases([i[0] + ":lease" for i in items], token)
+            return
+        if token is not None:
+            results = await self.cache.fenced_set_release_many(items, token)
+        else:
             results = await self.cache.fenced_set_many(items)
-            if results is not DOWN:
-                self._counts["refused"] += results.count(False)  # type: ignore[union-attr]
+        if results is not DOWN:
+            self._counts["refused"] += results.count(False)  # type: ignore[union-attr]
