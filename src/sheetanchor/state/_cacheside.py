@@ -4,7 +4,13 @@ Every Redis call of the store goes through :class:`CacheSide`, which bounds it w
 timeout and routes failures: the call is counted, the breaker is told, and the caller gets
 :data:`DOWN` and serves the read from PostgreSQL. Writes that could not reach Redis are
 remembered in :class:`PendingInvalidations`; when the breaker lets a probe through, those
-keys are invalidated (with the fence) *before* the cache is trusted again.
+keys are invalidated (with the fence) *before* the cache is trusted again. The probe does not
+wait for the store's next call: other processes read Redis as soon as it answers, so a
+background task probes as soon as the breaker allows it.
+
+One helper (``_call``) holds the breaker admission, the optional timeout and the failure
+routing; the operations are plain functions of the client, and scripts run by SHA (all are
+registered again on NOSCRIPT).
 """
 
 from __future__ import annotations
