@@ -18,7 +18,9 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
-from tests._store_helpers import make_items_table, table_name
+from tests._store_helpers import FAST_REDIS as _FAST
+from tests._store_helpers import FakeClock, make_items_table, table_name
+from tests._store_helpers import proxy_for as _proxy_for
 
 from sheetanchor.config import parse_url
 from sheetanchor.embedded import EmbeddedRedis
@@ -28,21 +30,6 @@ from sheetanchor.redis import RedisClient
 from sheetanchor.retry import RetryPolicy
 from sheetanchor.state import CachedStore, CacheSettings, CircuitBreaker
 from sheetanchor.testing import FaultProxy
-
-_FAST = dict(socket_timeout=0.5, socket_connect_timeout=0.5, retry=RetryPolicy(max_attempts=1))
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _proxy_for(make: Callable[[str, int], FaultProxy], url: str) -> FaultProxy:
-    parsed = parse_url(url)
-    return make(parsed.host or "127.0.0.1", parsed.port or 6379)
 
 
 async def test_naive_cache_serves_a_stale_value_after_an_outage(

@@ -12,9 +12,10 @@ from collections.abc import Callable
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
-from tests._store_helpers import make_items_table, table_name
+from tests._store_helpers import FAST_REDIS as _FAST
+from tests._store_helpers import FakeClock, make_items_table, table_name
+from tests._store_helpers import proxy_for as _proxy_for
 
-from sheetanchor.config import parse_url
 from sheetanchor.embedded import EmbeddedRedis
 from sheetanchor.postgres import Database
 from sheetanchor.redis import RedisClient
@@ -22,21 +23,6 @@ from sheetanchor.retry import RetryPolicy
 from sheetanchor.state import CachedStore, CircuitBreaker
 from sheetanchor.state._entry import parse
 from sheetanchor.testing import FaultProxy
-
-_FAST = dict(socket_timeout=0.5, socket_connect_timeout=0.5, retry=RetryPolicy(max_attempts=1))
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _proxy_for(make: Callable[[str, int], FaultProxy], url: str) -> FaultProxy:
-    parsed = parse_url(url)
-    return make(parsed.host or "127.0.0.1", parsed.port or 6379)
 
 
 async def _cached_version(redis_url: str, rkey: str) -> int | None:

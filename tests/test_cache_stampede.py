@@ -63,7 +63,9 @@ def _worker(pg_url: str, redis_url: str, table: str, barrier: Any, queue: Any, c
                 table=table,
                 value_columns=["name"],
                 read_from=f"{table}_counted",
-                settings=CacheSettings(lease_ttl=60.0, lease_wait=60.0, max_backfill_age=60.0),
+                settings=CacheSettings(
+                    lease_ttl=60.0, lease_wait=60.0, tombstone_ttl=200.0, max_backfill_age=60.0
+                ),
             )
             await store.prepare()
             if cold:
@@ -124,8 +126,12 @@ def test_one_postgres_read_for_a_thousand_callers_in_four_processes(
     assert asyncio.run(_reads(pg_url, table)) == 1, stats
     assert sum(s["pg_reads"] for s in stats) == 1
     assert sum(s["leases_acquired"] for s in stats) == 1
-    # The other processes waited for the holder's entry (or found it already there).
-    assert sum(s["lease_waits"] for s in stats) <= PROCESSES - 1
+    # The other processes waited for the holder's entry (or found it already there). Not
+    # bounded to one wait per process: a caller whose lookup Redis answered "lease taken"
+    # just before the entry landed, but that runs after its process's shared load ended,
+    # starts a (short) wait of its own; a loaded machine makes that likelier.
+    for s in stats:
+        assert s["leases_acquired"] == 1 or s["lease_waits"] >= 1 or s["hits"] >= 1, s
     assert sum(s["lease_timeouts"] for s in stats) == 0
     # Every caller was served: from Redis, or by its process's one shared load.
     assert sum(s["hits"] + s["misses"] for s in stats) == PROCESSES * CALLERS

@@ -12,6 +12,7 @@ from sheetanchor.errors import ConfigError, RecordError
 from sheetanchor.ingest import WriteBuffer
 from sheetanchor.ingest._journal import Journal
 from sheetanchor.ingest.quality import ZeroVolume
+from sheetanchor.observe import REGISTRY
 from sheetanchor.postgres import Database, PoolSettings
 
 
@@ -107,3 +108,25 @@ async def test_put_from_another_thread_is_a_clear_error(db: Database, tmp_path: 
         with pytest.raises(WrongEventLoop, match="event loop"):
             await asyncio.to_thread(buffer.put_nowait, "ticks", tick(1))
         assert buffer.stream_stats("ticks").rows_in == 0
+
+
+async def test_each_swap_is_timed_as_a_phase(db: Database, tmp_path: Path) -> None:
+    table = table_name()
+    await create_tick_table(db, table)
+    labels = {"part": "ingest", "phase": "write_batch"}
+
+    def count() -> float:
+        value = REGISTRY.get_sample_value("sheetanchor_phase_duration_seconds_count", labels)
+        return value or 0.0
+
+    before = count()
+    stream = tick_stream(table, flush_interval=3600.0)
+    async with WriteBuffer(
+        db, [stream], deadletter_dir=tmp_path / "dl", replay_interval=None
+    ) as buffer:
+        for swap in range(3):
+            for i in range(10):
+                buffer.put_nowait("ticks", tick(swap * 10 + i))
+            await buffer.flush()
+    assert count() - before == 3
+    assert await db.fetchval(f"SELECT count(*) FROM {table}") == 30

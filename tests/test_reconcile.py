@@ -112,8 +112,12 @@ def test_cli_reconcile(pg_url: str, redis_url: str) -> None:
     assert found.exit_code == 1, found.output
     data: dict[str, Any] = json.loads(found.output)
     assert data["drift"] == 5
-    repaired = runner.invoke(app, [*args, "--repair"])
+    repaired = runner.invoke(app, [*args, "--repair", "--fill-missing"])
     assert repaired.exit_code == 0, repaired.output
+    fixed: dict[str, Any] = json.loads(repaired.output)
+    # Filling an uncached row is not a drift repair: reported apart.
+    assert (fixed["drift"], fixed["repaired"], fixed["filled"]) == (5, 5, 1)
+    assert fixed["remaining"] == 0
     clean = runner.invoke(app, args)
     assert clean.exit_code == 0, clean.output
     assert json.loads(clean.output)["drift"] == 0

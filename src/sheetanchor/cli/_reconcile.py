@@ -78,7 +78,8 @@ def reconcile(
 ) -> None:
     """Compare a CachedStore's table with its Redis entries: missing, stale, ahead, orphan.
 
-    Exit 0 when nothing is wrong (or everything wrong was repaired), 1 when drift remains,
+    Exit 0 when nothing is wrong (or everything wrong was repaired), 1 when drift remains
+    (uncached rows filled by --fill-missing are reported apart and do not count as repairs),
     2 on bad usage. Repairs go through the version fence, so they are safe on a live system.
 
     Example: sheetanchor reconcile --table worlds --repair --json
@@ -110,7 +111,12 @@ def reconcile(
             fill_missing=fill_missing,
         )
     )
-    data = {**report._asdict(), "drift": report.drift, "examples": list(report.examples)}
+    data = {
+        **report._asdict(),
+        "drift": report.drift,
+        "remaining": report.remaining,
+        "examples": list(report.examples),
+    }
     if as_json:
         typer.echo(json.dumps(data))
     else:
@@ -118,11 +124,13 @@ def reconcile(
         out.print(
             f"{report.table}: checked {report.checked}, cached {report.cached}, "
             f"missing {report.missing}, stale {report.stale}, ahead {report.ahead}, "
-            f"orphan {report.orphan}, repaired {report.repaired} ({report.seconds:.2f} s)",
+            f"orphan {report.orphan}, repaired {report.repaired}, filled {report.filled}, "
+            f"drift left {report.remaining} ({report.seconds:.2f} s)",
             highlight=False,
         )
         for example in report.examples:
             out.print(f"  {example}", highlight=False)
-    remaining = report.drift - (report.repaired if repair else 0)
-    if remaining > 0:
+    # Only drift repaired counts against drift found: cached rows that were merely missing
+    # (--fill-missing) are reported as "filled" and never hide a refused or failed repair.
+    if report.remaining > 0:
         raise typer.Exit(1)

@@ -33,6 +33,7 @@ from sheetanchor.errors import (
     WrongEventLoop,
 )
 from sheetanchor.ingest._classify import error_info
+from sheetanchor.ingest._journal_group import GroupAppender, enqueue_journaled
 from sheetanchor.ingest._journal_seam import JournalLike, open_journal
 from sheetanchor.ingest._replay import REPLAY_ERRORS, FileReplay, replay_files
 from sheetanchor.ingest._retry import DEFAULT_INGEST_POLICY, RetryLike
@@ -160,6 +161,12 @@ class WriteBuffer:
         self._flushers: list[asyncio.Task[None]] = []
         self._writers: set[asyncio.Task[None]] = set()
         self._replayer: asyncio.Task[None] | None = None
+        # Set once open() has re-queued the whole journal: until then a journaled put waits,
+        # because its (higher) sequence number would let the next commit mark cover
+        # recovered records not yet back in the buffer (lost if the process died then).
+        self._recovered: asyncio.Event | None = None
+        # Journaled streams: concurrent puts share one journal append (see _journal_group).
+        self._groups: dict[str, GroupAppender] = {}
         self._opened = False
         self._closing = False
         self._closed = False
@@ -188,6 +195,7 @@ class WriteBuffer:
             raise ResourceClosed("this WriteBuffer was closed; create a new one")
         self._loop = asyncio.get_running_loop()
         self._global_sem = asyncio.Semaphore(self._max_concurrency)
+        self._recovered = asyncio.Event()
 
         async def prepare() -> None:
             async with asyncio.timeout(self._write_timeout), self._db.connection() as conn:
@@ -199,6 +207,14 @@ class WriteBuffer:
         if self._journal is None and self._journal_dir is not None:
             self._journal = open_journal(self._journal_dir, fsync=self._journal_fsync)
         self._writer.start(self._global_sem, self._journal)
+        if self._journal is not None:
+            self._groups = {
+                st.name: GroupAppender(st, self._journal)
+                for st in self._states.values()
+                if not st.best_effort
+            }
+            for st in self._states.values():
+                st.journaled = not st.best_effort
         self._opened = True
         try:
             await self._start_tasks()
@@ -219,6 +235,8 @@ class WriteBuffer:
             self._replayer = asyncio.create_task(self._replay_loop(), name="ingest:replay")
         if self._journal is not None:
             await self._recover()
+        assert self._recovered is not None
+        self._recovered.set()
 
     async def _abort_open(self, exc: BaseException) -> None:
         """open() failed part-way: stop what it started and leave the journal uncommitted.
@@ -229,7 +247,7 @@ class WriteBuffer:
         """
         _log.error("WriteBuffer.open failed (%s: %s); stopping its tasks", type(exc).__name__, exc)
         self._writer.closing = True
-        tasks = [*self._flushers, *self._writers]
+        tasks = [*self._flushers, *self._writers, *self._group_tasks()]
         if self._replayer is not None:
             tasks.append(self._replayer)
         for task in tasks:
@@ -268,6 +286,8 @@ class WriteBuffer:
             self._writer.unsaved = 0
         self._writer.closing = False
         self._opened = False
+        if self._recovered is not None:
+            self._recovered.set()  # puts waiting for recovery wake up and see it failed
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -301,6 +321,15 @@ class WriteBuffer:
                 st.wake.set()
                 st.spill_wake.set()
                 st.room.set()  # waiting producers wake up and see the buffer is closing
+            groups = self._group_tasks()
+            if groups:
+                # Puts already in a journal group are accepted first, so the flushers that
+                # are about to drain and stop see their rows.
+                _done, pending = await asyncio.wait(groups, timeout=self._close_timeout)
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                self._log_task_errors(groups)
             _done, pending = await asyncio.wait(
                 [*self._flushers, *self._writers], timeout=self._close_timeout
             )
@@ -333,6 +362,9 @@ class WriteBuffer:
                 self._log_task_errors([self._replayer])
             for st in self._states.values():
                 st.publish()
+            # Warnings held back by the rate limit: their counts, now.
+            self._writer.notes.flush()
+            self._store.flush_log()
             if self._journal is not None:
                 await maybe_await(self._journal.close())
         finally:
@@ -342,6 +374,9 @@ class WriteBuffer:
                 f"{self._writer.unsaved} row(s) could be written neither to PostgreSQL nor to the "
                 f"dead-letter store {self._store.directory}; see the log for their errors"
             )
+
+    def _group_tasks(self) -> list[asyncio.Task[None]]:
+        return [g.task for g in self._groups.values() if g.task is not None]
 
     @staticmethod
     def _log_task_errors(tasks: Sequence[asyncio.Task[None]]) -> None:
@@ -421,7 +456,9 @@ class WriteBuffer:
         return row, size
 
     def _admit(self, st: StreamState, row: Row, size: int, record: Mapping[str, Any]) -> None:
-        held_rows = len(st.rows) + st.inflight_rows + len(st.spill) + st.reserved_rows
+        rows = st.rows
+        buffered = len(rows)
+        held_rows = buffered + st.inflight_rows + len(st.spill) + st.reserved_rows
         held_bytes = st.bytes + st.inflight_bytes + st.spill_bytes + st.reserved_bytes + size
         if held_rows >= st.max_rows or held_bytes > st.max_bytes:
             raise BufferFull(
@@ -437,10 +474,10 @@ class WriteBuffer:
             if not st.spill_wake.is_set():
                 st.spill_wake.set()
         else:
-            st.rows.append(row)
+            rows.append(row)
             st.bytes += size
             if (
-                len(st.rows) >= st.batch_rows
+                buffered >= st.batch_rows - 1
                 or held_rows >= st.high_rows
                 or held_bytes >= st.high_bytes
             ) and not st.wake.is_set():
@@ -458,25 +495,43 @@ class WriteBuffer:
             ConfigError: unknown stream, or a journaled stream (use ``await put``).
             ResourceClosed: the buffer is not open.
         """
-        st = self._state(stream)
-        self._check_loop()
-        if self._journal is not None and not st.best_effort:
+        # The hot path of ingest: one dict lookup, the stream's compiled validator, one
+        # append. Anything unusual (closed, wrong loop, journaled, a record the fast check
+        # does not accept, quality checks) takes the full path, which raises precisely.
+        st = self._states.get(stream)
+        if st is None or self._closing or not self._opened:
+            st = self._state(stream)
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not self._loop:
+            self._check_loop()
+        if st.journaled:
             raise ConfigError(
                 f"stream {stream!r} is journaled: put_nowait cannot wait for the journal to "
                 "be durable; use `await buffer.put(...)`"
             )
-        row, size = self._validate(st, record)
+        fast = st.fast
+        quick = fast(record) if fast is not None else None
+        if quick is None or quick[1] > st.max_bytes:
+            row, size = self._validate(st, record)
+        else:
+            row, size = quick
         self._admit(st, row, size, record)
 
     async def put(self, stream: str, record: Mapping[str, Any]) -> None:
         """Validate and buffer ``record``, waiting (up to ``put_timeout``) for room.
 
         Best-effort streams never wait: past the emergency watermark they spill to disk.
-        With a journal, an authoritative record is durable on disk when this returns.
+        With a journal, an authoritative record is durable on disk when this returns; while
+        ``open()`` is still re-queueing the journal's records, the put waits for it.
 
         Raises:
             RecordError: the record is invalid.
-            BufferFull: no room within the stream's ``put_timeout``.
+            BufferFull: no room (or journal recovery not finished) within the stream's
+                ``put_timeout``.
+            ResourceClosed: the buffer is not open (or its ``open()`` failed meanwhile).
         """
         st = self._state(stream)
         self._check_loop()
@@ -484,12 +539,15 @@ class WriteBuffer:
         if st.best_effort:
             self._admit(st, row, size, record)
             return
+        if self._journal is not None:
+            await self._wait_recovered(st)
         if not st.has_room(size):
             await self._wait_room(st, size)
         if self._journal is None:
             self._admit(st, row, size, record)
         else:
-            await self._journaled(st, [row], size, [record])
+            # Joins the stream's journal group: one append for all concurrent puts.
+            await self._groups[st.name].add(row, size, record)
 
     async def put_many(self, stream: str, records: Sequence[Mapping[str, Any]]) -> None:
         """Validate all ``records`` first, then buffer them like ``put`` (waiting for room).
@@ -504,6 +562,8 @@ class WriteBuffer:
         st = self._state(stream)
         self._check_loop()
         checked = [self._validate(st, record) for record in records]
+        if self._journal is not None and not st.best_effort:
+            await self._wait_recovered(st)
         step = max(1, min(st.batch_rows, st.max_rows))
         for start in range(0, len(checked), step):
             part = checked[start : start + step]
@@ -537,15 +597,29 @@ class WriteBuffer:
             st.reserved_rows -= len(rows)
             st.reserved_bytes -= nbytes
         st.last_seq = max(st.last_seq, seq)
-        for row, record in zip(rows, records, strict=True):
-            # Room was reserved: enqueue without the bound check (same accounting).
-            st.rows.append(row)
-            st.counts["in"] += 1
-            if st.tail is not None:
-                st.tail.append(record)
-        st.bytes += nbytes
-        if len(st.rows) >= st.batch_rows or st.held_rows >= st.high_rows:
-            st.wake.set()
+        enqueue_journaled(st, rows, records, nbytes)
+
+    async def _wait_recovered(self, st: StreamState) -> None:
+        """Wait (up to ``put_timeout``) until open() has re-queued the whole journal."""
+        recovered = self._recovered
+        assert recovered is not None
+        if not recovered.is_set():
+            try:
+                async with asyncio.timeout(st.stream.put_timeout):
+                    await recovered.wait()
+            except TimeoutError:
+                raise BufferFull(
+                    f"stream {st.name!r}: open() was still re-queueing records recovered from "
+                    f"the journal after put_timeout={st.stream.put_timeout} s; a put waits "
+                    "for that (its records must not be committed ahead of recovered ones). "
+                    "Retry the put, or raise put_timeout"
+                ) from None
+        if self._closing or not self._opened:
+            raise ResourceClosed(
+                f"WriteBuffer {'closed' if self._closing else 'failed to open'} while a put on "
+                f"{st.name!r} waited for journal recovery; open a new buffer (the journal "
+                "keeps every record that was not stored)"
+            )
 
     async def _wait_room(self, st: StreamState, size: int, rows: int = 1) -> None:
         assert self._loop is not None

@@ -7,8 +7,9 @@ returns what was accepted but never committed.
 
 Group commit: appends on the event loop only queue their frames and wait; one flusher task
 hands everything queued to a worker thread, which does one ``write`` and one ``fdatasync``
-for all of them. Under load, many appenders share each fsync; the event loop never blocks
-on the disk.
+for all of them. Under load, many appenders share each fsync; the event loop never waits
+for an fsync. (With ``fsync="never"`` the group's single ``write`` into the page cache is made
+on the loop: a worker-thread round trip costs more than that write.)
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ from sheetanchor.errors import (
 from sheetanchor.ingest._journal_format import (
     checkpoint_frame,
     commit_frame,
-    decode_record,
+    encode_group,
     encode_record,
+    entry_last_seq,
+    entry_records,
     iter_entries,
     read_segment,
 )
@@ -116,6 +119,7 @@ class _Segment:
 @dataclass
 class _Append:
     frames: list[bytes]
+    records: int
     nbytes: int
     stream: str
     last_seq: int
@@ -257,16 +261,14 @@ class Journal:
         if not records:
             return self._next_seq - 1
         first = self._next_seq
-        frames: list[bytes] = []
-        for offset, record in enumerate(records):
-            try:
-                frames.append(encode_record(first + offset, stream, record))
-            except (TypeError, ValueError) as exc:
-                raise RecordError(
-                    f"record {offset} of stream {stream!r} cannot be journaled: {exc}",
-                    stream=stream,
-                    value=record,
-                ) from exc
+        # Several records: one frame for all of them (one encode, one checksum).
+        try:
+            if len(records) == 1:
+                frames = [encode_record(first, stream, records[0])]
+            else:
+                frames = [encode_group(first, stream, records)]
+        except (TypeError, ValueError) as exc:
+            raise _encode_error(stream, records, exc) from exc
         nbytes = sum(len(f) for f in frames)
         held = self._disk_bytes + self._pending_bytes + self._inflight_bytes
         if held + nbytes > self._max_bytes:
@@ -279,7 +281,7 @@ class Journal:
         self._next_seq += len(records)
         last = first + len(records) - 1
         future: asyncio.Future[int] = loop.create_future()
-        self._pending.append(_Append(frames, nbytes, stream, last, future))
+        self._pending.append(_Append(frames, len(records), nbytes, stream, last, future))
         self._pending_bytes += nbytes
         if self._group_target and len(self._pending) >= self._group_target:
             self._group_ready.set()
@@ -354,8 +356,15 @@ class Journal:
             marks[stream] = max(marks.get(stream, 0), upto)
         for segment in list(self._segments):
             for entry in iter_entries(_read_bytes(segment.path)):
-                if entry["k"] == "r" and entry["s"] > marks.get(entry["t"], 0):
-                    yield int(entry["s"]), str(entry["t"]), decode_record(entry)
+                if entry["k"] not in ("r", "g"):
+                    continue
+                stream = str(entry["t"])
+                mark = marks.get(stream, 0)
+                if entry_last_seq(entry) <= mark:
+                    continue
+                for seq, record in entry_records(entry):
+                    if seq > mark:
+                        yield seq, stream, record
 
     def stats(self) -> JournalStats:
         """Return counts and sizes of this journal."""
@@ -388,7 +397,7 @@ class Journal:
             await self._flusher
         if self._failed is None and self._marks_pending:
             # commit() was called outside a loop and nothing flushed since: write it here.
-            await asyncio.to_thread(self._write_group, [], self._take_marks(), {}, 0)
+            await asyncio.to_thread(self._write_group, [], self._take_marks(), {}, 0, 0)
         await asyncio.to_thread(self._close_files)
         self._closed = True
 
@@ -459,12 +468,20 @@ class Journal:
             self._pending_bytes -= nbytes
             self._inflight_bytes += nbytes
             frames = [f for a in group for f in a.frames]
+            count = sum(a.records for a in group)
             stream_max: dict[str, int] = {}
             for append in group:
                 stream_max[append.stream] = max(stream_max.get(append.stream, 0), append.last_seq)
             marks = self._take_marks()
             try:
-                await asyncio.to_thread(self._write_group, frames, marks, stream_max, len(group))
+                if self._fsync == "never":
+                    # No fsync: one write() into the page cache, done on the loop (a worker
+                    # thread round trip would cost more than the write itself).
+                    self._write_group(frames, marks, stream_max, len(group), count)
+                else:
+                    await asyncio.to_thread(
+                        self._write_group, frames, marks, stream_max, len(group), count
+                    )
             except asyncio.CancelledError:
                 # The loop is shutting down under us: the thread may still finish the write,
                 # but nobody will be told. Refuse further use; reopening recovers the truth.
@@ -551,8 +568,8 @@ class Journal:
             result = read_segment(data, entries)
             segment = _Segment(index, path, len(data))
             for entry in entries:
-                if entry["k"] == "r":
-                    seq = int(entry["s"])
+                if entry["k"] in ("r", "g"):
+                    seq = entry_last_seq(entry)
                     stream = str(entry["t"])
                     segment.stream_max[stream] = max(segment.stream_max.get(stream, 0), seq)
                     self._written_floor = max(self._written_floor, seq + 1)
@@ -589,6 +606,7 @@ class Journal:
         marks: dict[str, int],
         stream_max: dict[str, int],
         appends: int,
+        records: int,
     ) -> None:
         sync = self._fsync != "never"
         if self._fd is None or self._segments[-1].size >= self._segment_bytes:
@@ -604,7 +622,7 @@ class Journal:
         with self._meta:
             active.size += len(data)
             self._disk_bytes += len(data)
-            self._records_appended += len(frames)
+            self._records_appended += records
             self._group_writes += 1 if appends else 0
             self._fsyncs += 1 if sync else 0
             for stream, seq in stream_max.items():
@@ -613,7 +631,7 @@ class Journal:
             for stream, upto in marks.items():
                 self._durable_marks[stream] = max(self._durable_marks.get(stream, 0), upto)
         _BYTES.inc(len(data))
-        _RECORDS.inc(len(frames))
+        _RECORDS.inc(records)
         self._delete_committed(sync)
 
     def _rotate(self, sync: bool) -> None:
@@ -698,3 +716,19 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _encode_error(stream: str, records: Sequence[Mapping[str, Any]], exc: Exception) -> RecordError:
+    """The error of a group that cannot be encoded, naming its first bad record."""
+    for offset, record in enumerate(records):
+        try:
+            encode_record(0, stream, record)
+        except (TypeError, ValueError) as bad:
+            return RecordError(
+                f"record {offset} of stream {stream!r} cannot be journaled: {bad}",
+                stream=stream,
+                value=record,
+            )
+    return RecordError(
+        f"{len(records)} records of stream {stream!r} cannot be journaled: {exc}", stream=stream
+    )

@@ -16,6 +16,9 @@ Payloads are orjson objects with a kind ``k``:
 - ``{"k": "r", "s": seq, "t": stream, "r": record, "x": {field: tag}}``: a record. ``x`` is
   present only when some top-level values are not plain JSON (datetime, date, time, UUID,
   Decimal, bytes); it lets :func:`decode_record` give them back with their Python type.
+- ``{"k": "g", "s": first_seq, "t": stream, "r": [record, ...], "x": [{field: tag}, ...]}``:
+  consecutive records of one stream appended together (sequences ``first_seq`` onwards), in
+  one frame: one encode and one checksum for the group. ``x`` as above, one per record.
 - ``{"k": "c", "t": stream, "s": upto}``: every record of ``stream`` up to ``upto`` is committed.
 - ``{"k": "p", "n": next_seq, "c": {stream: upto}}``: a checkpoint at the start of each segment
   carrying the commit marks and the sequence floor, so older segments can be deleted freely.
@@ -28,7 +31,7 @@ import datetime as dt
 import struct
 import uuid
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, NamedTuple
 
@@ -41,7 +44,10 @@ __all__ = [
     "checkpoint_frame",
     "commit_frame",
     "decode_record",
+    "encode_group",
     "encode_record",
+    "entry_last_seq",
+    "entry_records",
     "frame",
     "iter_entries",
     "read_segment",
@@ -98,6 +104,18 @@ def encode_record(seq: int, stream: str, record: Mapping[str, Any]) -> bytes:
     return frame(orjson.dumps(entry, default=_default))
 
 
+def encode_group(first_seq: int, stream: str, records: Sequence[Mapping[str, Any]]) -> bytes:
+    """Encode consecutive records of ``stream`` as one frame (see ``"g"`` in the module doc).
+
+    Raises ``TypeError`` for values orjson cannot write.
+    """
+    tags = [{k: _TAGS[type(v)] for k, v in r.items() if type(v) in _TAGS} for r in records]
+    entry: dict[str, object] = {"k": "g", "s": first_seq, "t": stream, "r": list(records)}
+    if any(tags):
+        entry["x"] = tags
+    return frame(orjson.dumps(entry, default=_default))
+
+
 def commit_frame(stream: str, upto: int) -> bytes:
     """A frame saying every record of ``stream`` up to ``upto`` is committed."""
     return frame(orjson.dumps({"k": "c", "t": stream, "s": upto}))
@@ -130,6 +148,32 @@ def decode_record(entry: Mapping[str, Any]) -> dict[str, Any]:
     for field, tag in entry.get("x", {}).items():
         record[field] = _restore(tag, record[field])
     return record
+
+
+def entry_records(entry: Mapping[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """``(seq, record)`` of every record in a ``"r"`` or ``"g"`` entry (empty for others)."""
+    kind = entry["k"]
+    if kind == "r":
+        return [(int(entry["s"]), decode_record(entry))]
+    if kind != "g":
+        return []
+    first = int(entry["s"])
+    tags = entry.get("x")
+    out: list[tuple[int, dict[str, Any]]] = []
+    for i, raw in enumerate(entry["r"]):
+        record: dict[str, Any] = dict(raw)
+        if tags:
+            for field, tag in tags[i].items():
+                record[field] = _restore(tag, record[field])
+        out.append((first + i, record))
+    return out
+
+
+def entry_last_seq(entry: Mapping[str, Any]) -> int:
+    """The highest sequence of a ``"r"`` or ``"g"`` entry."""
+    if entry["k"] == "g":
+        return int(entry["s"]) + len(entry["r"]) - 1
+    return int(entry["s"])
 
 
 class ScanResult(NamedTuple):

@@ -84,14 +84,60 @@ class StreamState:
     is the lock: a swap of ``rows`` is one assignment, O(1), and nothing interleaves with it.
     """
 
+    __slots__ = (
+        "_reported",
+        "batch_rows",
+        "batches",
+        "best_effort",
+        "bytes",
+        "commits",
+        "counts",
+        "describe",
+        "emergency_bytes",
+        "emergency_rows",
+        "fast",
+        "gate",
+        "high_bytes",
+        "high_rows",
+        "inflight_bytes",
+        "inflight_rows",
+        "journaled",
+        "last_error",
+        "last_seq",
+        "max_bytes",
+        "max_rows",
+        "name",
+        "reserved_bytes",
+        "reserved_rows",
+        "room",
+        "rows",
+        "sem",
+        "sink",
+        "spill",
+        "spill_bytes",
+        "spill_wake",
+        "stranded",
+        "stranded_retry_at",
+        "stream",
+        "tail",
+        "validator",
+        "waits",
+        "wake",
+    )
+
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
         self.name = stream.name
         self.best_effort = stream.kind == "best_effort"
         self.validator = Validator(stream)
+        self.gate = QualityGate(stream.name, stream.checks) if stream.checks else None
+        # put_nowait's fast path: the compiled validator, unless quality checks must see
+        # every record (they run in the full path).
+        self.fast = self.validator.fast if self.gate is None else None
+        # Set by WriteBuffer.open: authoritative records go through the disk journal.
+        self.journaled = False
         self.sink = CopySink(stream.describe())
         self.describe: dict[str, Any] = stream.describe()
-        self.gate = QualityGate(stream.name, stream.checks) if stream.checks else None
         self.tail: Tail[Mapping[str, Any]] | None = (
             Tail(stream.tail_rows) if stream.tail_rows else None
         )

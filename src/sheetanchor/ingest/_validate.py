@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from sheetanchor.errors import RecordError
-from sheetanchor.ingest._fastpath import compile_fast
+from sheetanchor.ingest._fastpath import FastValidate, compile_fast
 from sheetanchor.ingest._stream import Stream
 
 __all__ = ["ROW_OVERHEAD", "Row", "Validator"]
@@ -163,6 +163,11 @@ class Validator:
             i for i, t in enumerate(stream.columns.values()) if t in ("json", "jsonb")
         )
         self._fast = compile_fast(stream, row_overhead=ROW_OVERHEAD)
+
+    @property
+    def fast(self) -> FastValidate | None:
+        """The compiled check (``None`` = "use ``validate``", never "invalid"), if any."""
+        return self._fast
 
     def validate(self, record: Mapping[str, Any]) -> tuple[Row, int]:
         """Check ``record`` and return it as a tuple in COPY order with its size estimate.

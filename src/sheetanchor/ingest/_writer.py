@@ -23,9 +23,10 @@ from sheetanchor.ingest._metrics import FLUSH_SECONDS, UNSAVED_ROWS
 from sheetanchor.ingest._retry import RetryLike
 from sheetanchor.ingest._sink import ConnectionSource, SinkOutcome
 from sheetanchor.ingest._state import StreamState
+from sheetanchor.ingest._throttle import LogThrottle
 from sheetanchor.ingest._validate import Row
 from sheetanchor.ingest.deadletter import DeadLetterStore
-from sheetanchor.observe import get_logger
+from sheetanchor.observe import get_logger, timed
 
 __all__ = ["BatchWriter", "maybe_await"]
 
@@ -98,6 +99,9 @@ class BatchWriter:
         self._journal: JournalLike | None = None
         self.closing = False
         self.unsaved = 0
+        # One WARNING per stream at once, then one per interval with counts (an outage
+        # would otherwise log every batch); the rows are counted in the metrics either way.
+        self.notes = LogThrottle(_log, interval=store.log_interval)
 
     def start(self, global_sem: asyncio.Semaphore, journal: JournalLike | None) -> None:
         """Bind the loop-owned parts (called by ``WriteBuffer.open``)."""
@@ -105,6 +109,18 @@ class BatchWriter:
         self._journal = journal
 
     async def write_batch(
+        self, st: StreamState, rows: list[Row], nbytes: int, entry: list[int]
+    ) -> None:
+        """Write one swap (see ``_write_swap``), timed as the ``ingest/write_batch`` phase.
+
+        ``sheetanchor_phase_duration_seconds{part="ingest",phase="write_batch"}`` is the
+        latency of a whole swap, dead-lettering included; ``ingest_flush_seconds`` has the
+        per-chunk database writes of each stream.
+        """
+        with timed("write_batch", part="ingest"):
+            await self._write_swap(st, rows, nbytes, entry)
+
+    async def _write_swap(
         self, st: StreamState, rows: list[Row], nbytes: int, entry: list[int]
     ) -> None:
         """Write one swap in chunks of ``batch_rows``.
@@ -273,7 +289,9 @@ class BatchWriter:
             return await self._route_bisected(st, bisected, batch)
         if failure is not None:
             st.last_error = f"{type(failure).__name__}: {failure}"
-            _log.warning(
+            self.notes.event(
+                (st.name, "not written"),
+                len(chunk),
                 "stream %s: batch of %d rows not written (%s); dead-lettering it",
                 st.name,
                 len(chunk),

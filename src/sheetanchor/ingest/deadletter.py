@@ -35,6 +35,7 @@ from prometheus_client import Counter, Gauge
 from sheetanchor.config import home_dir
 from sheetanchor.errors import ConfigError, DeadLetterFull
 from sheetanchor.ingest._codec import decode_row, encode_row, json_default
+from sheetanchor.ingest._throttle import DEFAULT_LOG_INTERVAL, LogThrottle
 from sheetanchor.observe import REGISTRY, get_logger, metric_name
 
 __all__ = [
@@ -129,6 +130,9 @@ class DeadLetterStore:
     Arguments:
         directory: root directory (default ``<sheetanchor home>/deadletter``).
         max_bytes: total size limit; a write that would pass it raises ``DeadLetterFull``.
+        log_interval: seconds between two WARNING lines about files written for one stream
+            and reason: the first is logged at once, later ones are counted and summed up in
+            the next line (or by ``flush_log()``), so an outage does not log every batch.
 
     Thread-safe: the write buffer writes from worker threads so fsync never blocks its loop.
     """
@@ -138,9 +142,14 @@ class DeadLetterStore:
         directory: str | os.PathLike[str] | None = None,
         *,
         max_bytes: int = DEFAULT_DEADLETTER_MAX_BYTES,
+        log_interval: float = DEFAULT_LOG_INTERVAL,
     ) -> None:
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
             raise ConfigError(f"DeadLetterStore max_bytes must be an int > 0, got {max_bytes!r}")
+        if log_interval < 0:
+            raise ConfigError(f"DeadLetterStore log_interval must be >= 0, got {log_interval!r}")
+        self.log_interval = float(log_interval)
+        self._notes = LogThrottle(_log, interval=self.log_interval)
         self.directory = Path(directory) if directory is not None else default_deadletter_dir()
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
@@ -297,8 +306,20 @@ class DeadLetterStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         _fsync_dir(folder)
-        _log.warning("dead-lettered %d row(s) of stream %s: %s (%s)", nrows, stream, reason, final)
+        self._notes.event(
+            (stream, reason),
+            nrows,
+            "dead-lettered %d row(s) of stream %s: %s (%s)",
+            nrows,
+            stream,
+            reason,
+            final,
+        )
         return final
+
+    def flush_log(self) -> None:
+        """Log the dead-letter writes counted but not logged yet (``WriteBuffer.close`` does)."""
+        self._notes.flush()
 
     # -- reading ----------------------------------------------------------------------------
     def files(self, stream: str | None = None, reason: str | None = None) -> list[DeadLetterFile]:

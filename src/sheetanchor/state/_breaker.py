@@ -74,6 +74,12 @@ class CircuitBreaker:
             return "closed"
         return "half_open" if self._probing else "open"
 
+    def probe_in(self) -> float:
+        """Seconds until the next probe may run (0.0: closed, or a probe is due now)."""
+        if not self._open:
+            return 0.0
+        return max(0.0, self._open_until - self._clock())
+
     def check(self) -> Literal[0, 1, 2]:
         """:data:`ALLOW` (closed), :data:`DENY` (skip Redis) or :data:`PROBE` (you test it)."""
         if not self._open:  # the hot path: one attribute read

@@ -4,14 +4,20 @@ Every Redis call of the store goes through :class:`CacheSide`, which bounds it w
 timeout and routes failures: the call is counted, the breaker is told, and the caller gets
 :data:`DOWN` and serves the read from PostgreSQL. Writes that could not reach Redis are
 remembered in :class:`PendingInvalidations`; when the breaker lets a probe through, those
-keys are invalidated (with the fence) *before* the cache is trusted again.
+keys are invalidated (with the fence) *before* the cache is trusted again. The probe does not
+wait for the store's next call: other processes read Redis as soon as it answers, so a
+background task probes as soon as the breaker allows it.
+
+One helper (``_call``) holds the breaker admission, the optional timeout and the failure
+routing; the operations are plain functions of the client, and scripts run by SHA (all are
+registered again on NOSCRIPT).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final, cast
 
 import redis.asyncio as aioredis
@@ -20,7 +26,8 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sheetanchor.observe import get_logger
-from sheetanchor.redis import AnyRedis, RedisClient
+from sheetanchor.redis import AnyRedis, LuaScript, RedisClient
+from sheetanchor.redis._metrics import SCRIPT_RELOADS as _SCRIPT_RELOADS
 from sheetanchor.state import _metrics
 from sheetanchor.state._breaker import ALLOW, DENY, CircuitBreaker
 from sheetanchor.state._entry import KIND_INVALID, KIND_VALUE, RANK, build
@@ -30,6 +37,7 @@ from sheetanchor.state._fence import (
     FENCED_SET_RELEASE,
     GET_OR_LEASE,
     LEASE_RELEASE,
+    SCRIPTS,
 )
 from sheetanchor.state._pending import PendingInvalidations
 
@@ -58,8 +66,10 @@ REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (
 # Writing the pending keys may also meet a refusing server (OOM, READONLY): not recovered.
 _RECOVER_ERRORS: tuple[type[BaseException], ...] = (*REDIS_DOWN_ERRORS, ResponseError)
 
-_NO_TIMEOUT = contextlib.nullcontext()
 _CLUSTER_CONCURRENCY = 16
+# Bounds of the background recovery's sleep between probes (seconds).
+_MIN_RECOVERY_WAIT = 0.05
+_MAX_RECOVERY_WAIT = 60.0
 
 # (redis key, entry bytes, version, rank, ttl ms)
 FencedItem = tuple[str, bytes, int, int, int]
@@ -105,6 +115,7 @@ class CacheSide:
         self._refused = _metrics.FENCE_REFUSED.labels(table)
         self._open_gauge = _metrics.BREAKER_OPEN.labels(table)
         self._pending_gauge = _metrics.PENDING.labels(table)
+        self._recovery: asyncio.Task[None] | None = None
 
     # -- breaker -----------------------------------------------------------------------
 
@@ -161,10 +172,6 @@ class CacheSide:
             self.pending.done(items, overflow_handled=overflowed)
             written += len(items)
 
-    def _deadline(self) -> contextlib.AbstractAsyncContextManager[Any]:
-        # asyncio.timeout costs a timer per call (several microseconds): only when asked for.
-        return _NO_TIMEOUT if self.timeout is None else asyncio.timeout(self.timeout)
-
     def failed(self, exc: BaseException) -> None:
         """Count a failed Redis call and tell the breaker."""
         self._errors.inc()
@@ -215,153 +222,166 @@ class CacheSide:
         if batch:
             await client.unlink(*batch)
 
-    # -- reads -------------------------------------------------------------------------
+    # -- one Redis call -----------------------------------------------------------------
 
-    async def get(self, rkey: str) -> bytes | _Down | None:
-        """GET, or :data:`DOWN` when Redis is skipped or failed."""
-        if (
-            (verdict := self.breaker.check()) != ALLOW or self.pending.dirty
-        ) and not await self._admit(verdict):
+    async def _call(self, op: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """``await op(client, *args)`` behind the breaker: the result, or :data:`DOWN`.
+
+        The first call of an operation goes through here: while the breaker is open it
+        skips Redis; the probe (and a closed breaker with keys pending) writes the pending
+        invalidations before anything is read. A failure is counted, the breaker is told,
+        and the caller gets :data:`DOWN`.
+        """
+        # The hot path: one method call and one attribute read, then the Redis call.
+        verdict = self.breaker.check()
+        if (verdict != ALLOW or self.pending.dirty) and not await self._admit(verdict):
             return DOWN
+        client = self.rc.any_client()
         try:
-            async with self._deadline():
-                data = cast(bytes | None, await self.rc.any_client().get(rkey))
+            if self.timeout is None:
+                result = await op(client, *args)
+            else:
+                async with asyncio.timeout(self.timeout):
+                    result = await op(client, *args)
+        except NoScriptError:
+            result = await self._after_noscript(client, op, args)
         except REDIS_DOWN_ERRORS as exc:
             self.failed(exc)
             return DOWN
         self.breaker.note_success()
-        return data
+        return result
+
+    async def _call_admitted(self, op: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """:meth:`_call` without the breaker check: for the later steps of an operation
+        whose first call was admitted (a lease, a peek, the backfill that releases it), so
+        that a breaker opened meanwhile by another caller does not leave them half done."""
+        client = self.rc.any_client()
+        try:
+            if self.timeout is None:
+                result = await op(client, *args)
+            else:
+                async with asyncio.timeout(self.timeout):
+                    result = await op(client, *args)
+        except NoScriptError:
+            result = await self._after_noscript(client, op, args)
+        except REDIS_DOWN_ERRORS as exc:
+            self.failed(exc)
+            return DOWN
+        self.breaker.note_success()
+        return result
+
+    async def _after_noscript(
+        self, client: AnyRedis, op: Callable[..., Awaitable[Any]], args: tuple[Any, ...]
+    ) -> Any:
+        # The server lost its scripts (restart, SCRIPT FLUSH): register them all again (they
+        # are lost together) and run the call once more.
+        try:
+            async with asyncio.timeout(max(self.timeout or 1.0, 1.0) * 10):
+                for script in SCRIPTS:
+                    _SCRIPT_RELOADS.labels(script.name).inc()
+                    await script.load(client)
+                return await op(client, *args)
+        except REDIS_DOWN_ERRORS as exc:
+            self.failed(exc)
+            return DOWN
+
+    # -- reads -------------------------------------------------------------------------
+
+    async def get(self, rkey: str) -> bytes | _Down | None:
+        """GET, or :data:`DOWN` when Redis is skipped or failed."""
+        return cast(bytes | _Down | None, await self._call(_get, rkey))
 
     async def get_or_lease(
         self, rkey: str, lease_key: str, token: str, ttl_ms: int
     ) -> bytes | int | _Down:
         """The entry, or (when there is none) 1 if we took the lease, 0 if another holds it."""
-        if (
-            (verdict := self.breaker.check()) != ALLOW or self.pending.dirty
-        ) and not await self._admit(verdict):
-            return DOWN
-        try:
-            async with self._deadline():
-                res = await GET_OR_LEASE(
-                    self.rc.any_client(), keys=(rkey, lease_key), args=(token, ttl_ms)
-                )
-        except REDIS_DOWN_ERRORS as exc:
-            self.failed(exc)
-            return DOWN
-        self.breaker.note_success()
-        return res if isinstance(res, bytes) else int(res)
+        res = await self._call(_get_or_lease, rkey, lease_key, token, ttl_ms)
+        return res if isinstance(res, (bytes, _Down)) else int(res)
 
     async def fenced_set_release(
         self, item: FencedItem, lease_key: str, token: str
     ) -> bool | _Down:
         """Fenced set of a backfill and release of our lease, in one call."""
-        rkey, entry, version, rank, ttl_ms = item
-        try:
-            async with self._deadline():
-                ok = bool(
-                    await FENCED_SET_RELEASE(
-                        self.rc.any_client(),
-                        keys=(rkey, lease_key),
-                        args=(entry, version, rank, ttl_ms, token),
-                    )
-                )
-        except REDIS_DOWN_ERRORS as exc:
-            self.failed(exc)
-            return DOWN
-        self.breaker.note_success()
-        if not ok:
+        res = await self._call_admitted(_fenced_set_release, item, lease_key, token)
+        if isinstance(res, _Down):
+            return res
+        if not res:
             self._refused.inc()
-        return ok
+        return bool(res)
 
     async def mget(self, rkeys: Sequence[str]) -> list[bytes | None] | _Down:
         """MGET, or :data:`DOWN`."""
-        if (
-            (verdict := self.breaker.check()) != ALLOW or self.pending.dirty
-        ) and not await self._admit(verdict):
-            return DOWN
-        try:
-            async with self._deadline():
-                data = await mget(self.rc.any_client(), rkeys)
-        except REDIS_DOWN_ERRORS as exc:
-            self.failed(exc)
-            return DOWN
-        self.breaker.note_success()
-        return data
+        return cast(list[bytes | None] | _Down, await self._call(mget, rkeys))
 
     # -- fenced writes -----------------------------------------------------------------
 
     async def fenced_set(self, item: FencedItem) -> bool | _Down:
         """Write one entry unless Redis holds a newer one; False when refused."""
-        if (
-            (verdict := self.breaker.check()) != ALLOW or self.pending.dirty
-        ) and not await self._admit(verdict):
-            return DOWN
-        rkey, entry, version, rank, ttl_ms = item
-        try:
-            async with self._deadline():
-                ok = bool(
-                    await FENCED_SET(
-                        self.rc.any_client(), keys=(rkey,), args=(entry, version, rank, ttl_ms)
-                    )
-                )
-        except REDIS_DOWN_ERRORS as exc:
-            self.failed(exc)
-            return DOWN
-        self.breaker.note_success()
-        if not ok:
+        res = await self._call(_fenced_set, item)
+        if isinstance(res, _Down):
+            return res
+        if not res:
             self._refused.inc()
-        return ok
+        return bool(res)
 
     async def fenced_set_many(self, items: Sequence[FencedItem]) -> list[bool] | _Down:
         """Write many entries with the fence in one round trip (a pipeline)."""
         if not items:
             return []
-        if (
-            (verdict := self.breaker.check()) != ALLOW or self.pending.dirty
-        ) and not await self._admit(verdict):
-            return DOWN
-        try:
-            async with self._deadline():
-                results = await self._fenced_many(self.rc.any_client(), items)
-        except REDIS_DOWN_ERRORS as exc:
-            self.failed(exc)
-            return DOWN
-        self.breaker.note_success()
+        results = await self._call(self._fenced_many, items)
+        if isinstance(results, _Down):
+            return results
+        refused = results.count(False)
+        if refused:
+            self._refused.inc(refused)
+        return cast(list[bool], results)
+
+    async def _fenced_many(self, client: AnyRedis, items: Sequence[FencedItem]) -> list[bool]:
+        calls = [
+            ((rkey,), (entry, version, rank, ttl)) for rkey, entry, version, rank, ttl in items
+        ]
+        return [bool(r) for r in await _scripts_many(client, FENCED_SET, calls)]
+
+    # -- many keys at once (get_many) ----------------------------------------------------
+
+    async def acquire_leases(
+        self, lease_keys: Sequence[str], token: str, ttl_ms: int
+    ) -> list[bool] | _Down:
+        """``SET NX PX`` of many leases in one round trip: which ones we hold now."""
+        res = await self._call_admitted(_set_nx_many, lease_keys, token, ttl_ms)
+        return res if isinstance(res, _Down) else [bool(r) for r in res]
+
+    async def fenced_set_release_many(
+        self, items: Sequence[FencedItem], token: str
+    ) -> list[bool] | _Down:
+        """Backfills of many keys, each releasing its lease (``<key>:lease``) if ours."""
+        calls = [
+            ((rkey, rkey + ":lease"), (entry, version, rank, ttl, token))
+            for rkey, entry, version, rank, ttl in items
+        ]
+        res = await self._call_admitted(_scripts_many, FENCED_SET_RELEASE, calls)
+        if isinstance(res, _Down):
+            return res
+        results = [bool(r) for r in res]
         refused = results.count(False)
         if refused:
             self._refused.inc(refused)
         return results
 
-    async def _fenced_many(self, client: AnyRedis, items: Sequence[FencedItem]) -> list[bool]:
-        if isinstance(client, aioredis.RedisCluster):
-            # redis-py refuses EVALSHA in cluster pipelines: run the scripts concurrently
-            # instead (bounded, so a big batch cannot exhaust the per-node pools).
-            gate = asyncio.Semaphore(_CLUSTER_CONCURRENCY)
+    async def release_leases(self, lease_keys: Sequence[str], token: str) -> None:
+        """Release many leases that are still ours (they expire on their own otherwise)."""
+        await self._call_admitted(
+            _scripts_many, LEASE_RELEASE, [((lk,), (token,)) for lk in lease_keys]
+        )
 
-            async def one(item: FencedItem) -> bool:
-                rkey, entry, version, rank, ttl_ms = item
-                async with gate:
-                    return bool(
-                        await FENCED_SET(client, keys=(rkey,), args=(entry, version, rank, ttl_ms))
-                    )
-
-            return list(await asyncio.gather(*(one(item) for item in items)))
-        results = await self._pipeline(client, items)
-        if any(isinstance(r, NoScriptError) for r in results):
-            # The server lost its scripts (restart, flush): load once, run the pipeline again.
-            await FENCED_SET.load(client)
-            results = await self._pipeline(client, items)
-        for r in results:
-            if isinstance(r, ResponseError):
-                raise r
-        return [bool(r) for r in results]
-
-    async def _pipeline(self, client: AnyRedis, items: Iterable[FencedItem]) -> list[Any]:
-        pipe = client.pipeline(transaction=False)
-        for rkey, entry, version, rank, ttl_ms in items:
-            pipe.evalsha(FENCED_SET.sha, 1, rkey, entry, version, rank, ttl_ms)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
-        return results
+    async def peek_many(
+        self, rkeys: Sequence[str], lease_keys: Sequence[str]
+    ) -> tuple[list[bytes | None], list[bool]] | _Down:
+        """The entries, and whether each lease is still held, in one round trip."""
+        return cast(
+            tuple[list[bytes | None], list[bool]] | _Down,
+            await self._call_admitted(_peek_many, rkeys, lease_keys),
+        )
 
     async def after_write(self, items: Sequence[FencedItem]) -> None:
         """After a commit: fenced-set the new entries, or remember them for the recovery."""
@@ -388,47 +408,188 @@ class CacheSide:
         # written, Redis may hold the old entry and must not be read.
         self.breaker.trip()
         self._open_gauge.set(1)
+        self._recover_soon()
+
+    def _recover_soon(self) -> None:
+        # Other processes never saw the outage: they read Redis as soon as it answers, and
+        # only this process knows which entries went stale. So the pending keys must not
+        # wait for this process's next cache call (an idle writer may make none): probe as
+        # soon as the breaker allows it.
+        if self._recovery is not None and not self._recovery.done():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not in a loop: the next call of the store probes
+            return
+        self._recovery = loop.create_task(
+            _recover_when_allowed(weakref.ref(self)),
+            name=f"sheetanchor-cache-recover[{self.table}]",
+        )
+
+    def stop_recovery(self) -> None:
+        """Stop probing Redis on our own (the store closes). Pending keys stay pending."""
+        if self._recovery is not None:
+            self._recovery.cancel()
+            self._recovery = None
 
     async def delete_if_equal(self, rkey: str, data: bytes) -> bool | _Down:
         """Remove an entry unless it changed meanwhile: True when it was deleted, False when
         it had changed (or was gone), :data:`DOWN` when Redis failed."""
-        try:
-            async with self._deadline():
-                deleted = await DELETE_IF_EQUAL(self.rc.any_client(), keys=(rkey,), args=(data,))
-        except REDIS_DOWN_ERRORS as exc:
-            self.failed(exc)
-            return DOWN
-        return bool(deleted)
+        res = await self._call_admitted(_delete_if_equal, rkey, data)
+        return DOWN if res is DOWN else bool(res)
 
     # -- leases ------------------------------------------------------------------------
 
     async def acquire_lease(self, lease_key: str, token: str, ttl_ms: int) -> bool | _Down:
         """``SET lease token NX PX ttl``: True when we hold it now."""
-        try:
-            async with self._deadline():
-                return bool(await self.rc.any_client().set(lease_key, token, nx=True, px=ttl_ms))
-        except REDIS_DOWN_ERRORS as exc:
-            self.failed(exc)
-            return DOWN
+        res = await self._call_admitted(_set_nx, lease_key, token, ttl_ms)
+        return DOWN if res is DOWN else bool(res)
 
     async def release_lease(self, lease_key: str, token: str) -> None:
-        """Delete the lease if it is still ours (a Lua compare-and-delete)."""
-        try:
-            async with self._deadline():
-                await LEASE_RELEASE(self.rc.any_client(), keys=(lease_key,), args=(token,))
-        except REDIS_DOWN_ERRORS as exc:
-            # The lease expires on its own (PX); only the breaker needs to know.
-            self.failed(exc)
+        """Delete the lease if it is still ours (a Lua compare-and-delete).
+
+        When Redis fails, the lease expires on its own (PX); only the breaker is told.
+        """
+        await self._call_admitted(_lease_release, lease_key, token)
 
     async def peek(self, rkey: str, lease_key: str) -> tuple[bytes | None, bool] | _Down:
         """The entry and whether the lease is still held, in one round trip."""
+        return cast(
+            tuple[bytes | None, bool] | _Down, await self._call_admitted(_peek, rkey, lease_key)
+        )
+
+
+async def _recover_when_allowed(ref: weakref.ref[CacheSide]) -> None:
+    """Probe Redis whenever the breaker allows it, until nothing is pending.
+
+    Holds only a weak reference to its cache side: a store that goes away stops it.
+    """
+    while True:
+        side = ref()
+        if side is None or not side.pending.dirty:
+            return
+        wait = min(max(side.breaker.probe_in(), _MIN_RECOVERY_WAIT), _MAX_RECOVERY_WAIT)
+        del side
+        await asyncio.sleep(wait)
+        side = ref()
+        if side is None:
+            return
         try:
-            async with self._deadline():
-                pipe = self.rc.any_client().pipeline(transaction=False)
-                pipe.get(rkey)
-                pipe.exists(lease_key)
-                data, held = await pipe.execute()
-                return data, bool(held)
-        except REDIS_DOWN_ERRORS as exc:
-            self.failed(exc)
-            return DOWN
+            await side.usable()  # the probe, when it is our turn; it writes what is pending
+        except Exception as exc:  # noqa: BLE001  logged; the store's next call probes again
+            _log.warning(
+                "cache %s: background recovery stopped (%s: %s); the next call probes Redis",
+                side.table,
+                type(exc).__name__,
+                exc,
+            )
+            return
+        del side
+
+
+async def _scripts_many(
+    client: AnyRedis,
+    script: LuaScript,
+    calls: Sequence[tuple[tuple[str, ...], tuple[Any, ...]]],
+) -> list[Any]:
+    """Run ``script`` once per (keys, args), in one round trip where the client allows it."""
+    if isinstance(client, aioredis.RedisCluster):
+        # redis-py refuses EVALSHA in cluster pipelines: run the scripts concurrently
+        # instead (bounded, so a big batch cannot exhaust the per-node pools).
+        gate = asyncio.Semaphore(_CLUSTER_CONCURRENCY)
+
+        async def one(keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
+            async with gate:
+                return await script(client, keys=keys, args=args)
+
+        return list(await asyncio.gather(*(one(k, a) for k, a in calls)))
+    results = await _pipeline(client, script, calls)
+    if any(isinstance(r, NoScriptError) for r in results):
+        # The server lost its scripts (restart, flush): load once, run the pipeline again.
+        await script.load(client)
+        results = await _pipeline(client, script, calls)
+    for r in results:
+        if isinstance(r, ResponseError):
+            raise r
+    return results
+
+
+async def _pipeline(
+    client: AnyRedis, script: LuaScript, calls: Iterable[tuple[tuple[str, ...], tuple[Any, ...]]]
+) -> list[Any]:
+    pipe = client.pipeline(transaction=False)
+    for keys, args in calls:
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
+    results: list[Any] = await pipe.execute(raise_on_error=False)
+    return results
+
+
+async def _set_nx_many(
+    client: AnyRedis, lease_keys: Sequence[str], token: str, ttl_ms: int
+) -> list[Any]:
+    pipe = client.pipeline(transaction=False)
+    for lk in lease_keys:
+        pipe.set(lk, token, nx=True, px=ttl_ms)
+    results: list[Any] = await pipe.execute()
+    return results
+
+
+async def _peek_many(
+    client: AnyRedis, rkeys: Sequence[str], lease_keys: Sequence[str]
+) -> tuple[list[bytes | None], list[bool]]:
+    if isinstance(client, aioredis.RedisCluster):
+        datas, leases = await mget(client, rkeys), await mget(client, lease_keys)
+    else:
+        pipe = client.pipeline(transaction=False)
+        pipe.mget(rkeys)
+        pipe.mget(lease_keys)
+        datas, leases = await pipe.execute()
+    return datas, [lease is not None for lease in leases]
+
+
+# The operations, as plain functions of the client that return the awaitable (no extra
+# coroutine frame per call). Scripts run by SHA; ``_call`` reloads them on NOSCRIPT.
+
+
+def _get(client: AnyRedis, rkey: str) -> Awaitable[Any]:
+    return client.get(rkey)
+
+
+def _get_or_lease(
+    client: AnyRedis, rkey: str, lease_key: str, token: str, ttl_ms: int
+) -> Awaitable[Any]:
+    return client.evalsha(GET_OR_LEASE.sha, 2, rkey, lease_key, token, ttl_ms)
+
+
+def _fenced_set(client: AnyRedis, item: FencedItem) -> Awaitable[Any]:
+    rkey, entry, version, rank, ttl_ms = item
+    return client.evalsha(FENCED_SET.sha, 1, rkey, entry, version, rank, ttl_ms)
+
+
+def _fenced_set_release(
+    client: AnyRedis, item: FencedItem, lease_key: str, token: str
+) -> Awaitable[Any]:
+    rkey, entry, version, rank, ttl_ms = item
+    return client.evalsha(
+        FENCED_SET_RELEASE.sha, 2, rkey, lease_key, entry, version, rank, ttl_ms, token
+    )
+
+
+def _delete_if_equal(client: AnyRedis, rkey: str, data: bytes) -> Awaitable[Any]:
+    return client.evalsha(DELETE_IF_EQUAL.sha, 1, rkey, data)
+
+
+def _lease_release(client: AnyRedis, lease_key: str, token: str) -> Awaitable[Any]:
+    return client.evalsha(LEASE_RELEASE.sha, 1, lease_key, token)
+
+
+def _set_nx(client: AnyRedis, lease_key: str, token: str, ttl_ms: int) -> Awaitable[Any]:
+    return client.set(lease_key, token, nx=True, px=ttl_ms)
+
+
+async def _peek(client: AnyRedis, rkey: str, lease_key: str) -> tuple[bytes | None, bool]:
+    pipe = client.pipeline(transaction=False)
+    pipe.get(rkey)
+    pipe.exists(lease_key)
+    data, held = await pipe.execute()
+    return data, bool(held)

@@ -6,6 +6,7 @@ for the write path.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import os
@@ -135,6 +136,13 @@ class _StoreCore:
         self._flights = SingleFlight(settings.max_flights)
         self._lease_ms = int(settings.lease_ttl * 1000)
         self._miss_rate = 0.0  # recent share of lookups that missed (see CachedStore.get)
+        # Backfills being written in the background (bounded by settings.max_backfills).
+        self._backfills: set[asyncio.Task[None]] = set()
+        self._closed = False
+        _metrics.BACKFILLS_INFLIGHT.labels(table).set_function(self._backfills.__len__)
+        self._m_backfill_background = _metrics.BACKFILLS.labels(table, "background")
+        self._m_backfill_inline = _metrics.BACKFILLS.labels(table, "inline")
+        self._m_backfill_failed = _metrics.BACKFILLS.labels(table, "failed")
         _metrics.FLIGHTS.labels(table).set_function(self._flights.inflight)
         self.cache = CacheSide(
             redis,
@@ -333,9 +341,9 @@ class _StoreCore:
             >= entry.expires_ms
         )
 
-    def _lease(self, outcome: str) -> None:
-        self._m_lease[outcome].inc()
-        self._counts[outcome] += 1
+    def _lease(self, outcome: str, n: int = 1) -> None:
+        self._m_lease[outcome].inc(n)
+        self._counts[outcome] += n
 
     def _refused(self) -> None:
         self._m_refused.inc()

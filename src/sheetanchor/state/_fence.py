@@ -21,7 +21,14 @@ from __future__ import annotations
 
 from sheetanchor.redis import LuaScript
 
-__all__ = ["DELETE_IF_EQUAL", "FENCED_SET", "FENCED_SET_RELEASE", "GET_OR_LEASE", "LEASE_RELEASE"]
+__all__ = [
+    "DELETE_IF_EQUAL",
+    "FENCED_SET",
+    "FENCED_SET_RELEASE",
+    "GET_OR_LEASE",
+    "LEASE_RELEASE",
+    "SCRIPTS",
+]
 
 # Sets `ok` to 0 when KEYS[1] holds an entry newer than (ARGV[2], ARGV[3]).
 _FENCE = """
@@ -98,3 +105,6 @@ end
 return 0
 """,
 )
+
+# Every script of the store: a server that lost one (restart, SCRIPT FLUSH) lost them all.
+SCRIPTS = (FENCED_SET, FENCED_SET_RELEASE, GET_OR_LEASE, LEASE_RELEASE, DELETE_IF_EQUAL)

@@ -7,6 +7,8 @@ from prometheus_client import Counter, Gauge
 from sheetanchor.observe import REGISTRY, metric_name
 
 __all__ = [
+    "BACKFILLS",
+    "BACKFILLS_INFLIGHT",
     "BREAKER_OPEN",
     "CACHE",
     "DRIFT",
@@ -68,7 +70,20 @@ FLIGHTS = Gauge(
 )
 DRIFT = Counter(
     metric_name("state", "drift", "total"),
-    "Drift found by the reconciler: missing, stale, ahead, orphan; and repaired.",
+    "Drift found by the reconciler: missing, stale, ahead, orphan; repaired; filled (cached).",
     ["table", "kind"],
+    registry=REGISTRY,
+)
+BACKFILLS = Counter(
+    metric_name("state", "backfills", "total"),
+    "Backfills of a miss by how they ran: background, inline (the background set was full), "
+    "failed (an error other than Redis being down; logged, the lease released).",
+    ["table", "mode"],
+    registry=REGISTRY,
+)
+BACKFILLS_INFLIGHT = Gauge(
+    metric_name("state", "backfills_inflight"),
+    "Backfills being written to Redis in the background now.",
+    ["table"],
     registry=REGISTRY,
 )

@@ -3,7 +3,8 @@
 It walks the table in key order (or a random sample of it), reads the cached entries of each
 page with one MGET, and classifies every key:
 
-* ``missing``  the row is not cached (not wrong, but reported; filled with ``fill_missing``)
+* ``missing``  the row is not cached (not wrong, but reported; filled with ``fill_missing``,
+               and counted as ``filled``, never as a repair)
 * ``stale``    the cache holds an older version, a different value for the same version, an
                undecodable entry, or "no such row" while the row exists
 * ``ahead``    the cache holds a *newer* version than the database (restored backup, writes
@@ -28,7 +29,7 @@ import orjson
 from sheetanchor.errors import ConnectionLost, TransientError
 from sheetanchor.observe import get_logger
 from sheetanchor.state import _entry, _metrics
-from sheetanchor.state._cacheside import DOWN, REDIS_DOWN_ERRORS, mget
+from sheetanchor.state._cacheside import DOWN, REDIS_DOWN_ERRORS, FencedItem, mget
 from sheetanchor.state._store import CachedStore
 
 __all__ = ["DriftReport", "Reconciler"]
@@ -47,7 +48,8 @@ class DriftReport(NamedTuple):
         checked: rows of the database compared.
         cached: of those, how many had a usable cache entry.
         missing, stale, ahead, orphan: drift counts (see the module docstring).
-        repaired: entries fixed (only with ``repair=True``).
+        repaired: drifted entries fixed (only with ``repair=True``); a fill is not a repair.
+        filled: uncached rows cached (only with ``repair=True`` and ``fill_missing``).
         examples: up to 20 ``"kind key"`` strings, for a human.
         seconds: how long the pass took.
     """
@@ -60,6 +62,7 @@ class DriftReport(NamedTuple):
     ahead: int
     orphan: int
     repaired: int
+    filled: int
     examples: tuple[str, ...]
     seconds: float
 
@@ -67,6 +70,12 @@ class DriftReport(NamedTuple):
     def drift(self) -> int:
         """Entries that are wrong (``missing`` is not wrong, only uncached)."""
         return self.stale + self.ahead + self.orphan
+
+    @property
+    def remaining(self) -> int:
+        """Drift this pass found and did not repair (a refused or failed repair included):
+        what ``sheetanchor reconcile`` exits 1 for. Run the pass again to see what is left."""
+        return self.drift - self.repaired
 
 
 def _same(cached: bytes, fresh: bytes) -> bool:
@@ -83,13 +92,14 @@ class _Tally:
     def __init__(self, table: str) -> None:
         self.table = table
         self.counts = dict.fromkeys(
-            ("checked", "cached", "missing", "stale", "ahead", "orphan", "repaired"), 0
+            ("checked", "cached", "missing", "stale", "ahead", "orphan", "repaired", "filled"),
+            0,
         )
         self.examples: list[str] = []
 
     def add(self, kind: str, key: Hashable) -> None:
         self.counts[kind] += 1
-        if kind in ("missing", "stale", "ahead", "orphan", "repaired"):
+        if kind in ("missing", "stale", "ahead", "orphan", "repaired", "filled"):
             _metrics.DRIFT.labels(self.table, kind).inc()
         if kind in ("stale", "ahead", "orphan") and len(self.examples) < _MAX_EXAMPLES:
             self.examples.append(f"{kind} {key!r}")
@@ -180,17 +190,19 @@ class Reconciler:
             ahead=c["ahead"],
             orphan=c["orphan"],
             repaired=c["repaired"],
+            filled=c["filled"],
             examples=tuple(tally.examples),
             seconds=time.monotonic() - began,
         )
         if report.drift:
             _log.warning(
-                "reconcile %s: %d stale, %d ahead, %d orphan (%d repaired) of %d checked",
+                "reconcile %s: %d stale, %d ahead, %d orphan (%d repaired, %d left) of %d checked",
                 store.table,
                 report.stale,
                 report.ahead,
                 report.orphan,
                 report.repaired,
+                report.remaining,
                 report.checked,
             )
         return report
@@ -201,7 +213,8 @@ class Reconciler:
         client = store.redis.any_client()
         rkeys = [store.redis_key(r[0]) for r in rows]
         datas = await mget(client, rkeys)
-        fixes = []
+        # (item, what setting it counts as): "filled" for an uncached row, else "repaired".
+        fixes: list[tuple[FencedItem, str]] = []
         deletes: list[tuple[str, bytes]] = []
         for row, rkey, data in zip(rows, rkeys, datas, strict=True):
             key, version = row[0], int(row[1])
@@ -211,7 +224,7 @@ class Reconciler:
             if data is None or (entry is not None and entry.kind == _entry.KIND_INVALID):
                 tally.add("missing", key)
                 if repair and self.fill_missing:
-                    fixes.append(store._value_item(rkey, version, payload, 0))
+                    fixes.append((store._value_item(rkey, version, payload, 0), "filled"))
                 continue
             if entry is None:
                 tally.add("stale", key)  # undecodable
@@ -224,7 +237,8 @@ class Reconciler:
                     else:
                         tally.add("missing", key)  # old deletion; readers go to PostgreSQL
                     if repair and (entry.version == 0 or self.fill_missing):
-                        fixes.append(store._value_item(rkey, version, payload, 0))
+                        kind = "repaired" if entry.version == 0 else "filled"
+                        fixes.append((store._value_item(rkey, version, payload, 0), kind))
                 else:
                     tally.add("ahead", key)
                     deletes.append((rkey, data))
@@ -236,7 +250,7 @@ class Reconciler:
                 if entry.version == version:
                     deletes.append((rkey, data))  # same version, other bytes: remove it
                 else:
-                    fixes.append(store._value_item(rkey, version, payload, 0))
+                    fixes.append((store._value_item(rkey, version, payload, 0), "repaired"))
             elif entry.version > version:
                 tally.add("ahead", key)
                 deletes.append((rkey, data))
@@ -246,7 +260,10 @@ class Reconciler:
             await self._repair(fixes, deletes, tally)
 
     async def _repair(
-        self, fixes: list[Any], deletes: list[tuple[str, bytes]], tally: _Tally
+        self,
+        fixes: list[tuple[FencedItem, str]],
+        deletes: list[tuple[str, bytes]],
+        tally: _Tally,
     ) -> None:
         store = self.store
         for rkey, data in deletes:
@@ -255,14 +272,14 @@ class Reconciler:
             if await store.cache.delete_if_equal(rkey, data) is True:
                 tally.add("repaired", rkey)
         if fixes:
-            results = await store.cache.fenced_set_many(fixes)
+            results = await store.cache.fenced_set_many([item for item, _ in fixes])
             if results is DOWN:
                 raise ConnectionLost(
                     f"Redis unreachable while repairing {store.table}; run the pass again"
                 )
-            for item, ok in zip(fixes, results, strict=True):  # type: ignore[arg-type]
+            for (item, kind), ok in zip(fixes, results, strict=True):  # type: ignore[arg-type]
                 if ok:
-                    tally.add("repaired", item[0])
+                    tally.add(kind, item[0])
 
     async def _orphans(self, tally: _Tally, repair: bool) -> None:
         store = self.store

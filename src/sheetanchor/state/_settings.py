@@ -35,9 +35,20 @@ class CacheSettings:
             several microseconds, so prefer giving the cache a :class:`RedisClient` with
             ``socket_timeout=0.5``.
         max_backfill_age: a backfill whose database read started longer ago than this is
-            not written to Redis (a newer entry might have expired meanwhile). ``None``:
-            half of ``min(ttl * (1 - ttl_jitter), tombstone_ttl)``.
+            not written to Redis (a newer entry might have expired meanwhile). It must be
+            shorter than the shortest life of an entry, ``min(ttl, tombstone_ttl) *
+            (1 - ttl_jitter)`` (jitter shortens tombstones too): a backfill that read a row
+            just before it was deleted must land while the delete's tombstone still fences
+            it out. ``None``: half of that bound.
         max_flights: in-process single-flight table size.
+        max_backfills: ``0`` (the default): a miss writes its backfill to Redis before it
+            returns. Above 0, a miss returns the value as soon as PostgreSQL answered and
+            the fenced set (with the lease release) follows in a tracked background task,
+            at most this many at once (beyond that, inline again); the caller saves one
+            Redis round trip. The fence keeps it correct (a late backfill never overwrites
+            a newer entry). Then :meth:`CachedStore.close` (or ``async with store``) must
+            run before the Redis client closes, or :meth:`CachedStore.drain` when the
+            entries must be in Redis now.
         max_pending: keys remembered while Redis is unreachable; beyond it, the whole
             namespace is dropped from Redis when it returns.
         update_attempts: optimistic-update attempts before :class:`VersionConflict`.
@@ -54,6 +65,7 @@ class CacheSettings:
     timeout: float | None = None
     max_backfill_age: float | None = None
     max_flights: int = 10_000
+    max_backfills: int = 0
     max_pending: int = 10_000
     update_attempts: int = 10
 
@@ -70,13 +82,34 @@ class CacheSettings:
         for name in ("max_flights", "max_pending", "update_attempts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_backfills < 0:
+            raise ConfigError(f"max_backfills must be >= 0 (0: inline), got {self.max_backfills}")
+        age = self.max_backfill_age
+        if age is not None:
+            if age <= 0:
+                raise ConfigError(f"max_backfill_age must be > 0 seconds or None, got {age}")
+            if age >= self._entry_life:
+                shortest = "tombstone_ttl" if self.tombstone_ttl <= self.ttl else "ttl"
+                raise ConfigError(
+                    f"max_backfill_age ({age} s) must be shorter than the shortest life of a "
+                    f"cached entry, min(ttl, tombstone_ttl) * (1 - ttl_jitter) = "
+                    f"{self._entry_life:.1f} s (here {shortest}): a backfill that read a row "
+                    "before it was deleted could land after the tombstone expired and cache "
+                    f"the deleted row again. Lower max_backfill_age (e.g. "
+                    f"{self._entry_life / 2:.1f}, the default) or raise {shortest}"
+                )
+
+    @property
+    def _entry_life(self) -> float:
+        # The shortest time a value or tombstone stays in Redis (jitter shortens both).
+        return min(self.ttl, self.tombstone_ttl) * (1 - self.ttl_jitter)
 
     @property
     def backfill_age(self) -> float:
         """The effective ``max_backfill_age``."""
         if self.max_backfill_age is not None:
             return self.max_backfill_age
-        return min(self.ttl * (1 - self.ttl_jitter), self.tombstone_ttl) / 2
+        return self._entry_life / 2
 
 
 DEFAULT_CACHE_SETTINGS = CacheSettings()

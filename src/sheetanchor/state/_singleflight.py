@@ -2,6 +2,11 @@
 
 Flights are kept per event loop (a future belongs to one loop) and the table is bounded:
 when ``max_keys`` flights are running, a new key simply runs without sharing (counted).
+
+A load may return its value before its work is over (the store writes the backfill to Redis
+in the background): it returns :class:`Landing`; the callers get the value at once and the
+flight stays joinable until the background work ends, so a caller of this process that
+misses Redis meanwhile takes the value instead of waiting for the lease.
 """
 
 from __future__ import annotations
@@ -11,9 +16,19 @@ import weakref
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, TypeVar
 
-__all__ = ["SingleFlight"]
+__all__ = ["Landing", "SingleFlight"]
 
 _T = TypeVar("_T")
+
+
+class Landing:
+    """A load's value, and the background work that must end before its flight does."""
+
+    __slots__ = ("task", "value")
+
+    def __init__(self, value: Any, task: asyncio.Task[Any]) -> None:
+        self.value = value
+        self.task = task
 
 
 def _consume(fut: asyncio.Future[Any]) -> None:
@@ -64,12 +79,19 @@ class SingleFlight:
                 raise
         if len(flights) >= self.max_keys:
             self.overflow += 1
-            return await fn()
+            result = await fn()
+            return result.value if isinstance(result, Landing) else result
         fut = loop.create_future()
         fut.add_done_callback(_consume)
         flights[key] = fut
+        lingering = False
         try:
             result = await fn()
+            if isinstance(result, Landing):
+                # The value is ready; the flight ends when the background work does.
+                lingering = True
+                result.task.add_done_callback(lambda _t: _end(flights, key, fut))
+                result = result.value
         except asyncio.CancelledError:
             fut.cancel()
             raise
@@ -80,8 +102,8 @@ class SingleFlight:
             fut.set_result(result)
             return result
         finally:
-            if flights.get(key) is fut:
-                del flights[key]
+            if not lingering:
+                _end(flights, key, fut)
 
     def running(self, key: Hashable) -> bool:
         """True when a flight for ``key`` runs in the current loop (a caller would join it)."""
@@ -96,3 +118,11 @@ class SingleFlight:
         """
         for flights in list(self._loops.values()):
             flights.pop(key, None)
+
+
+def _end(
+    flights: dict[Hashable, asyncio.Future[Any]], key: Hashable, fut: asyncio.Future[Any]
+) -> None:
+    # A write may have detached this flight (forget) and a newer one taken its place.
+    if flights.get(key) is fut:
+        del flights[key]

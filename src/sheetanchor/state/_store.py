@@ -13,13 +13,23 @@ This module holds the read path; the write path is in :mod:`sheetanchor.state._w
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Hashable, Iterable
 from typing import Any
 
 import orjson
 
 from sheetanchor.state._cacheside import DOWN, FencedItem
-from sheetanchor.state._core import _CORRUPT, _MISS, _TOKEN_PREFIX, _TOKENS, PgExecutor, StoreStats
+from sheetanchor.state._core import (
+    _CORRUPT,
+    _MISS,
+    _TOKEN_PREFIX,
+    _TOKENS,
+    PgExecutor,
+    StoreStats,
+    _log,
+)
+from sheetanchor.state._singleflight import Landing
 from sheetanchor.state._sql import TableSQL
 from sheetanchor.state._writes import _StoreWrites
 
@@ -209,12 +219,14 @@ class CachedStore(_StoreWrites):
     ) -> Any:
         """Read the row from PostgreSQL; with ``fill``, backfill Redis through the fence.
 
-        With ``lease`` (key, token) the lease is released in every case: together with the
-        backfill when there is one, else on its own.
+        The backfill is written in the background when there is room (see
+        :attr:`CacheSettings.max_backfills`): then a :class:`Landing` is returned, which the
+        single-flight unwraps. With ``lease`` (key, token) the lease is released in every
+        case: together with the backfill when there is one, else on its own.
         """
         assert self._codec is not None
         clock = self._clock
-        released = False
+        handed_over = False
         try:
             started = clock.monotonic()
             row = await self._pg(self.db.fetchrow, sql.read_one, key)
@@ -234,21 +246,100 @@ class CachedStore(_StoreWrites):
                     return value
                 delta_ms = max(1, int((clock.monotonic() - started) * 1000))
                 item = self._value_item(rkey, row[1], payload, delta_ms)
-            if clock.monotonic() - started > self.settings.backfill_age:
+            task = self._backfill_later(item, lease, started)
+            handed_over = True  # the backfill (now or in the background) releases the lease
+            if task is None:
+                await self._backfill(item, lease, started)
+                return value
+            return Landing(value, task)
+        finally:
+            if lease is not None and not handed_over:
+                await self.cache.release_lease(*lease)
+
+    def _backfill_later(
+        self, item: FencedItem, lease: tuple[str, str] | None, started: float
+    ) -> asyncio.Task[None] | None:
+        """Start the backfill as a tracked task, or ``None`` (full or closed: do it inline)."""
+        if self._closed or len(self._backfills) >= self.settings.max_backfills:
+            self._m_backfill_inline.inc()
+            return None
+        task = asyncio.get_running_loop().create_task(self._backfill(item, lease, started))
+        self._backfills.add(task)
+        task.add_done_callback(self._backfills.discard)
+        self._m_backfill_background.inc()
+        return task
+
+    async def _backfill(
+        self, item: FencedItem, lease: tuple[str, str] | None, started: float
+    ) -> None:
+        """The fenced set of a backfill (releasing the lease); never raises in the background.
+
+        A Redis that is down is counted by the breaker (the lease then expires on its own);
+        any other error is logged and counted, and the lease released.
+        """
+        released = False
+        try:
+            if self._clock.monotonic() - started > self.settings.backfill_age:
                 # Too old to be sure a newer entry has not expired meanwhile: don't cache.
                 self._refused()
-                return value
+                return
             if lease is not None:
-                ok = await self.cache.fenced_set_release(item, *lease)
                 released = True
+                ok = await self.cache.fenced_set_release(item, *lease)
             else:
                 ok = await self.cache.fenced_set(item)
             if ok is False:
                 self._counts["refused"] += 1  # a newer entry is there (the metric is counted)
-            return value
+        except Exception as exc:  # noqa: BLE001  logged and counted; the read already has its value
+            released = False  # whether the script ran is unknown: release (by token) anyway
+            self._m_backfill_failed.inc()
+            _log.warning(
+                "cache %s: backfill of %s not written (%s: %s); the next read loads it again",
+                self.table,
+                item[0],
+                type(exc).__name__,
+                exc,
+            )
         finally:
             if lease is not None and not released:
-                await self.cache.release_lease(*lease)
+                try:
+                    await self.cache.release_lease(*lease)
+                except Exception as exc:  # noqa: BLE001  logged and counted; it expires (PX)
+                    self._m_backfill_failed.inc()
+                    _log.warning(
+                        "cache %s: lease of %s not released (%s: %s); it expires on its own",
+                        self.table,
+                        item[0],
+                        type(exc).__name__,
+                        exc,
+                    )
+
+    async def drain(self) -> None:
+        """Wait until the backfills this event loop started in the background are written.
+
+        Example::
+
+            value = await store.get(42)   # a miss: returns once PostgreSQL answered
+            await store.drain()           # ... and now its entry is in Redis
+        """
+        loop = asyncio.get_running_loop()
+        while pending := [t for t in self._backfills if t.get_loop() is loop]:
+            await asyncio.wait(pending)
+
+    async def close(self) -> None:
+        """Write the background backfills and stop starting new ones (later misses backfill
+        before they return); stop probing Redis in the background (keys still pending are
+        written by the next call's probe). The database and Redis clients belong to the
+        caller."""
+        self._closed = True
+        await self.drain()
+        self.cache.stop_recovery()
+
+    async def __aenter__(self) -> CachedStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     async def get_many(self, keys: Iterable[Hashable]) -> dict[Any, Any]:
         """Values of many keys: one MGET, then one ``= ANY($1)`` query for the misses.
@@ -287,8 +378,65 @@ class CachedStore(_StoreWrites):
                 self._m_miss.inc(len(missing))
                 self._counts["miss"] += len(missing)
         if missing:
-            await self._read_many(sql, missing, out, fill=datas is not DOWN)
+            if datas is DOWN:
+                await self._read_many(sql, missing, out, fill=False)
+            else:
+                await self._load_many(sql, missing, out)
         return out
+
+    async def _load_many(self, sql: TableSQL, keys: list[Hashable], out: dict[Any, Any]) -> None:
+        # The misses of get_many, loaded once across processes: one round trip takes a lease
+        # for every key; we read the keys we hold (one query) and backfill them, releasing
+        # each lease with its fenced set; the keys other processes hold, we wait for.
+        token = f"{_TOKEN_PREFIX[0]}{next(_TOKENS)}"
+        rkeys = [self.redis_key(k) for k in keys]
+        held = await self.cache.acquire_leases([r + ":lease" for r in rkeys], token, self._lease_ms)
+        if held is DOWN:
+            await self._read_many(sql, keys, out, fill=False)
+            return
+        mine = [k for k, h in zip(keys, held, strict=True) if h]  # type: ignore[arg-type]
+        theirs = [k for k, h in zip(keys, held, strict=True) if not h]  # type: ignore[arg-type]
+        if mine:
+            self._lease("acquired", len(mine))
+            await self._read_many(sql, mine, out, fill=True, token=token)
+        if theirs:
+            await self._wait_many(sql, theirs, out)
+
+    async def _wait_many(self, sql: TableSQL, keys: list[Hashable], out: dict[Any, Any]) -> None:
+        # Keys whose lease another loader holds: poll their entries (and leases) with backoff
+        # until they are filled; a key whose holder left without filling it, or still
+        # unfilled at lease_wait, is read here (with the fence, without a lease).
+        clock = self._clock
+        deadline = clock.monotonic() + self.settings.lease_wait
+        delay = 0.002
+        while keys:
+            if clock.monotonic() >= deadline:
+                self._lease("timeout", len(keys))
+                await self._read_many(sql, keys, out, fill=True)
+                return
+            await clock.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            rkeys = [self.redis_key(k) for k in keys]
+            peek = await self.cache.peek_many(rkeys, [r + ":lease" for r in rkeys])
+            if peek is DOWN:
+                await self._read_many(sql, keys, out, fill=False)
+                return
+            datas, leased = peek  # type: ignore[misc]
+            waiting: list[Hashable] = []
+            orphaned: list[Hashable] = []
+            filled = 0
+            for k, value, lease_held in zip(keys, self._decode_many(datas), leased, strict=True):
+                if value is _MISS or value is _CORRUPT:
+                    (waiting if lease_held else orphaned).append(k)
+                    continue
+                filled += 1
+                if value is not None:
+                    out[k] = value
+            if filled:
+                self._lease("waited", filled)
+            if orphaned:
+                await self._read_many(sql, orphaned, out, fill=True)
+            keys = waiting
 
     def _decode_many(self, datas: list[bytes | None]) -> list[Any]:
         # One orjson call for every plain row entry (a JSON array of the payloads) instead of
@@ -326,7 +474,35 @@ class CachedStore(_StoreWrites):
         return out
 
     async def _read_many(
-        self, sql: TableSQL, keys: list[Hashable], out: dict[Any, Any], *, fill: bool
+        self,
+        sql: TableSQL,
+        keys: list[Hashable],
+        out: dict[Any, Any],
+        *,
+        fill: bool,
+        token: str | None = None,
+    ) -> None:
+        """Read ``keys`` in one query; with ``fill``, backfill them through the fence.
+
+        With ``token``, we hold each key's lease: the backfill releases them, and they are
+        released in every other case too.
+        """
+        released = False
+        try:
+            await self._read_many_leased(sql, keys, out, fill=fill, token=token)
+            released = True
+        finally:
+            if token is not None and not released:
+                await self.cache.release_leases([self.redis_key(k) + ":lease" for k in keys], token)
+
+    async def _read_many_leased(
+        self,
+        sql: TableSQL,
+        keys: list[Hashable],
+        out: dict[Any, Any],
+        *,
+        fill: bool,
+        token: str | None,
     ) -> None:
         assert self._codec is not None
         started = self._clock.monotonic()
@@ -342,7 +518,13 @@ class CachedStore(_StoreWrites):
         for k in keys:
             if k not in out:
                 items.append(self._tomb_item(self.redis_key(k), 0, self.settings.absent_ttl))
-        if fill and self._clock.monotonic() - started <= self.settings.backfill_age:
+        if not fill or self._clock.monotonic() - started > self.settings.backfill_age:
+            if token is not None:
+                await self.cache.release_leases([i[0] + ":lease" for i in items], token)
+            return
+        if token is not None:
+            results = await self.cache.fenced_set_release_many(items, token)
+        else:
             results = await self.cache.fenced_set_many(items)
-            if results is not DOWN:
-                self._counts["refused"] += results.count(False)  # type: ignore[union-attr]
+        if results is not DOWN:
+            self._counts["refused"] += results.count(False)  # type: ignore[union-attr]
