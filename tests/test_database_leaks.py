@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import linecache
 import logging
 from collections.abc import Callable
 
@@ -101,6 +102,9 @@ async def test_leak_watch_reports_a_connection_held_too_long_with_its_stack(
     functions = [frame.function for frame in report.stack]
     assert "leaky_ws_handler" in functions
     assert "test_leak_watch_reports_a_connection_held_too_long_with_its_stack" in functions
+    # Line numbers are resolved when reporting (the capture keeps instruction offsets).
+    [taker] = [frame for frame in report.stack if frame.function == "leaky_ws_handler"]
+    assert "session.execute" in linecache.getline(taker.filename, taker.lineno)
     assert "leaky_ws_handler" in caplog.text  # logged with the stack, once
     assert db.stats().leaks == 1
     await asyncio.sleep(0.3)
@@ -165,4 +169,26 @@ async def test_cancelled_raw_reads_return_their_connection(pg_url: str) -> None:
             await task
         assert db.stats().checked_out == 0
     assert await db.fetchval("SELECT 1") == 1
+    await db.close()
+
+
+async def slow_report_query(db: Database) -> None:
+    await db.fetchval("SELECT pg_sleep(0.5)")
+
+
+async def test_a_one_shot_read_held_too_long_is_reported_with_its_callers_stack(
+    pg_url: str,
+) -> None:
+    # db.fetchval leases its connection without a per-checkout stack walk; the stack of the
+    # task holding it is read when the lease is reported, and it is the caller's.
+    db = Database(pg_url, pool=POOL, leak_threshold=0.1)
+    await db.fetchval("SELECT 1")  # an idle connection: the lease path, not the fairy path
+    task = asyncio.create_task(slow_report_query(db))
+    await _until(lambda: bool(db.leak_reports()), "the slow read is reported")
+    [report] = db.leak_reports()
+    assert report.kind == "held"
+    assert "slow_report_query" in [frame.function for frame in report.stack]
+    await task
+    stats = db.stats()
+    assert (stats.leaks, stats.checked_out) == (1, 0)
     await db.close()

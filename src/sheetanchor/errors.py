@@ -12,6 +12,7 @@ TimeoutError`` keeps working::
     ├── TransientError                      retryable; retries were exhausted or not allowed
     │   ├── ConnectionLost (ConnectionError) the connection dropped or could not be made
     │   └── OperationTimeout (TimeoutError)  no answer in time; the work may have taken effect
+    ├── OutcomeUnknown                      a non-idempotent command's reply was lost: not retried
     ├── PoolTimeout (TimeoutError)          no pooled connection became free in time
     ├── CommitFailed                        the transaction did NOT commit; nothing was saved
     ├── WrongEventLoop (RuntimeError)       a resource was used from a loop it does not belong to
@@ -43,6 +44,7 @@ __all__ = [
     "JournalFull",
     "NotReady",
     "OperationTimeout",
+    "OutcomeUnknown",
     "PoisonRecord",
     "PoolTimeout",
     "RecordError",
@@ -94,6 +96,19 @@ class OperationTimeout(TransientError, TimeoutError):
     Transient, but unlike :class:`ConnectionLost` the outcome is unknown: a write that
     timed out may still have been applied (even committed) by the server. Retry only work
     that is idempotent. The driver's timeout error is ``__cause__``.
+    """
+
+
+class OutcomeUnknown(SheetAnchorError):
+    """A command that is not idempotent was sent, but its reply was lost; it was not retried.
+
+    The server may or may not have applied it (a read timeout, or the connection dropped
+    while the reply was awaited). Retrying automatically could apply it twice (an ``INCR``
+    counted twice, an ``XADD`` duplicated), so the caller decides: check the data, then
+    repeat it or not. The driver error is ``__cause__``. Redis raises it as
+    :class:`sheetanchor.redis.CommandOutcomeUnknown`, which is also a redis-py
+    ``ConnectionError`` and ``TimeoutError``. Not a :class:`TransientError`: retry policies
+    (:func:`sheetanchor.retry.is_transient`) do not repeat it either.
     """
 
 

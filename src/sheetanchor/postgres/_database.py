@@ -20,6 +20,17 @@ sat in the pool (``pg_terminate_backend``, a restart) is seen for free on checko
 one idle longer than ``PoolSettings.pre_ping_idle`` (10 s) is pinged first (``SELECT 1``, one
 round trip), which catches silent drops (NAT, failover); ``recycle`` replaces old connections.
 
+Event loops dropped without ``close()``: an engine is disposed when its loop ends
+(``asyncio.run``/``asyncio.Runner``, or ``loop.close()``), and abandoned, its sockets closed,
+once its loop is found closed. A loop that is neither closed nor running (``new_event_loop()``,
+``run_until_complete()``, then dropped) cannot be told from one that will run again (a worker's
+loop between jobs), and it is never freed: its asyncpg connections, their transports and the
+pool's queue all hold it. So its engine and up to ``PoolSettings.capacity`` server connections
+stay until the process exits. Disposing them needs I/O in that loop, which nobody runs, and
+closing their sockets from elsewhere is only safe once the loop is closed. ``stats()`` and the
+``sheetanchor_pg_engines_idle_loops`` gauge count such engines, and a warning is logged when
+4, 8, 16... of them exist. Close loops you create (or use ``asyncio.run``).
+
 PgBouncer (``pool_mode = transaction``): pass ``Database(url_of_pgbouncer, pgbouncer=True)``.
 
 * Server-side prepared statements do not survive a change of server connection, so asyncpg's
@@ -40,11 +51,13 @@ PgBouncer (``pool_mode = transaction``): pass ``Database(url_of_pgbouncer, pgbou
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 import asyncpg
@@ -65,8 +78,13 @@ from sheetanchor._readiness import wait_until_ready
 from sheetanchor.config import parse_url, pg_url_from_env, redact, to_sqlalchemy_url
 from sheetanchor.errors import CommitFailed, ConfigError, ResourceClosed
 from sheetanchor.observe import get_logger
-from sheetanchor.postgres._errors import is_connection_error, map_error, translate_errors
-from sheetanchor.postgres._leaks import LeakReport, LeakWatch
+from sheetanchor.postgres._errors import (
+    is_connection_error,
+    map_error,
+    translate,
+    translate_errors,
+)
+from sheetanchor.postgres._leaks import LeakReport, LeakTable, LeakWatch
 from sheetanchor.postgres._loops import PerLoop
 from sheetanchor.postgres._pool import (
     checkin_hook,
@@ -74,10 +92,12 @@ from sheetanchor.postgres._pool import (
     checkout_without_io,
     close_dead_loop_sockets,
     driver_of,
+    lease_without_io,
     on_connect_json,
     on_connect_mark,
     pool_waiters,
     release,
+    release_lease,
 )
 from sheetanchor.postgres._settings import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -88,9 +108,12 @@ from sheetanchor.postgres._settings import (
     check_name,
     check_seconds,
 )
-from sheetanchor.postgres._stats import DatabaseStats, register_source
+from sheetanchor.postgres._stats import DatabaseStats, register_source, tally_for
 
 __all__ = ["Database"]
+
+# Warn when this many engines (then twice as many, ...) belong to open loops that are idle.
+_IDLE_LOOPS_WARN = 4
 
 _log = get_logger("postgres")
 
@@ -101,7 +124,9 @@ class _Engine:
 
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
-    forget_leaks: Any
+    new_session: Any  # sessions() without options, minus the sessionmaker's keyword merge
+    leaks: LeakTable
+    pool: Any  # engine.sync_engine.pool, one attribute away for the one-shot reads
     timer: asyncio.TimerHandle | None = None
     cleanups: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -188,6 +213,8 @@ class Database:
             raise ConfigError("no PostgreSQL URL: pass Database(url=...) or set SHEETANCHOR_PG_URL")
         self._parsed = parse_url(url)
         self._target = f"PostgreSQL at {self._parsed.address}"
+        # Stateless, so one instance serves every block (redacting the target costs a regex).
+        self._errors = translate_errors(self._target)
         self._sa_url = to_sqlalchemy_url(url)
         pool = pool if pool is not None else PoolSettings()
         if not isinstance(pool, PoolSettings):
@@ -217,11 +244,26 @@ class Database:
                     f"by pool=PoolSettings({_POOL_OPTIONS[option]}=...) instead"
                 )
         self._closed = False
+        self._idle_warned = 0
         self._commit_failures = 0
         self._cleanup_failures = 0
-        self._leaks = LeakWatch(name, leak_threshold)
+        # The process-wide counters of this name: they outlive this object, so the exported
+        # counters never go down when a Database is garbage-collected (see _stats.py).
+        tally = self._tally = tally_for(name)
+
+        def count_leak(report: LeakReport) -> None:
+            tally.add("leaks")
+            if report.kind == "unreturned":
+                tally.add("leaks_unreturned")
+
+        self._leaks = LeakWatch(name, leak_threshold, on_leak=count_leak)
         self._engines: PerLoop[_Engine] = PerLoop(
-            self._create_engine, self._dispose_engine, self._abandon_engine, what="engine"
+            self._create_engine,
+            self._dispose_engine,
+            self._abandon_engine,
+            what="engine",
+            on_disposed=functools.partial(tally.add, "engines_disposed"),
+            on_failure=functools.partial(tally.add, "dispose_failures"),
         )
         register_source(self)
 
@@ -306,11 +348,33 @@ class Database:
             sessions=async_sessionmaker(
                 engine, expire_on_commit=False, sync_session_class=_TrackedSession
             ),
-            forget_leaks=leaks.forget,
+            new_session=functools.partial(
+                AsyncSession, engine, expire_on_commit=False, sync_session_class=_TrackedSession
+            ),
+            leaks=leaks,
+            pool=sync_pool,
         )
         self._schedule_sweep(entry)
         _log.debug("engine created for %s (role %s)", self.url, self.role)
+        self._warn_idle_loops()
         return entry
+
+    def _warn_idle_loops(self) -> None:
+        # Called under the registry's lock while a new engine is made. Warn at 4, 8, 16...
+        # engines of open but idle loops: once per doubling, not per engine.
+        idle = self._engines.idle_loops()
+        if idle < _IDLE_LOOPS_WARN or idle < 2 * self._idle_warned:
+            return
+        self._idle_warned = idle
+        _log.warning(
+            "Database %s: %d engines belong to event loops that are open but not running; each "
+            "keeps up to %d PostgreSQL connections. An event loop dropped without close() is "
+            "never disposed of (its connections hold it alive): close loops when done "
+            "(asyncio.run and asyncio.Runner do), or reuse one loop per thread",
+            self.name,
+            idle,
+            self.pool.capacity,
+        )
 
     def _schedule_sweep(self, entry: _Engine) -> None:
         threshold = self.leak_threshold
@@ -334,53 +398,32 @@ class Database:
         if entry.cleanups:
             await asyncio.gather(*entry.cleanups, return_exceptions=True)
         self._leaks.sweep()
-        entry.forget_leaks()
+        entry.leaks.forget()
         await entry.engine.dispose()
 
     def _abandon_engine(self, entry: _Engine) -> None:
         # The loop that owned the sockets is closed or gone: no protocol I/O is possible. Close
         # the idle sockets (the server sees the disconnect at once) and drop the pool.
         entry.timer = None
-        entry.forget_leaks()
+        entry.leaks.forget()
         sync_engine = entry.engine.sync_engine
         close_dead_loop_sockets(sync_engine.pool)
         sync_engine.dispose(close=False)
 
     # -- sessions -----------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def session(self, **options: Any) -> AsyncIterator[AsyncSession]:
+    def session(self, **options: Any) -> AbstractAsyncContextManager[AsyncSession]:
         """An ``AsyncSession``: committed on success, rolled back on error, always closed.
 
         Closed also when the task is cancelled or the commit fails. ``expire_on_commit`` is
-        off, so objects stay readable after the block.
+        off, so objects stay readable after the block. ``options`` go to ``AsyncSession``.
 
         Raises:
             CommitFailed: COMMIT failed; nothing was saved (cause chained).
             ConnectionLost: the connection dropped inside the block.
             PoolTimeout: no connection became free in time.
         """
-        entry = self._entry()
-        session = entry.sessions(**options)
-        try:
-            with translate_errors(self._target):
-                yield session
-        except BaseException:
-            await self._cleanup(entry, _rollback_and_close(session))
-            raise
-        try:
-            released = await session.run_sync(_commit)
-        except Exception as exc:
-            await self._cleanup(entry, _rollback_and_close(session))
-            raise self._commit_failed(exc) from exc
-        except BaseException:
-            await self._cleanup(entry, _rollback_and_close(session))
-            raise
-        # Told apart from the COMMIT: a release or close that fails after a good COMMIT is not
-        # a failed commit (the data is saved); it is logged and counted, and closed again.
-        if released is not None:
-            self._close_failed_after_commit(released)
-            await self._cleanup(entry, session.close(), after_commit=True)
+        return _SessionBlock(self, options)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
@@ -390,12 +433,12 @@ class Database:
             CommitFailed: COMMIT failed; nothing was saved (cause chained).
         """
         entry = self._entry()
-        with translate_errors(self._target):
+        with self._errors:
             conn = await entry.engine.connect()
         try:
-            with translate_errors(self._target):
+            with self._errors:
                 await conn.begin()
-            with translate_errors(self._target):
+            with self._errors:
                 yield conn
         except BaseException:
             await self._cleanup(entry, _rollback_and_close_conn(conn))
@@ -413,6 +456,7 @@ class Database:
 
     def _commit_failed(self, exc: Exception) -> CommitFailed:
         self._commit_failures += 1
+        self._tally.add("commit_failures")
         detail = redact(f"{type(exc).__name__}: {exc}")
         if is_connection_error(exc):
             msg = (
@@ -445,12 +489,14 @@ class Database:
                 self._close_failed_after_commit(task.exception())
             else:
                 self._cleanup_failures += 1
+                self._tally.add("cleanup_failures")
                 _log.warning(
                     "closing a session failed; its connection was invalidated", exc_info=True
                 )
 
     def _close_failed_after_commit(self, exc: BaseException | None) -> None:
         self._cleanup_failures += 1
+        self._tally.add("cleanup_failures")
         _log.warning(
             "COMMIT succeeded on %s (the data is saved) but releasing the connection failed "
             "afterwards; the connection was invalidated",
@@ -502,6 +548,39 @@ class Database:
             raise
         await release(fairy, pool, None)
 
+    async def _one_shot(self, method: str, sql: str, args: tuple[Any, ...], **kw: Any) -> Any:
+        # One statement on a pooled connection that never leaves this method: leased straight
+        # from the pool's queue when no I/O is needed (see _pool.py), else checked out through
+        # SQLAlchemy's pool. Given back in every case, also on cancellation.
+        entry = self._entry()
+        pool = entry.pool
+        rec = lease_without_io(pool, self.pool.pre_ping_idle)
+        if rec is None:
+            return await self._one_shot_checkout(method, sql, args, kw)
+        leaks = entry.leaks
+        leaks.lease(rec)  # when, and by which task (its stack is read only if reported)
+        try:
+            result = await getattr(rec.dbapi_connection.driver_connection, method)(sql, *args, **kw)
+        except BaseException as exc:
+            await release_lease(rec, pool, leaks, exc)
+            self._raise_mapped(exc)
+            raise
+        await release_lease(rec, pool, leaks, None)
+        return result
+
+    async def _one_shot_checkout(
+        self, method: str, sql: str, args: tuple[Any, ...], kw: dict[str, Any]
+    ) -> Any:
+        fairy, pool = await self._acquire()
+        try:
+            result = await getattr(driver_of(fairy), method)(sql, *args, **kw)
+        except BaseException as exc:
+            await release(fairy, pool, exc)
+            self._raise_mapped(exc)
+            raise
+        await release(fairy, pool, None)
+        return result
+
     async def fetchval(self, sql: str, *args: Any, column: int = 0) -> Any:
         """Run ``sql`` on a pooled connection and return one value (one round trip, no BEGIN).
 
@@ -509,50 +588,23 @@ class Database:
 
             name = await db.fetchval("SELECT name FROM users WHERE id = $1", 42)
         """
-        fairy, pool = await self._acquire()
-        try:
-            value = await driver_of(fairy).fetchval(sql, *args, column=column)
-        except BaseException as exc:
-            await release(fairy, pool, exc)
-            self._raise_mapped(exc)
-            raise
-        await release(fairy, pool, None)
-        return value
+        if column:
+            return await self._one_shot("fetchval", sql, args, column=column)
+        return await self._one_shot("fetchval", sql, args)
 
     async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
         """Run ``sql`` on a pooled connection and return the first row, or ``None``."""
-        fairy, pool = await self._acquire()
-        try:
-            row: asyncpg.Record | None = await driver_of(fairy).fetchrow(sql, *args)
-        except BaseException as exc:
-            await release(fairy, pool, exc)
-            self._raise_mapped(exc)
-            raise
-        await release(fairy, pool, None)
+        row: asyncpg.Record | None = await self._one_shot("fetchrow", sql, args)
         return row
 
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         """Run ``sql`` on a pooled connection and return every row."""
-        fairy, pool = await self._acquire()
-        try:
-            rows: list[asyncpg.Record] = await driver_of(fairy).fetch(sql, *args)
-        except BaseException as exc:
-            await release(fairy, pool, exc)
-            self._raise_mapped(exc)
-            raise
-        await release(fairy, pool, None)
+        rows: list[asyncpg.Record] = await self._one_shot("fetch", sql, args)
         return rows
 
     async def execute(self, sql: str, *args: Any) -> str:
         """Run ``sql`` on a pooled connection in autocommit mode; return the status tag."""
-        fairy, pool = await self._acquire()
-        try:
-            status: str = await driver_of(fairy).execute(sql, *args)
-        except BaseException as exc:
-            await release(fairy, pool, exc)
-            self._raise_mapped(exc)
-            raise
-        await release(fairy, pool, None)
+        status: str = await self._one_shot("execute", sql, args)
         return status
 
     # -- readiness, stats, lifecycle ----------------------------------------------------------
@@ -578,9 +630,35 @@ class Database:
         return await wait_until_ready("PostgreSQL", self.url, probe, timeout=timeout)
 
     def stats(self) -> DatabaseStats:
-        """A snapshot of the pools of every loop in this process (see :class:`DatabaseStats`)."""
+        """A snapshot of the pools of every loop in this process (see :class:`DatabaseStats`).
+
+        Also reports connections held past ``leak_threshold`` and drops the engines of loops
+        that were closed without disposing them (the metrics scrape does neither).
+        """
         self._leaks.sweep()
-        engines = self._engines.peek()
+        gauges = self._gauges(self._engines.peek())
+        return DatabaseStats(
+            name=self.name,
+            engines_alive=gauges["engines_alive"],
+            engines_disposed=self._engines.disposed,
+            pool_size=gauges["pool_size"],
+            idle=gauges["idle"],
+            checked_out=gauges["checked_out"],
+            overflow=gauges["overflow"],
+            waiting=gauges["waiting"],
+            capacity=gauges["capacity"],
+            leaks=self._leaks.leaks,
+            leaks_unreturned=self._leaks.unreturned,
+            commit_failures=self._commit_failures,
+            cleanup_failures=self._cleanup_failures,
+            dispose_failures=self._engines.dispose_failures,
+            engines_idle_loops=gauges["engines_idle_loops"],
+        )
+
+    def _gauges(self, engines: list[_Engine] | None = None) -> dict[str, int]:
+        # Read-only (the metrics collector calls it from the scrape thread): no sweep, no reap.
+        if engines is None:
+            engines = self._engines.values()
         pool_size = idle = checked_out = overflow = waiting = 0
         for entry in engines:
             pool: Any = entry.engine.sync_engine.pool
@@ -593,22 +671,16 @@ class Database:
                 waiting += pool_waiters(pool)
             except AttributeError:  # a pool class without QueuePool's counters
                 continue
-        return DatabaseStats(
-            name=self.name,
-            engines_alive=len(engines),
-            engines_disposed=self._engines.disposed,
-            pool_size=pool_size,
-            idle=idle,
-            checked_out=checked_out,
-            overflow=overflow,
-            waiting=waiting,
-            capacity=self.pool.capacity * len(engines),
-            leaks=self._leaks.leaks,
-            leaks_unreturned=self._leaks.unreturned,
-            commit_failures=self._commit_failures,
-            cleanup_failures=self._cleanup_failures,
-            dispose_failures=self._engines.dispose_failures,
-        )
+        return {
+            "engines_alive": len(engines),
+            "engines_idle_loops": self._engines.idle_loops(),
+            "pool_size": pool_size,
+            "idle": idle,
+            "checked_out": checked_out,
+            "overflow": overflow,
+            "waiting": waiting,
+            "capacity": self.pool.capacity * len(engines),
+        }
 
     def leak_reports(self) -> list[LeakReport]:
         """The most recent leak reports (at most 100), oldest first."""
@@ -632,6 +704,54 @@ class Database:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+class _SessionBlock:
+    """``async with db.session()``: a class, not ``@asynccontextmanager``, because the
+    generator machinery costs a few percent of a point query (see BENCHMARKS.md)."""
+
+    __slots__ = ("_db", "_entry", "_options", "_session")
+
+    def __init__(self, db: Database, options: dict[str, Any]) -> None:
+        self._db = db
+        self._options = options
+
+    async def __aenter__(self) -> AsyncSession:
+        entry = self._entry = self._db._entry()
+        options = self._options
+        session = entry.sessions(**options) if options else entry.new_session()
+        self._session: AsyncSession = session
+        return session
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        db, entry, session = self._db, self._entry, self._session
+        if exc is not None:
+            # The block failed: roll back and close (shielded), then raise the error, driver
+            # errors mapped at the boundary (the original is the cause).
+            await db._cleanup(entry, _rollback_and_close(session))
+            mapped = translate(exc, db._target)
+            if mapped is not None:
+                raise mapped from exc
+            return False
+        try:
+            released = await session.run_sync(_commit)
+        except Exception as err:
+            await db._cleanup(entry, _rollback_and_close(session))
+            raise db._commit_failed(err) from err
+        except BaseException:
+            await db._cleanup(entry, _rollback_and_close(session))
+            raise
+        # Told apart from the COMMIT: a release or close that fails after a good COMMIT is not
+        # a failed commit (the data is saved); it is logged and counted, and closed again.
+        if released is not None:
+            db._close_failed_after_commit(released)
+            await db._cleanup(entry, session.close(), after_commit=True)
+        return False
 
 
 def _json_dumps_str(value: Any) -> str:

@@ -14,7 +14,7 @@ from sheetanchor._translate import translate, translate_errors
 from sheetanchor.errors import SheetAnchorError
 from sheetanchor.retry import is_connection_error
 
-__all__ = ["is_connection_error", "map_error", "translate_errors"]
+__all__ = ["is_connection_error", "map_error", "translate", "translate_errors"]
 
 
 def map_error(exc: BaseException, where: str) -> SheetAnchorError | None:

@@ -6,13 +6,18 @@ A connection held longer than the threshold, or garbage-collected without being 
 :class:`LeakReport` for tests and ``sheetanchor doctor``.
 
 Capturing the stack must stay cheap (it runs on every checkout): it walks ``sys._getframe``
-and keeps ``(code, line)`` pairs only; file names are filtered and source lines read when a
-leak is reported, never on the hot path. The walk crosses from SQLAlchemy's greenlet to the
-coroutine that awaited it, so the stack shows the caller's code, not the pool's.
+and keeps ``(code, instruction offset)`` pairs only; line numbers are looked up, file names
+filtered and source lines read when a leak is reported, never on the hot path (``f_lineno``
+walks the code's line table: it cost more than the rest of the walk). The walk crosses from
+SQLAlchemy's greenlet to the coroutine that awaited it, so the stack shows the caller's code,
+not the pool's, and it stops at the event loop's frame that runs the task (``Handle._run``)
+once it has caller frames: the loop's machinery above it never took a connection.
 """
 
 from __future__ import annotations
 
+import asyncio
+import asyncio.events
 import contextlib
 import linecache
 import os
@@ -48,6 +53,9 @@ _SKIP_DIRS = (
     _PKG_DIR,
 )
 _SKIP_FILES = ("contextlib.py", "threading.py", "concurrent/futures")
+# Where a task's step is run by the event loop: above it, only the loop's own frames (and the
+# code that called asyncio.run).
+_LOOP_BOUNDARY = asyncio.events.Handle._run.__code__
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +100,13 @@ class LeakReport:
         return f"PostgreSQL connection of database {self.database!r} {what}; taken at:\n{frames}"
 
 
-def capture_stack(skip: int = 1) -> tuple[tuple[CodeType, int], ...]:
-    """The caller's frames as ``(code, line)`` pairs, innermost first, crossing greenlet hops.
+#: A captured stack, flat: ``(code, f_lasti, code, f_lasti, ...)``, innermost frame first (no
+#: tuple per frame: the allocations were most of the cost of a capture).
+RawStack = tuple[Any, ...]
+
+
+def capture_stack(skip: int = 1) -> RawStack:
+    """The caller's frames as flat ``code, f_lasti`` pairs, innermost first, across greenlets.
 
     Frames of SQLAlchemy, greenlet, asyncio and this package are skipped as the walk goes (a
     cached flag per code object), and the walk stops after ``_KEEP`` caller frames. Code run
@@ -109,7 +122,9 @@ def capture_stack(skip: int = 1) -> tuple[tuple[CodeType, int], ...]:
         frame = glet.gr_frame
     else:
         frame = sys._getframe(skip)
-    out: list[tuple[CodeType, int]] = []
+    out: list[Any] = []
+    append = out.append
+    kept = 0
     walked = 0
     internal = _internal_code
     while walked < _MAX_WALK:
@@ -121,12 +136,16 @@ def capture_stack(skip: int = 1) -> tuple[tuple[CodeType, int], ...]:
             frame = glet.gr_frame
             continue
         code = frame.f_code
+        if code is _LOOP_BOUNDARY and kept:
+            break
         flag = internal.get(code)
         if flag is None:
             flag = _classify(code)
         if not flag:
-            out.append((code, frame.f_lineno))
-            if len(out) >= _KEEP:
+            append(code)
+            append(frame.f_lasti)
+            kept += 1
+            if kept >= _KEEP:
                 break
         frame = frame.f_back
         walked += 1
@@ -144,21 +163,62 @@ def _classify(code: CodeType) -> bool:
     return flag
 
 
-def resolve_stack(raw: tuple[tuple[CodeType, int], ...]) -> tuple[StackFrame, ...]:
+def _line_of(code: CodeType, lasti: int) -> int:
+    for start, end, line in code.co_lines():
+        if start <= lasti < end and line is not None:
+            return line
+    return code.co_firstlineno
+
+
+def resolve_stack(raw: RawStack) -> tuple[StackFrame, ...]:
     """The captured caller frames as :class:`StackFrame`, outermost first."""
-    return tuple(StackFrame(code.co_filename, line, code.co_name) for code, line in reversed(raw))
+    pairs = list(zip(raw[0::2], raw[1::2], strict=True))
+    return tuple(
+        StackFrame(code.co_filename, _line_of(code, lasti), code.co_name)
+        for code, lasti in reversed(pairs)
+    )
 
 
 class _Checkout:
-    __slots__ = ("fairy", "reported", "stack", "taken_at")
+    __slots__ = ("fairy", "reported", "stack", "taken_at", "task")
 
     def __init__(
-        self, taken_at: float, stack: tuple[tuple[CodeType, int], ...], fairy: Any
+        self,
+        taken_at: float,
+        stack: RawStack | None,
+        fairy: Any,
+        task: asyncio.Task[Any] | None = None,
     ) -> None:
         self.taken_at = taken_at
         self.stack = stack
-        self.fairy: weakref.ref[Any] = weakref.ref(fairy)
+        # None for a lease of the one-shot reads: no proxy, never handed to the caller.
+        self.fairy: weakref.ref[Any] | None = None if fairy is None else weakref.ref(fairy)
+        # The task of a lease, whose stack is read only if the lease is ever reported.
+        self.task: weakref.ref[asyncio.Task[Any]] | None = (
+            None if task is None else weakref.ref(task)
+        )
         self.reported = False
+
+    def raw_stack(self) -> RawStack:
+        if self.stack is not None:
+            return self.stack
+        task = self.task() if self.task is not None else None
+        return () if task is None else _task_stack(task)
+
+
+def _task_stack(task: asyncio.Task[Any]) -> RawStack:
+    """The caller frames of a suspended task, innermost first (as :func:`capture_stack`)."""
+    out: list[Any] = []
+    for frame in reversed(task.get_stack(limit=_MAX_WALK)):  # get_stack: outermost first
+        code = frame.f_code
+        flag = _internal_code.get(code)
+        if flag is None:
+            flag = _classify(code)
+        if not flag:
+            out += (code, frame.f_lasti)
+            if len(out) >= 2 * _KEEP:
+                break
+    return tuple(out)
 
 
 class LeakTable:
@@ -171,9 +231,27 @@ class LeakTable:
         self.clock = watch._clock
         self.out: dict[Any, _Checkout] = {}
 
-    def checkout(self, rec: Any, proxy: Any) -> None:
-        """Record a checkout: when, the caller's stack, and the proxy (to tell GC from detach)."""
-        self.out[rec] = _Checkout(self.clock(), capture_stack(3), proxy)
+    def checkout(self, rec: Any, proxy: Any, skip: int = 3) -> None:
+        """Record a checkout: when, the caller's stack, and the proxy (to tell GC from detach).
+
+        ``proxy`` is ``None`` for a connection leased by the one-shot reads (no proxy exists);
+        ``skip`` frames (this one included) are not walked.
+        """
+        self.out[rec] = _Checkout(self.clock(), capture_stack(skip), proxy)
+
+    def lease(self, rec: Any) -> None:
+        """Record a lease of the one-shot reads: when, and by which task (no stack walk).
+
+        Such a connection is given back before the method returns, so it can only ever be
+        reported as *held* (a statement running past the threshold), while its task is still
+        suspended in the very call that took it: the task's stack, read when reporting, is the
+        stack that took it. Outside a task the stack is captured now.
+        """
+        task = asyncio.current_task()
+        if task is None:
+            self.out[rec] = _Checkout(self.clock(), capture_stack(3), None)
+        else:
+            self.out[rec] = _Checkout(self.clock(), None, None, task)
 
     def checkin(self, rec: Any) -> None:
         """Forget a returned connection."""
@@ -182,7 +260,7 @@ class LeakTable:
     def detach(self, dbapi_conn: Any, rec: Any) -> None:
         """Pool ``detach`` event: report it if its proxy was garbage-collected, not closed."""
         entry = self.out.pop(rec, None)
-        if entry is not None and entry.fairy() is None:
+        if entry is not None and entry.fairy is not None and entry.fairy() is None:
             # The proxy that held it is gone: SQLAlchemy is cleaning up after the garbage
             # collector, not after an explicit detach().
             self.watch._report(entry, "unreturned")
@@ -274,7 +352,7 @@ class LeakWatch:
         report = LeakReport(
             kind=kind,
             held_for=self._clock() - entry.taken_at,
-            stack=resolve_stack(entry.stack),
+            stack=resolve_stack(entry.raw_stack()),
             database=self.name,
         )
         self.reports.append(report)

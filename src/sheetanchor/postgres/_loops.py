@@ -67,6 +67,8 @@ class PerLoop(Generic[_T]):
         aclose: disposes a value inside its loop (may do I/O).
         abandon: drops a value whose loop is closed or gone (must not do I/O).
         what: what the values are, for messages.
+        on_disposed: called once per value disposed or abandoned (process-wide counters).
+        on_failure: called once per failed disposal.
     """
 
     def __init__(
@@ -76,8 +78,12 @@ class PerLoop(Generic[_T]):
         abandon: Callable[[_T], None],
         *,
         what: str = "engine",
+        on_disposed: Callable[[], None] | None = None,
+        on_failure: Callable[[], None] | None = None,
     ) -> None:
         self._create = create
+        self._on_disposed = on_disposed
+        self._on_failure = on_failure
         self._aclose = aclose
         self._abandon = abandon
         self._what = what
@@ -124,7 +130,25 @@ class PerLoop(Generic[_T]):
     def peek(self) -> list[_T]:
         """The values alive now, after reaping those of closed or freed loops."""
         self.reap()
+        return self.values()
+
+    def values(self) -> list[_T]:
+        """The values registered now, without reaping (read-only: safe from any thread)."""
         return [slot.value for slot in list(self._slots.values())]
+
+    def idle_loops(self) -> int:
+        """How many values belong to a loop that is open but not running now (read-only).
+
+        Such a loop may run again (a worker's loop between jobs), or may have been dropped
+        without ``close()``: nothing tells the two apart, so its value is kept (see
+        ``Database``'s "Event loops dropped without close()").
+        """
+        count = 0
+        for slot in list(self._slots.values()):
+            loop = slot.key()
+            if loop is not None and not loop.is_closed() and not loop.is_running():
+                count += 1
+        return count
 
     @property
     def alive(self) -> int:
@@ -209,6 +233,8 @@ class PerLoop(Generic[_T]):
 
     def _failed(self, exc: BaseException, when: str) -> None:
         self._dispose_failures += 1
+        if self._on_failure is not None:
+            self._on_failure()
         _log.warning(
             "disposing the %s of an event loop failed %s (%s: %s)",
             self._what,
@@ -241,7 +267,9 @@ class PerLoop(Generic[_T]):
             if self._last is slot:
                 self._last = None
             self._disposed += 1
-            return True
+        if self._on_disposed is not None:
+            self._on_disposed()
+        return True
 
     async def _retire(self, slot: _Slot[_T]) -> None:
         """Dispose ``slot``'s value inside its (still open) loop."""
@@ -280,6 +308,8 @@ class PerLoop(Generic[_T]):
             if self._last is slot:
                 self._last = None
             self._disposed += 1
+            if self._on_disposed is not None:
+                self._on_disposed()
             count += 1
             _log.info(
                 "abandoning the %s of an event loop that was closed without disposing it",

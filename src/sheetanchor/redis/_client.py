@@ -19,6 +19,9 @@ Rules it keeps:
   set aside untouched (not closed: closing a TLS socket would send bytes on the parent's
   session) and the child opens its own on first use.
 * The lookup is one dictionary read; creation takes a ``threading.Lock``.
+* A command is never sent twice unless that is safe: errors before it was written are
+  retried for every command, errors after it may have reached the server only for idempotent
+  commands; others raise ``CommandOutcomeUnknown`` (the rule is in ``_retry.py``).
 """
 
 from __future__ import annotations
@@ -30,20 +33,25 @@ import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
+from redis.asyncio.connection import Connection
+from redis.asyncio.connection import parse_url as parse_redis_url
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sheetanchor.config import parse_url, redact, redis_url_from_env
 from sheetanchor.errors import ConfigError, ResourceClosed, WrongEventLoop
 from sheetanchor.observe import get_logger
 from sheetanchor.postgres._loops import close_inherited_loop
 from sheetanchor.redis import _metrics
+from sheetanchor.redis._retry import (
+    SafeRedis,
+    SafeRedisCluster,
+    SafeRetry,
+    tracked_connection_class,
+)
 from sheetanchor.retry import RetryPolicy
 
 __all__ = ["DEFAULT_REDIS_RETRY", "AnyRedis", "RedisClient", "RedisStats"]
@@ -52,10 +60,13 @@ _log = get_logger("redis")
 _T = TypeVar("_T")
 
 
-#: Retries of transient Redis errors (connection lost, timeout) inside redis-py: 3 attempts,
-#: backoff from 50 ms, capped at 1 s, full jitter. redis-py runs the loop itself (per
-#: command, on a fresh connection), so a policy's ``max_attempts``, ``initial`` and
-#: ``maximum`` are used and its ``deadline`` is not: attempts x socket timeouts bound a call.
+#: Retries of transient Redis errors inside redis-py: 3 attempts, backoff from 50 ms, capped
+#: at 1 s, full jitter. redis-py runs the loop itself (per command, on a fresh connection), so
+#: a policy's ``max_attempts``, ``initial`` and ``maximum`` are used and its ``deadline`` is
+#: not: attempts x socket timeouts bound a call. *Which* errors are retried is not the
+#: policy's to say: an error before the command was written is retried for every command, one
+#: after (a read timeout, a connection lost mid-command) only for an idempotent command (see
+#: ``sheetanchor.redis._retry`` and :class:`~sheetanchor.redis.CommandOutcomeUnknown`).
 DEFAULT_REDIS_RETRY = RetryPolicy(max_attempts=3, initial=0.05, maximum=1.0, name="redis")
 
 
@@ -109,11 +120,11 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _to_redis_retry(policy: RetryPolicy) -> Retry:
-    return Retry(
+def _to_redis_retry(policy: RetryPolicy, client: str) -> SafeRetry:
+    return SafeRetry(
         ExponentialWithJitterBackoff(cap=policy.maximum, base=policy.initial),
         retries=policy.max_attempts - 1,
-        supported_errors=(RedisConnectionError, RedisTimeoutError, OSError),  # type: ignore[arg-type]
+        client=client,
     )
 
 
@@ -129,6 +140,12 @@ class RedisClient:
         socket_connect_timeout: seconds to wait for a TCP connect.
         retry: a :class:`~sheetanchor.retry.RetryPolicy` for transient errors (connection
             lost, timeout), run by redis-py per command (see :data:`DEFAULT_REDIS_RETRY`).
+            A command is retried after an error that came before it was written (connect
+            refused, handshake or health-check failure) whatever it is; after an error that
+            came once it may have reached the server (read timeout, connection lost while
+            awaiting the reply) only if it is idempotent (reads, ``SET``, ``DEL``,
+            ``EXPIRE``..., a ``LuaScript`` declared idempotent). Any other command raises
+            :class:`~sheetanchor.redis.CommandOutcomeUnknown` instead of running twice.
         max_connections: connections per (process, loop) pool.
         pool_timeout: seconds a call waits for a free pooled connection.
         decode_responses: passed to redis-py (default ``False``: bytes in, bytes out).
@@ -266,7 +283,8 @@ class RedisClient:
     async def call(self, fn: Callable[[AnyRedis], Awaitable[_T]]) -> _T:
         """Run ``await fn(redis)`` with the client of the running loop.
 
-        Transient errors are retried inside redis-py with this client's retry policy.
+        Transient errors are retried inside redis-py with this client's retry policy, by the
+        rule of the ``retry`` argument (non-idempotent commands are never sent twice).
         """
         return await fn(self.any_client())
 
@@ -349,27 +367,38 @@ class RedisClient:
     # -- internals ---------------------------------------------------------------------
 
     def _connect(self) -> AnyRedis:
+        retry = _to_redis_retry(self._retry, self.name)
         if self.cluster:
-            return aioredis.RedisCluster.from_url(
+            cluster = SafeRedisCluster.from_url(  # a classmethod: cls(...)
                 self._url,
                 max_connections=self._max_connections,
                 socket_timeout=self._socket_timeout or None,
                 socket_connect_timeout=self._socket_connect_timeout or None,
                 health_check_interval=self._health_check_interval,
-                retry=_to_redis_retry(self._retry),
+                retry=retry,
                 decode_responses=self._decode_responses,
             )
-        pool = aioredis.BlockingConnectionPool.from_url(
-            self._url,
-            max_connections=self._max_connections,
-            timeout=self._pool_timeout,
-            socket_timeout=self._socket_timeout or None,
-            socket_connect_timeout=self._socket_connect_timeout or None,
-            health_check_interval=self._health_check_interval,
-            retry=_to_redis_retry(self._retry),
-            decode_responses=self._decode_responses,
+            cast(SafeRedisCluster, cluster).sheetanchor_client = self.name
+            return cluster
+        options: dict[str, Any] = {
+            "max_connections": self._max_connections,
+            "timeout": self._pool_timeout,
+            "socket_timeout": self._socket_timeout or None,
+            "socket_connect_timeout": self._socket_connect_timeout or None,
+            "health_check_interval": self._health_check_interval,
+            "retry": retry,
+            "decode_responses": self._decode_responses,
+        }
+        # As BlockingConnectionPool.from_url does (the URL's options win), but with the
+        # connection class that marks errors raised before a command was written.
+        options.update(parse_redis_url(self._url))
+        options["connection_class"] = tracked_connection_class(
+            options.get("connection_class", Connection)
         )
-        return aioredis.Redis.from_pool(pool)
+        pool = aioredis.BlockingConnectionPool(**options)
+        redis = SafeRedis.from_pool(pool)
+        cast(SafeRedis, redis).sheetanchor_client = self.name
+        return redis
 
     def _create(self, loop: asyncio.AbstractEventLoop) -> AnyRedis:
         with self._lock:

@@ -17,7 +17,15 @@ from prometheus_client.registry import Collector
 
 from sheetanchor.observe import REGISTRY, metric_name
 
-__all__ = ["CLOSE_ERRORS", "CREATED", "DISPOSED", "SCRIPT_RELOADS", "install_collector"]
+__all__ = [
+    "CLOSE_ERRORS",
+    "CREATED",
+    "DISPOSED",
+    "OUTCOME_UNKNOWN",
+    "RETRIES",
+    "SCRIPT_RELOADS",
+    "install_collector",
+]
 
 CREATED = Counter(
     metric_name("redis", "clients_created", "total"),
@@ -35,6 +43,19 @@ DISPOSED = Counter(
 CLOSE_ERRORS = Counter(
     metric_name("redis", "close_errors", "total"),
     "Errors raised while closing a Redis connection pool.",
+    ["client"],
+    registry=REGISTRY,
+)
+RETRIES = Counter(
+    metric_name("redis", "retries", "total"),
+    "Commands sent again after a transient error (reason: not_sent = the error came before "
+    "the command was written; idempotent = possibly sent, but safe to repeat).",
+    ["client", "reason"],
+    registry=REGISTRY,
+)
+OUTCOME_UNKNOWN = Counter(
+    metric_name("redis", "outcome_unknown", "total"),
+    "Non-idempotent commands whose reply was lost: not retried, raised as CommandOutcomeUnknown.",
     ["client"],
     registry=REGISTRY,
 )
