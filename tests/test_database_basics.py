@@ -191,3 +191,34 @@ async def test_fast_checkout_declines_a_pool_that_pre_pings(pg_url: str) -> None
         assert checkout_without_io(engine.sync_engine.pool, None) is None
     finally:
         await engine.dispose()
+
+
+async def test_a_read_running_through_engine_dispose_returns_to_the_live_pool(
+    pg_url: str,
+) -> None:
+    # engine.dispose() swaps in a new pool. A one-shot read that was running then must not
+    # keep its connection in the old pool, where later reads would reuse it uncounted and
+    # close() would never close it; it is closed when it comes back.
+    db = Database(pg_url, pool=PoolSettings(size=2, max_overflow=0), role="dispose-race")
+    app = await db.fetchval("SELECT current_setting('application_name')")
+    assert app.startswith("sheetanchor:dispose-race:")
+    try:
+        slow = asyncio.create_task(db.fetchval("SELECT pg_sleep(0.3)"))  # leased: idle conn
+        await asyncio.sleep(0.1)
+        await db.engine().dispose()
+        await slow
+        for _ in range(3):
+            assert await db.fetchval("SELECT 1") == 1
+        assert db.stats().pool_size >= 1  # the connection in use is the live pool's
+    finally:
+        await db.close()
+    async with Database(pg_url, name="observer") as watcher:
+        left = None
+        for _ in range(40):
+            left = await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", app
+            )
+            if left == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert left == 0, f"{left} backend(s) of a closed Database still connected"

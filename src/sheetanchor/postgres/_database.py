@@ -126,7 +126,6 @@ class _Engine:
     sessions: async_sessionmaker[AsyncSession]
     new_session: Any  # sessions() without options, minus the sessionmaker's keyword merge
     leaks: LeakTable
-    pool: Any  # engine.sync_engine.pool, one attribute away for the one-shot reads
     timer: asyncio.TimerHandle | None = None
     cleanups: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -352,7 +351,6 @@ class Database:
                 AsyncSession, engine, expire_on_commit=False, sync_session_class=_TrackedSession
             ),
             leaks=leaks,
-            pool=sync_pool,
         )
         self._schedule_sweep(entry)
         _log.debug("engine created for %s (role %s)", self.url, self.role)
@@ -553,7 +551,9 @@ class Database:
         # from the pool's queue when no I/O is needed (see _pool.py), else checked out through
         # SQLAlchemy's pool. Given back in every case, also on cancellation.
         entry = self._entry()
-        pool = entry.pool
+        # Read the pool each time: engine.dispose() swaps in a new one, and a lease given back
+        # to the old pool would live on there, uncounted and never closed.
+        pool = entry.engine.sync_engine.pool
         rec = lease_without_io(pool, self.pool.pre_ping_idle)
         if rec is None:
             return await self._one_shot_checkout(method, sql, args, kw)
@@ -562,10 +562,13 @@ class Database:
         try:
             result = await getattr(rec.dbapi_connection.driver_connection, method)(sql, *args, **kw)
         except BaseException as exc:
-            await release_lease(rec, pool, leaks, exc)
+            disposed = entry.engine.sync_engine.pool is not pool
+            await release_lease(rec, pool, leaks, exc, disposed=disposed)
             self._raise_mapped(exc)
             raise
-        await release_lease(rec, pool, leaks, None)
+        await release_lease(
+            rec, pool, leaks, None, disposed=entry.engine.sync_engine.pool is not pool
+        )
         return result
 
     async def _one_shot_checkout(

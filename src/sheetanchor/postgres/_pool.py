@@ -71,26 +71,37 @@ def _next_idle(pool: Any) -> Any:
     return items[-1] if pool._pool.use_lifo else items[0]
 
 
+def _idle_without_io(pool: Any, idle_limit: float | None) -> Any:
+    """The record the pool would hand out next, if handing it out needs no I/O; else ``None``.
+
+    No I/O means: no pre-ping, no recycle due, not invalidated, not closed by the server,
+    and not idle long enough to be due for our own ping.
+    """
+    if pool._pre_ping:  # SQLAlchemy's own ping on every checkout: that is I/O
+        return None
+    rec = _next_idle(pool)
+    if rec is None or rec.dbapi_connection is None:
+        return None
+    start = rec.starttime
+    recycle = pool._recycle
+    if recycle > -1 and time.time() - start > recycle - _RECYCLE_MARGIN:
+        return None
+    if pool._invalidate_time > start or rec._soft_invalidate_time > start:
+        return None
+    if rec.dbapi_connection.driver_connection.is_closed():
+        return None
+    if idle_limit is not None:
+        idle_since = rec.info.get(IDLE_SINCE)
+        if idle_since is None or time.monotonic() - idle_since >= idle_limit * 0.9:
+            return None  # due for a ping: that is I/O
+    return rec
+
+
 def checkout_without_io(pool: Any, idle_limit: float | None) -> PoolProxiedConnection | None:
     """Check out the next idle connection synchronously if that needs no I/O, else ``None``."""
     try:
-        if pool._pre_ping:  # SQLAlchemy's own ping on every checkout: that is I/O
+        if _idle_without_io(pool, idle_limit) is None:
             return None
-        rec = _next_idle(pool)
-        if rec is None or rec.dbapi_connection is None:
-            return None
-        start = rec.starttime
-        recycle = pool._recycle
-        if recycle > -1 and time.time() - start > recycle - _RECYCLE_MARGIN:
-            return None
-        if pool._invalidate_time > start or rec._soft_invalidate_time > start:
-            return None
-        if rec.dbapi_connection.driver_connection.is_closed():
-            return None
-        if idle_limit is not None:
-            idle_since = rec.info.get(IDLE_SINCE)
-            if idle_since is None or time.monotonic() - idle_since >= idle_limit * 0.9:
-                return None  # due for a ping: that is I/O
     except (AttributeError, IndexError, TypeError):
         return None
     fairy: PoolProxiedConnection = pool.connect()
@@ -105,37 +116,17 @@ def lease_without_io(pool: Any, idle_limit: float | None) -> Any:
     connection the server closed, or listeners on the pool other than the Database's own.
     """
     try:
-        if pool._pre_ping:
-            return None
         dispatch = pool.dispatch
         # Only our own checkout/checkin hooks, which this path replaces: anything else that
         # listens expects to see every checkout.
         if len(dispatch.checkout) != 1 or len(dispatch.checkin) != 1 or dispatch.reset:
             return None
-        queue = pool._pool.__dict__.get("_queue")  # created lazily by AsyncAdaptedQueue
-        if queue is None:
+        rec = _idle_without_io(pool, idle_limit)
+        if rec is None:
             return None
-        items = queue._queue
-        if not items:
-            return None
-        rec = items[-1] if pool._pool.use_lifo else items[0]
-        dbapi_conn = rec.dbapi_connection
-        if dbapi_conn is None:
-            return None
-        start = rec.starttime
-        recycle = pool._recycle
-        if recycle > -1 and time.time() - start > recycle - _RECYCLE_MARGIN:
-            return None
-        if pool._invalidate_time > start or rec._soft_invalidate_time > start:
-            return None
-        if dbapi_conn.driver_connection.is_closed():
-            return None
-        if idle_limit is not None:
-            idle_since = rec.info.get(IDLE_SINCE)
-            if idle_since is None or time.monotonic() - idle_since >= idle_limit * 0.9:
-                return None  # due for a ping: that is I/O
+        queue = pool._pool.__dict__["_queue"]  # there: _next_idle found a record in it
         taken = queue.get_nowait()
-    except (AttributeError, IndexError, TypeError, asyncio.QueueEmpty):
+    except (AttributeError, IndexError, KeyError, TypeError, asyncio.QueueEmpty):
         return None
     if taken is not rec:  # cannot happen within one loop; be safe rather than sorry
         queue.put_nowait(taken)
@@ -144,16 +135,22 @@ def lease_without_io(pool: Any, idle_limit: float | None) -> Any:
 
 
 async def release_lease(
-    rec: Any, pool: Any, leaks: LeakTable, failure: BaseException | None
+    rec: Any, pool: Any, leaks: LeakTable, failure: BaseException | None, *, disposed: bool = False
 ) -> None:
-    """Give back a record taken with :func:`lease_without_io` (see :func:`release`)."""
+    """Give back a record taken with :func:`lease_without_io` (see :func:`release`).
+
+    ``disposed``: the engine swapped in a new pool while the record was out (``dispose()``);
+    its connection is closed now instead of idling, uncounted, in the old pool.
+    """
     try:
         driver = rec.dbapi_connection.driver_connection
-        if failure is not None and (
-            not isinstance(failure, Exception) or is_connection_error(failure)
+        if disposed or (
+            failure is not None
+            and (not isinstance(failure, Exception) or is_connection_error(failure))
         ):
-            # Cancelled mid-statement, or the connection is gone: close the socket now (no
-            # I/O to wait for); the pool opens a new connection for this record later.
+            # Cancelled mid-statement, the connection is gone, or its pool was disposed:
+            # close the socket now (no I/O to wait for); a live pool opens a new connection
+            # for this record later.
             driver.terminate()
             rec.invalidate(failure if isinstance(failure, Exception) else None)
         elif driver.is_closed():
