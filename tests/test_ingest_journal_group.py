@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from _ingest_helpers import create_tick_table, table_name, tick, tick_stream
-from sheetanchor.errors import JournalFull
+from sheetanchor.errors import JournalFull, ResourceClosed
 from sheetanchor.ingest import WriteBuffer
 from sheetanchor.ingest._journal import Journal
 from sheetanchor.postgres import Database, PoolSettings
@@ -97,4 +97,46 @@ async def test_a_group_the_journal_refuses_fails_each_put_and_frees_its_room(
         # The next (smaller) group is taken.
         await buffer.put("ticks", tick(100))
         assert buffer.stream_stats("ticks").rows_in == 1
+    assert await db.fetchval(f"SELECT count(*) FROM {table}") == 1
+
+
+class _StalledJournal(Journal):
+    """A real journal whose appends stall (a disk that stopped answering) once armed."""
+
+    stalled: asyncio.Event
+
+    async def append(self, stream: str, records: Sequence[Mapping[str, Any]]) -> int:
+        if self.stalled.is_set():
+            await asyncio.sleep(3600)
+        return await super().append(stream, records)
+
+
+async def test_puts_of_a_group_cut_off_by_close_get_an_error_not_cancelled(
+    db: Database, tmp_path: Path
+) -> None:
+    # close() cancels a group whose append outlives close_timeout. The puts in that group
+    # were not cancelled by their callers: they must get an error they can handle
+    # (ResourceClosed), not a CancelledError that looks like their own cancellation.
+    table = table_name()
+    await create_tick_table(db, table)
+    journal = _StalledJournal(tmp_path / "j")
+    journal.stalled = asyncio.Event()
+    stream = tick_stream(table, batch_rows=100, flush_interval=3600.0)
+    buffer = WriteBuffer(
+        db,
+        [stream],
+        deadletter_dir=tmp_path / "dl",
+        journal=journal,
+        replay_interval=None,
+        close_timeout=0.2,
+    )
+    await buffer.open()
+    await buffer.put("ticks", tick(0))  # accepted before the stall
+    journal.stalled.set()
+    puts = [asyncio.create_task(buffer.put("ticks", tick(i))) for i in range(1, 6)]
+    await asyncio.sleep(0.1)  # the group's append is stalled now
+    await buffer.close()
+    results = await asyncio.gather(*puts, return_exceptions=True)
+    assert all(isinstance(r, ResourceClosed) for r in results), results
+    assert all("may be in the journal" in str(r) for r in results), results
     assert await db.fetchval(f"SELECT count(*) FROM {table}") == 1

@@ -112,6 +112,13 @@ class GroupAppender:
                         )
                     )
 
+    def _closed_mid_append(self) -> ResourceClosed:
+        return ResourceClosed(
+            f"WriteBuffer closed (close_timeout passed) while the journal was writing a put "
+            f"on {self._st.name!r}; the record may be in the journal, and then comes back "
+            "when a buffer opens it again (writes are idempotent on the natural key)"
+        )
+
     async def _append(
         self,
         rows: list[Row],
@@ -136,7 +143,9 @@ class GroupAppender:
                 if waiter.done():
                     continue
                 if isinstance(exc, asyncio.CancelledError):
-                    waiter.cancel()
+                    # close() cancelled the group mid-append: the puts were not cancelled
+                    # themselves, so they get an error they can act on, not CancelledError.
+                    waiter.set_exception(self._closed_mid_append())
                 else:
                     waiter.set_exception(exc)
             if isinstance(exc, Exception):
@@ -173,4 +182,5 @@ class GroupAppender:
                 self._st.reserved_rows -= rest
                 self._st.reserved_bytes -= share * rest + extra
                 for waiter in waiters[done:]:
-                    waiter.cancel()
+                    if not waiter.done():
+                        waiter.set_exception(self._closed_mid_append())
