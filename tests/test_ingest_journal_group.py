@@ -140,3 +140,44 @@ async def test_puts_of_a_group_cut_off_by_close_get_an_error_not_cancelled(
     assert all(isinstance(r, ResourceClosed) for r in results), results
     assert all("may be in the journal" in str(r) for r in results), results
     assert await db.fetchval(f"SELECT count(*) FROM {table}") == 1
+
+
+class _RefusingOnceJournal(Journal):
+    """A real journal whose first append is refused, after a moment (a full journal)."""
+
+    refused: int
+
+    async def append(self, stream: str, records: Sequence[Mapping[str, Any]]) -> int:
+        if not self.refused:
+            self.refused = len(records)
+            await asyncio.sleep(0.2)
+            raise JournalFull("journal full (refused once by the test)")
+        return await super().append(stream, records)
+
+
+async def test_room_freed_by_a_refused_group_wakes_waiting_puts(
+    db: Database, tmp_path: Path
+) -> None:
+    # A group holds room for its puts while the journal writes it. When the journal refuses
+    # it, that room is free again at once: a put waiting for room must get it then, not wait
+    # out its put_timeout and fail with BufferFull.
+    table = table_name()
+    await create_tick_table(db, table)
+    journal = _RefusingOnceJournal(tmp_path / "j")
+    journal.refused = 0
+    stream = tick_stream(table, batch_rows=4, max_rows=4, flush_interval=3600.0, put_timeout=3.0)
+    async with WriteBuffer(
+        db, [stream], deadletter_dir=tmp_path / "dl", journal=journal, replay_interval=None
+    ) as buffer:
+        group = [asyncio.create_task(buffer.put("ticks", tick(i))) for i in range(4)]
+        await asyncio.sleep(0.05)  # the group of four holds all the room now
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await buffer.put("ticks", tick(10))  # waits for room
+        waited = loop.time() - started
+        results = await asyncio.gather(*group, return_exceptions=True)
+    assert journal.refused == 4
+    assert all(isinstance(r, JournalFull) for r in results), results
+    # Woken when the group was refused (~0.2 s), far before put_timeout (3 s).
+    assert waited < 1.5, waited
+    assert await db.fetchval(f"SELECT count(*) FROM {table}") == 1

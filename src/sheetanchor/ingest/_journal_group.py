@@ -102,6 +102,7 @@ class GroupAppender:
             self._rows, self._records, self._waiters = [], [], []
             self._st.reserved_rows -= len(rows)
             self._st.reserved_bytes -= self._nbytes
+            self._st.room.set()  # room given back: wake puts waiting for it
             self._nbytes = 0
             for waiter in waiters:
                 if not waiter.done():
@@ -139,6 +140,7 @@ class GroupAppender:
                 return
             st.reserved_rows -= len(rows)
             st.reserved_bytes -= nbytes
+            st.room.set()  # room given back: wake puts waiting for it
             for waiter in waiters:
                 if waiter.done():
                     continue
@@ -181,6 +183,7 @@ class GroupAppender:
             if rest:
                 self._st.reserved_rows -= rest
                 self._st.reserved_bytes -= share * rest + extra
+                self._st.room.set()  # room given back: wake puts waiting for it
                 for waiter in waiters[done:]:
                     if not waiter.done():
                         waiter.set_exception(self._closed_mid_append())
