@@ -236,20 +236,7 @@ class CacheSide:
         verdict = self.breaker.check()
         if (verdict != ALLOW or self.pending.dirty) and not await self._admit(verdict):
             return DOWN
-        client = self.rc.any_client()
-        try:
-            if self.timeout is None:
-                result = await op(client, *args)
-            else:
-                async with asyncio.timeout(self.timeout):
-                    result = await op(client, *args)
-        except NoScriptError:
-            result = await self._after_noscript(client, op, args)
-        except REDIS_DOWN_ERRORS as exc:
-            self.failed(exc)
-            return DOWN
-        self.breaker.note_success()
-        return result
+        return await self._call_admitted(op, *args)
 
     async def _call_admitted(self, op: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         """:meth:`_call` without the breaker check: for the later steps of an operation
