@@ -76,17 +76,20 @@ async def _reply_held_once(
     """Run ``call`` with its first reply held past the socket timeout, later ones not.
 
     The proxy holds every reply for 5 s; once the server has applied the command (``applied``,
-    checked on a direct connection; or after a moment, for reads) replies flow at once again,
-    while the first one is still held. So the first attempt times out *after* the server ran
-    the command, and a retry, if any, goes through and is applied again.
+    checked on a direct connection) and a moment more has passed for the proxy to take its
+    reply, replies flow at once again, while the first one is still held. So the first
+    attempt times out *after* the server ran the command, and a retry, if any, goes through
+    and is applied again.
     """
     await client.ping()  # the pooled connection is open: no handshake under the latency
     proxy.add_latency(5.0)
     task = asyncio.ensure_future(call())
     if applied is not None:
         await _eventually(applied, "the server applied the command")
-    else:
-        await asyncio.sleep(0.2)
+    # The server's reply may have reached the proxy in the same loop iteration as our check's
+    # answer: give its pump time to read it (and start holding it) before the latency goes,
+    # well within the socket timeout, so the held reply is the first attempt's.
+    await asyncio.sleep(0.3)
     assert not task.done()
     proxy.add_latency(0)
     return await task
