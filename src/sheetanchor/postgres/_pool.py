@@ -134,6 +134,36 @@ def lease_without_io(pool: Any, idle_limit: float | None) -> Any:
     return rec
 
 
+async def _settle(
+    driver: Any, owner: Any, failure: BaseException | None, *, discard: bool = False
+) -> bool:
+    """Make a connection that is coming back fit for reuse, or invalidate it.
+
+    ``owner`` is what the pool tracks it by (a checkout or a connection record; both have
+    ``invalidate``). Returns True when it can be reused, False when it was invalidated.
+    """
+    if discard or (
+        failure is not None and (not isinstance(failure, Exception) or is_connection_error(failure))
+    ):
+        # Cancelled mid-statement, or the connection is gone: it cannot be trusted. Close the
+        # socket now (no I/O to wait for) and let the pool replace it.
+        driver.terminate()
+        owner.invalidate(failure if isinstance(failure, Exception) else None)
+        return False
+    if driver.is_closed():
+        owner.invalidate()
+        return False
+    if driver.is_in_transaction():
+        # A transaction opened on the raw connection and left open: end it before reuse.
+        try:
+            await driver.execute("ROLLBACK")
+        except BaseException as exc:
+            driver.terminate()
+            owner.invalidate(exc if isinstance(exc, Exception) else None)
+            raise
+    return True
+
+
 async def release_lease(
     rec: Any, pool: Any, leaks: LeakTable, failure: BaseException | None, *, disposed: bool = False
 ) -> None:
@@ -143,25 +173,9 @@ async def release_lease(
     its connection is closed now instead of idling, uncounted, in the old pool.
     """
     try:
-        driver = rec.dbapi_connection.driver_connection
-        if disposed or (
-            failure is not None
-            and (not isinstance(failure, Exception) or is_connection_error(failure))
-        ):
-            # Cancelled mid-statement, the connection is gone, or its pool was disposed:
-            # close the socket now (no I/O to wait for); a live pool opens a new connection
-            # for this record later.
-            driver.terminate()
-            rec.invalidate(failure if isinstance(failure, Exception) else None)
-        elif driver.is_closed():
-            rec.invalidate()
-        elif driver.is_in_transaction():
-            try:
-                await driver.execute("ROLLBACK")
-            except BaseException as exc:
-                driver.terminate()
-                rec.invalidate(exc if isinstance(exc, Exception) else None)
-                raise
+        # A record whose pool was disposed is closed now, like a broken one; a live pool opens
+        # a new connection for it later.
+        await _settle(rec.dbapi_connection.driver_connection, rec, failure, discard=disposed)
     finally:
         # What the checkin hook does, then back into the queue (an overflow connection that
         # finds the queue full is closed: I/O, through the greenlet).
@@ -270,24 +284,8 @@ async def release(fairy: PoolProxiedConnection, pool: Any, failure: BaseExceptio
         pool: its pool.
         failure: what the caller's work raised, if anything.
     """
-    driver = driver_of(fairy)
-    if failure is not None and (not isinstance(failure, Exception) or is_connection_error(failure)):
-        # Cancelled mid-statement, or the connection is gone: it cannot be trusted. Close the
-        # socket now (no I/O to wait for) and let the pool replace it.
-        driver.terminate()
-        fairy.invalidate(failure if isinstance(failure, Exception) else None)
-        return
-    if driver.is_closed():
-        fairy.invalidate()
-        return
-    if driver.is_in_transaction():
-        # A transaction opened on the raw connection and left open: end it before reuse.
-        try:
-            await driver.execute("ROLLBACK")
-        except BaseException as exc:
-            driver.terminate()
-            fairy.invalidate(exc if isinstance(exc, Exception) else None)
-            raise
+    if not await _settle(driver_of(fairy), fairy, failure):
+        return  # invalidated: the pool replaces it
     if checkin_is_io_free(pool):
         fairy.close()  # back into the queue: no I/O, no greenlet needed
     else:
