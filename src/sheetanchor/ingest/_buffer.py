@@ -266,6 +266,7 @@ class WriteBuffer:
         self._replayer = None
         for st in self._states.values():
             st.rows, st.bytes, st.spill, st.spill_bytes = [], 0, [], 0
+            st.reset_budget()
             st.commits.clear()
             st.stranded.clear()
             st.inflight_rows = st.inflight_bytes = 0
@@ -485,6 +486,7 @@ class WriteBuffer:
         st.counts["in"] += 1
         if st.tail is not None:
             st.tail.append(record)
+        st.refresh_budget()
 
     def put_nowait(self, stream: str, record: Mapping[str, Any]) -> None:
         """Validate ``record`` and buffer it now, or raise.
@@ -512,6 +514,9 @@ class WriteBuffer:
                 f"stream {stream!r} is journaled: put_nowait cannot wait for the journal to "
                 "be durable; use `await buffer.put(...)`"
             )
+        admit = st.fast_admit
+        if admit is not None and admit(record, st):
+            return  # validated and appended within the stream's budget
         fast = st.fast
         quick = fast(record) if fast is not None else None
         if quick is None or quick[1] > st.max_bytes:
@@ -591,6 +596,7 @@ class WriteBuffer:
         assert self._journal is not None
         st.reserved_rows += len(rows)
         st.reserved_bytes += nbytes
+        st.reset_budget()
         try:
             seq = await self._journal.append(st.name, [st.validator.as_dict(r) for r in rows])
         finally:
@@ -703,6 +709,7 @@ class WriteBuffer:
                 async with asyncio.timeout(interval):
                     await st.wake.wait()
             st.wake.clear()
+            st.reset_budget()  # the next batch_rows / high watermark must wake us again
             await self._drain(st)
             if st.stranded and asyncio.get_running_loop().time() >= st.stranded_retry_at:
                 st.stranded_retry_at = asyncio.get_running_loop().time() + STRANDED_RETRY_SECONDS
