@@ -143,3 +143,23 @@ async def test_a_bad_record_among_fast_ones_names_field_and_value(
         stats = buf.stats()
         assert (stats.rows_in, stats.rows_rejected) == (18, 2)
     assert await db.fetchval(f"SELECT count(*) FROM {table}") == 18
+
+
+async def test_a_size_wake_up_swaps_whole_batches_and_keeps_the_rest(
+    db: Database, tmp_path: Path
+) -> None:
+    """Rows that arrive between the wake-up and the swap wait for the next batch."""
+    table = table_name()
+    await create_tick_table(db, table)
+    stream = tick_stream(table, max_rows=10_000, batch_rows=100, flush_interval=3600.0)
+    async with WriteBuffer(db, [stream], deadletter_dir=tmp_path, replay_interval=None) as buf:
+        for i in range(250):  # no await: the flusher sees all 250 at once
+            buf.put_nowait("ticks", tick(i))
+        await wait_until(lambda: buf.stats().rows_written == 200)
+        s = buf.stream_stats("ticks")
+        assert (s.batches, s.buffered_rows, s.held_rows) == (2, 50, 50)
+        for i in range(250, 300):
+            buf.put_nowait("ticks", tick(i))
+        await wait_until(lambda: buf.stats().rows_written == 300)
+        assert buf.stats().batches == 3
+    assert await db.fetchval(f"SELECT count(*) FROM {table}") == 300
