@@ -1,21 +1,26 @@
-"""put_nowait's generated validate-and-admit path keeps every bound and decision of the full one.
+"""The fast paths of ingest keep every guarantee of the full ones.
 
-The fast path appends within a budget computed by the full path (``refresh_budget``); these
-tests drive records through it and check that the limits, the emergency spill, the flush
-wake-ups, the counters and the precise validation errors are exactly those of the full path.
+put_nowait's generated validate-and-admit appends within a budget computed by the full path
+(``refresh_budget``): the limits, the emergency spill, the flush wake-ups, the counters and
+the precise validation errors stay those of the full path. A flush woken at ``batch_rows``
+writes whole batches. The chunks of a swap overlap (the next one starts while the previous
+one commits) and each is still routed on its own: poison bisected, conflicts merged.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 
 from _ingest_helpers import create_tick_table, table_name, tick, tick_stream
 from sheetanchor.errors import BufferFull, RecordError
-from sheetanchor.ingest import WriteBuffer
+from sheetanchor.ingest import CopySink, SinkOutcome, WriteBuffer
 from sheetanchor.ingest._validate import Validator
 from sheetanchor.postgres import Database, PoolSettings
 
@@ -163,3 +168,72 @@ async def test_a_size_wake_up_swaps_whole_batches_and_keeps_the_rest(
         await wait_until(lambda: buf.stats().rows_written == 300)
         assert buf.stats().batches == 3
     assert await db.fetchval(f"SELECT count(*) FROM {table}") == 300
+
+
+class _HoldFirst(CopySink):
+    """The real sink; the first chunk's write waits (after its COPY) until chunk 2 starts."""
+
+    def __init__(self, describe: Any) -> None:
+        super().__init__(describe)
+        self.events: list[str] = []
+        self.second_started = asyncio.Event()
+
+    async def write(
+        self,
+        conn: asyncpg.Connection,
+        rows: Sequence[tuple[Any, ...]],
+        *,
+        batch_id: str | None,
+        sent: asyncio.Event | None = None,
+    ) -> SinkOutcome:
+        n = len([e for e in self.events if e.startswith("start")]) + 1
+        self.events.append(f"start {n}")
+        if n == 2:
+            self.second_started.set()
+        outcome = await super().write(conn, rows, batch_id=batch_id, sent=sent)
+        if n == 1:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(20.0):  # generous: only a broken overlap waits
+                    await self.second_started.wait()
+        self.events.append(f"end {n}")
+        return outcome
+
+
+async def test_the_next_chunk_of_a_swap_starts_while_the_first_commits(
+    db: Database, tmp_path: Path
+) -> None:
+    table = table_name()
+    await create_tick_table(db, table)
+    stream = tick_stream(table, max_rows=1000, batch_rows=100, flush_interval=3600.0)
+    async with WriteBuffer(db, [stream], deadletter_dir=tmp_path, replay_interval=None) as buf:
+        sink = _HoldFirst(stream.describe())
+        buf._states["ticks"].sink = sink
+        await buf.put_many("ticks", [tick(i) for i in range(300)])
+        await buf.flush()  # one swap of three chunks
+        assert sink.events.index("start 2") < sink.events.index("end 1")
+        # Never more than two at once: chunk 3 waits for chunk 1.
+        assert sink.events.index("start 3") > sink.events.index("end 1")
+        assert buf.stats().rows_written == 300
+    assert await db.fetchval(f"SELECT count(*) FROM {table}") == 300
+
+
+async def test_overlapped_chunks_route_poison_and_conflicts(db: Database, tmp_path: Path) -> None:
+    """Chunk 2 holds a poison row, chunk 3 a row already in the table: each still routed."""
+    table = table_name()
+    await create_tick_table(db, table)  # CHECK (price >= 0)
+    stream = tick_stream(table, max_rows=1000, batch_rows=100, flush_interval=3600.0)
+    async with db.connection() as conn:
+        await conn.execute(
+            f"INSERT INTO {table} VALUES ($1, $2, 1.0, 250)", tick(250)["ts"], tick(250)["symbol"]
+        )
+    records = [tick(i, price=-1.0 if i == 150 else 1.0) for i in range(300)]
+    async with WriteBuffer(db, [stream], deadletter_dir=tmp_path, replay_interval=None) as buf:
+        await buf.put_many("ticks", records)
+        await buf.flush()
+        stats = buf.stats()
+        assert (stats.rows_written, stats.rows_duplicate, stats.rows_quarantined) == (298, 1, 1)
+        assert stats.held_rows == 0
+        poison = buf.deadletter.files("ticks", "poison")
+        assert len(poison) == 1
+    assert await db.fetchval(f"SELECT count(*) FROM {table}") == 299
+    assert await db.fetchval(f"SELECT count(*) FROM {table} WHERE price < 0") == 0

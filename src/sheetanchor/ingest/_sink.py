@@ -17,10 +17,12 @@ instead of re-sending its rows; the natural key stays the guarantee, the ledger 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, NamedTuple, Protocol
 
@@ -54,6 +56,19 @@ class SinkOutcome(NamedTuple):
 
     path: Literal["copy", "staging", "ledger"]
     inserted: int
+
+
+class _SetWhenReached:
+    """An empty iterable that sets ``event`` when iteration reaches it (end of a COPY)."""
+
+    __slots__ = ("event",)
+
+    def __init__(self, event: asyncio.Event) -> None:
+        self.event = event
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        self.event.set()
+        return iter(())
 
 
 def _q(ident: str) -> str:
@@ -164,24 +179,35 @@ class CopySink:
 
     # -- writing ----------------------------------------------------------------------------
     async def write(
-        self, conn: asyncpg.Connection, rows: Sequence[tuple[Any, ...]], *, batch_id: str | None
+        self,
+        conn: asyncpg.Connection,
+        rows: Sequence[tuple[Any, ...]],
+        *,
+        batch_id: str | None,
+        sent: asyncio.Event | None = None,
     ) -> SinkOutcome:
         """Write ``rows`` in one transaction; rows that already exist are skipped.
+
+        ``sent`` is set once the direct COPY has encoded and handed over its last row (the
+        server may still be ingesting it): the caller may then start encoding the next batch.
 
         Raises:
             asyncpg.PostgresError: data errors (22xxx/23xxx: bisect), or anything else.
         """
         use_ledger = self.ledger and batch_id is not None
         begin = self._begin_with_ledger(batch_id, len(rows)) if use_ledger else None
+        records: Iterable[tuple[Any, ...]] = rows
+        if sent is not None:
+            records = itertools.chain(rows, _SetWhenReached(sent))
         try:
             if begin is not None:
-                await self._direct(conn, rows, begin)
+                await self._direct(conn, records, begin)
             else:
                 async with conn.transaction():
                     if use_ledger:
                         await conn.execute(self._ledger_insert, batch_id, self.stream, len(rows))
                     await conn.copy_records_to_table(
-                        self.table, records=rows, columns=self.columns, schema_name=self.schema
+                        self.table, records=records, columns=self.columns, schema_name=self.schema
                     )
             return SinkOutcome("copy", len(rows))
         except asyncpg.UniqueViolationError as exc:
@@ -220,7 +246,7 @@ class CopySink:
         )
 
     async def _direct(
-        self, conn: asyncpg.Connection, rows: Sequence[tuple[Any, ...]], begin: str
+        self, conn: asyncpg.Connection, rows: Iterable[tuple[Any, ...]], begin: str
     ) -> None:
         """The direct COPY in one transaction opened by ``begin``; rolled back on an error.
 

@@ -82,6 +82,9 @@ class Stream:
         concurrency: batches of this stream written at the same time, at most (1: on a small
             machine two concurrent COPYs of one stream compete with the encoder for CPU;
             while one batch is written the next one accumulates, so batches grow under load).
+            Within a batch, the next ``batch_rows`` chunk starts once the previous one's
+            COPY has sent its last row, while the server still ingests and commits it
+            (only when two global write slots are free).
         put_timeout: seconds ``await put`` waits for room before raising ``BufferFull``.
         nullable: columns that accept ``None`` (never a natural-key column).
         schema: PostgreSQL schema of ``table``.
