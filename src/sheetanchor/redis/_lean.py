@@ -160,7 +160,8 @@ class LeanCommands:
         in_use.add(conn)
         loop = self._loop
         if not _ready(conn, loop):
-            # Let the pool's checkout connect it, check it, or ping it (errors "not sent").
+            # Let the pool's checkout (re)connect it, or its health check ping it: errors
+            # there surely came before the command was written.
             await self._release(conn)
             return await self._careful(args, 0, None)
         try:
@@ -239,13 +240,19 @@ class LeanCommands:
 
 
 def _ready(conn: Any, loop: asyncio.AbstractEventLoop) -> bool:
-    """True when ``conn`` can take a command now: connected, clean, no health check due."""
+    """True when ``conn`` can take a command now: connected, clean, no health check due.
+
+    A connection that is dead or dirty is disconnected here, so that the pool's checkout
+    reconnects it: bytes nobody asked for, the end of the stream (the server closed it: a
+    restart, an idle timeout, ``CLIENT KILL``) or a reset. redis-py's own check
+    (``can_read``) misses the reset, and the command would then fail after it was written,
+    as if it might have run.
+    """
     reader = conn._reader
     if reader is None or conn._writer is None:
         return False
-    # What the pool's checkout looks for (redis-py's can_read): bytes nobody asked for, or
-    # the end of the stream (the server closed it: restart, idle timeout).
     if reader.at_eof() or reader.exception() is not None or reader._buffer:
+        _drop(conn)
         return False
     return not conn.health_check_interval or loop.time() <= conn.next_health_check
 
