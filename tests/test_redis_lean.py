@@ -16,10 +16,14 @@ from typing import Any
 
 import pytest
 import redis.exceptions
+from hypothesis import given
+from hypothesis import strategies as st
+from redis.asyncio.connection import Connection
 
 from sheetanchor.config import parse_url
 from sheetanchor.observe import REGISTRY
 from sheetanchor.redis import CommandOutcomeUnknown, LuaScript, RedisClient, assume_idempotent
+from sheetanchor.redis._lean import _pack
 from sheetanchor.retry import RetryPolicy
 from sheetanchor.testing import FaultProxy
 
@@ -58,6 +62,32 @@ async def _eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
 def _lean_in_use(rc: RedisClient) -> bool:
     entry = rc._entries.get(asyncio.get_running_loop())
     return entry is not None and entry.lean is not None
+
+
+_ARG = st.one_of(
+    st.text(max_size=30),
+    st.binary(max_size=30),
+    st.binary(min_size=4090, max_size=5000),
+    st.integers(),
+    st.floats(allow_nan=False),
+)
+
+
+@given(
+    name=st.sampled_from(["GET", "MGET", "EVALSHA", "CLIENT ID", b"SET", b"CONFIG GET"]),
+    args=st.lists(_ARG, max_size=12),
+)
+def test_commands_are_packed_byte_for_byte_as_redis_py_packs_them(
+    name: str | bytes, args: list[Any]
+) -> None:
+    conn = Connection()
+    assert _pack(conn.encoder, [name, *args]) == b"".join(conn.pack_command(name, *args))
+
+
+@pytest.mark.parametrize("bad", [True, None, 1j])
+def test_unencodable_arguments_raise_redis_pys_data_error(bad: object) -> None:
+    with pytest.raises(redis.exceptions.DataError):
+        _pack(Connection().encoder, ["SET", "k", bad])
 
 
 async def test_replies_and_errors_are_those_of_redis_py(redis_url: str) -> None:
