@@ -244,7 +244,10 @@ class CacheSide:
         """
         # The hot path: one method call and one attribute read, then the Redis call.
         verdict = self.breaker.check()
-        if (verdict != ALLOW or self.pending.dirty) and not await self._admit(verdict):
+        # Open (DENY): Redis is skipped without a coroutine of its own.
+        if (verdict != ALLOW or self.pending.dirty) and (
+            verdict == DENY or not await self._admit(verdict)
+        ):
             return DOWN
         return await self._call_admitted(op, *args)
 
