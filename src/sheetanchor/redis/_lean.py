@@ -308,8 +308,16 @@ def _pack(encoder: Any, args: Sequence[Any]) -> bytes:
     append = out.append
     for word in words:
         append(b"$%d\r\n%s\r\n" % (len(word), word))
+    rest = args[1:]
+    if len(rest) > 8 and set(map(type, rest)) == {str}:
+        # Many keys (MGET, DEL...): framed as one str. Lengths count characters, so only
+        # when that is the byte count (ASCII; else the loop below).
+        text = "".join([f"${len(a)}\r\n{a}\r\n" for a in rest])
+        if text.isascii():
+            out.append(text.encode())
+            return b"".join(out)
     encoding, errors = encoder.encoding, encoder.encoding_errors
-    for arg in args[1:]:
+    for arg in rest:
         kind = type(arg)
         if kind is str:
             data = arg.encode(encoding, errors)

@@ -453,14 +453,12 @@ class CachedStore(_StoreWrites):
         if self._schema is not None or self.settings.early_refresh or None in datas:
             return None
         parts = [d.split(b"|", 3) for d in datas]  # type: ignore[union-attr]
-        if min(map(len, parts), default=0) < 4:
-            return None
         heads = b"\n".join([p[0] for p in parts])
         if heads.count(b"\n") != len(parts) - 1 or _PLAIN_HEADS.fullmatch(heads) is None:
             return None
         try:
             batch = orjson.loads(b"[" + b",".join([p[3] for p in parts]) + b"]")
-        except orjson.JSONDecodeError:
+        except (IndexError, orjson.JSONDecodeError):  # a field short, or not JSON
             return None
         # A corrupt payload could merge or split elements: the count and types must match.
         if (
