@@ -173,9 +173,11 @@ class LeanCommands:
             await self._release(conn)  # cancelled: disconnected by _roundtrip
             raise
         # Not exhausted and nothing to reconnect: nobody can be waiting for this connection.
+        # (The pool's containers are read again: they are what they are after the await.)
+        in_use = pool._in_use_connections
         if len(in_use) < pool.max_connections and not conn.should_reconnect():  # type: ignore[no-untyped-call]
-            in_use.remove(conn)
-            free.append(conn)
+            in_use.discard(conn)
+            pool._available_connections.append(conn)
         else:
             await self._release(conn)
         if isinstance(response, ResponseError):
