@@ -22,7 +22,13 @@ from redis.asyncio.connection import Connection
 
 from sheetanchor.config import parse_url
 from sheetanchor.observe import REGISTRY
-from sheetanchor.redis import CommandOutcomeUnknown, LuaScript, RedisClient, assume_idempotent
+from sheetanchor.redis import (
+    CommandOutcomeUnknown,
+    LuaScript,
+    RedisClient,
+    assume_idempotent,
+    was_not_sent,
+)
 from sheetanchor.redis._lean import _pack
 from sheetanchor.retry import RetryPolicy
 from sheetanchor.testing import FaultProxy
@@ -255,6 +261,18 @@ async def test_connection_closed_by_the_server_while_idle_is_reconnected_not_unk
         await asyncio.sleep(0.1)  # the end of stream reaches the idle connection
         assert await rc.execute_command("EVALSHA", _INCR.sha, 1, "lean:k") == 1
         assert int(await rc.execute_command("CLIENT", "ID")) != victim
+
+
+async def test_a_server_that_is_not_there_is_a_plain_connection_error() -> None:
+    # Nothing was sent: not an unknown outcome, whatever the command.
+    async with RedisClient(
+        "redis://127.0.0.1:1/0", name="t_lean_dead", socket_connect_timeout=0.5
+    ) as rc:
+        with pytest.raises(redis.exceptions.ConnectionError) as info:
+            await rc.execute_command("EVALSHA", _INCR.sha, 1, "lean:x")
+        assert not isinstance(info.value, CommandOutcomeUnknown)
+        assert was_not_sent(info.value)
+        assert rc.stats().connections_in_use == 0
 
 
 @pytest.mark.parametrize("how", ["cancel", "outer_timeout"])

@@ -219,8 +219,11 @@ class LeanCommands:
             try:
                 conn = await pool.get_connection()  # type: ignore[no-untyped-call]
             except RETRYABLE_ERRORS as error:
-                if not was_not_sent(error):
-                    raise  # no free connection within pool_timeout: as the normal path
+                # The first checkout fails as the normal path's does (its connect has retried
+                # already; no free connection within pool_timeout is not retried). A connect
+                # after a failed attempt is one more attempt of the command (not sent).
+                if failures == 0 or not was_not_sent(error):
+                    raise
                 failures += 1
                 exc = error
                 continue
