@@ -22,6 +22,8 @@ Rules it keeps:
 * A command is never sent twice unless that is safe: errors before it was written are
   retried for every command, errors after it may have reached the server only for idempotent
   commands; others raise ``CommandOutcomeUnknown`` (the rule is in ``_retry.py``).
+* :meth:`RedisClient.execute_command` runs a single command on the same per-loop pool
+  without redis-py's per-command wrapper, keeping all of the above (``_lean.py``).
 """
 
 from __future__ import annotations
