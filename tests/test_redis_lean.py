@@ -81,7 +81,7 @@ _ARG = st.one_of(
 
 @given(
     name=st.sampled_from(["GET", "MGET", "EVALSHA", "CLIENT ID", b"SET", b"CONFIG GET"]),
-    args=st.lists(_ARG, max_size=12) | st.lists(st.text(max_size=30), min_size=9, max_size=40),
+    args=st.lists(_ARG, max_size=12) | st.lists(st.text(max_size=30), min_size=17, max_size=40),
 )
 def test_commands_are_packed_byte_for_byte_as_redis_py_packs_them(
     name: str | bytes, args: list[Any]

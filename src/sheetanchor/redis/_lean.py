@@ -314,7 +314,7 @@ def _pack(encoder: Any, args: Sequence[Any]) -> bytes:
     for word in words:
         append(b"$%d\r\n%s\r\n" % (len(word), word))
     rest = args[1:]
-    if len(rest) > 8 and set(map(type, rest)) == {str}:
+    if len(rest) > 16 and set(map(type, rest)) == {str}:
         # Many keys (MGET, DEL...): framed as one str. Lengths count characters, so only
         # when that is the byte count (ASCII; else the loop below).
         text = "".join([f"${len(a)}\r\n{a}\r\n" for a in rest])
