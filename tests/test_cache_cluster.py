@@ -143,6 +143,22 @@ def test_cluster_client_is_loop_aware(cluster_url: str) -> None:
     assert rc.stats().clients_disposed == 5
 
 
+async def test_execute_command_on_a_cluster_takes_redis_pys_routed_path(cluster_url: str) -> None:
+    # The lean path is for one server; on a cluster each command goes to its slot's node.
+    script = LuaScript("t_cluster_exec", "return redis.call('INCR', KEYS[1])")
+    async with RedisClient(cluster_url, cluster=True, name="t_cluster_exec") as rc:
+        await script.load(rc.cluster_client())
+        keys = [f"exec:{i}" for i in range(20)]  # spread over the three masters' slots
+        for i, key in enumerate(keys):
+            assert await rc.execute_command("SET", key, str(i)) is True
+        assert [await rc.execute_command("GET", k) for k in keys] == [
+            str(i).encode() for i in range(20)
+        ]
+        assert await rc.execute_command("EVALSHA", script.sha, 1, "exec:{n}") == 1
+        with pytest.raises(redis.exceptions.NoScriptError):
+            await rc.execute_command("EVALSHA", "0" * 40, 1, "exec:{n}")
+
+
 async def test_cached_store_on_a_cluster(pg_url: str, cluster_url: str) -> None:
     table = table_name()
     async with Database(pg_url) as db, RedisClient(cluster_url, cluster=True) as rc:

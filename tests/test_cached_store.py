@@ -262,6 +262,31 @@ async def test_get_many_with_corrupt_entries_among_good_ones(env: Any) -> None:
     assert store.stats().corrupt == 3  # repaired: removed, then filled afresh
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b'v1\nv2|0|0|{"name":"x"}',  # a header that reads as two in a joined batch
+        b'vx|0|0|{"name":"x"}',
+        b'v|0|0|{"name":"x"}',
+        b'v1|0|{"name":"x"}',  # a field short
+        b'v999999|0|0|{"name":"x"},{"name":"y"}',
+        b'v999999|0|0|{"name":"x"',
+    ],
+)
+async def test_get_many_of_all_cached_keys_with_one_malformed_entry(env: Any, bad: bytes) -> None:
+    # Every key has an entry, so the one-decode path for plain rows is tried: one malformed
+    # entry must send the batch to the careful path (a miss, counted), never into a value.
+    db, rc, table = env
+    store = CachedStore(db, rc, table=table, value_columns=["name"])
+    await store.put_many({i: {"name": f"n{i}"} for i in range(4)})
+    await rc.client().set(store.redis_key(2), bad)
+    assert await store.get_many(range(4)) == {i: {"name": f"n{i}"} for i in range(4)}
+    assert store.stats().corrupt == 1
+    hits = store.stats().hits
+    assert await store.get_many(range(4)) == {i: {"name": f"n{i}"} for i in range(4)}
+    assert store.stats().hits == hits + 4  # repaired: all plain entries again
+
+
 async def test_ttl_jitter_and_probabilistic_early_refresh(env: Any) -> None:
     db, rc, table = env
     now = [1_000_000.0]

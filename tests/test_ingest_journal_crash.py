@@ -43,6 +43,23 @@ async def _sql(url: str, sql: str) -> list[asyncpg.Record]:
         await conn.close()
 
 
+def _kill_and_drain(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """SIGKILL ``proc``; return what it printed that was not read yet (stdout, stderr).
+
+    Not ``communicate()``: it reads the pipes' file descriptors directly, so lines that the
+    ``for line in proc.stdout`` loop had already pulled into the stream's read-ahead buffer
+    would be lost, and an acknowledgement (or a commit mark) printed before the kill would
+    go unseen.
+    """
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    proc.send_signal(signal.SIGKILL)
+    rest = proc.stdout.read()
+    errors = proc.stderr.read()
+    proc.wait()
+    return rest, errors
+
+
 def _write_and_kill(
     url: str, table: str, workdir: Path, *, journal: bool, batch_rows: int
 ) -> set[int]:
@@ -60,9 +77,8 @@ def _write_and_kill(
                 acked.add(int(line))
             if len(acked) >= ACKS_BEFORE_KILL:
                 break
-        proc.send_signal(signal.SIGKILL)
         # Ids printed before the kill are acknowledged too; a cut last line is not counted.
-        rest, errors = proc.communicate()
+        rest, errors = _kill_and_drain(proc)
         acked.update(int(line) for line in rest.splitlines(keepends=True) if line.endswith("\n"))
         assert proc.returncode == -signal.SIGKILL, f"writer died on its own:\n{errors}"
     return acked
@@ -174,8 +190,7 @@ def test_journal_alone_recovers_every_acknowledged_append(tmp_path: Path) -> Non
                 acked[seq] = i
             if len(acked) >= ACKS_BEFORE_KILL:
                 break
-        proc.send_signal(signal.SIGKILL)
-        rest, errors = proc.communicate()
+        rest, errors = _kill_and_drain(proc)
         for line in rest.splitlines(keepends=True):
             if line.endswith("\n"):
                 i, seq = map(int, line.split())

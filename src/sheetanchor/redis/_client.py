@@ -22,6 +22,8 @@ Rules it keeps:
 * A command is never sent twice unless that is safe: errors before it was written are
   retried for every command, errors after it may have reached the server only for idempotent
   commands; others raise ``CommandOutcomeUnknown`` (the rule is in ``_retry.py``).
+* :meth:`RedisClient.execute_command` runs a single command on the same per-loop pool
+  without redis-py's per-command wrapper, keeping all of the above (``_lean.py``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from sheetanchor.errors import ConfigError, ResourceClosed, WrongEventLoop
 from sheetanchor.observe import get_logger
 from sheetanchor.postgres._loops import close_inherited_loop
 from sheetanchor.redis import _metrics
+from sheetanchor.redis._lean import LeanCommands, lean_commands_for
 from sheetanchor.redis._retry import (
     SafeRedis,
     SafeRedisCluster,
@@ -103,6 +106,7 @@ class _Entry:
     redis: AnyRedis
     pid: int
     stop: asyncio.Future[None]
+    lean: LeanCommands | None = None  # None: redis-py's normal path (cluster...)
     closer: asyncio.Task[None] | None = None
     forsaken: bool = False
     closed: bool = field(default=False)
@@ -288,6 +292,52 @@ class RedisClient:
         """
         return await fn(self.any_client())
 
+    async def execute_command(self, *args: Any) -> Any:
+        """Run one command on the running loop's pool; what ``execute_command`` returns.
+
+        The same command as ``await rc.any_client().execute_command(*args)``, with the same
+        reply (redis-py's response callback applied: ``SET`` gives ``True``), errors, retry
+        rule (see the ``retry`` argument), socket timeout and pool limit, for a fraction of
+        the client CPU: on a single server it takes an idle connection of the loop's pool
+        directly, writes the packed command and reads the reply with the connection's
+        parser (see :mod:`sheetanchor.redis._lean`). A round trip that fails or is
+        cancelled disconnects its connection, so no reply is ever left pending on a pooled
+        one. On a Redis Cluster (and wherever the lean path cannot be exact: RESP3, a
+        custom pool) it is redis-py's ``execute_command``.
+
+        Meant for the hot single commands of a caller (``GET``, ``MGET``, ``EVALSHA``...);
+        options of redis-py's command methods (``nx=True``...) are spelled as arguments.
+
+        Raises:
+            WrongEventLoop: called outside a running event loop.
+            ResourceClosed: after :meth:`close`.
+            CommandOutcomeUnknown: a non-idempotent command whose reply was lost.
+            redis.exceptions.RedisError: what redis-py raises for the command
+                (``NoScriptError`` for an unknown script SHA, ``ResponseError``...).
+
+        Example::
+
+            raw = await rc.execute_command("GET", "k")
+            sha_result = await rc.execute_command("EVALSHA", script.sha, 1, "k", "v")
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise WrongEventLoop(
+                f"RedisClient({self.name!r}).execute_command() needs a running event loop; "
+                "call it from a coroutine"
+            ) from None
+        entry = self._entries.get(loop)  # the fast path: one dict read, no lock
+        if entry is None:
+            redis = self._create(loop)
+            entry = self._entries.get(loop)
+            if entry is None:  # closed meanwhile from another thread
+                return await redis.execute_command(*args)
+        lean = entry.lean
+        if lean is None:
+            return await entry.redis.execute_command(*args)
+        return await lean.execute(args)
+
     async def ping(self) -> bool:
         """``PING`` the server (every node of a cluster); True when it answers."""
         return bool(await self.any_client().ping())
@@ -409,7 +459,13 @@ class RedisClient:
                 return entry.redis
             self._sweep_closed_loops()
             redis = self._connect()
-            entry = _Entry(loop=loop, redis=redis, pid=os.getpid(), stop=loop.create_future())
+            entry = _Entry(
+                loop=loop,
+                redis=redis,
+                pid=os.getpid(),
+                stop=loop.create_future(),
+                lean=lean_commands_for(redis, loop, policy=self._retry, name=self.name),
+            )
             # Only a task can be cancelled by asyncio.run at loop end; it closes the pool there.
             entry.closer = loop.create_task(
                 self._close_at_loop_end(entry), name=f"sheetanchor-redis-closer[{self.name}]"

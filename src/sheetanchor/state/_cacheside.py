@@ -9,8 +9,11 @@ wait for the store's next call: other processes read Redis as soon as it answers
 background task probes as soon as the breaker allows it.
 
 One helper (``_call``) holds the breaker admission, the optional timeout and the failure
-routing; the operations are plain functions of the client, and scripts run by SHA (all are
-registered again on NOSCRIPT).
+routing; the operations are plain functions of the :class:`RedisClient`, and scripts run by
+SHA (all are registered again on NOSCRIPT). The single commands of the hot paths (the GET of
+a hit, the scripts of a miss and of a write, MGET) go through
+:meth:`RedisClient.execute_command`, the client's lean path; pipelines and cluster-wide work
+use the redis-py client of the running loop.
 """
 
 from __future__ import annotations
@@ -80,6 +83,13 @@ async def mget(client: AnyRedis, rkeys: Sequence[str]) -> list[bytes | None]:
     if isinstance(client, aioredis.RedisCluster):
         return cast(list[bytes | None], await client.mget_nonatomic(rkeys))
     return cast(list[bytes | None], await client.mget(rkeys))
+
+
+def _mget(rc: RedisClient, rkeys: Sequence[str]) -> Awaitable[Any]:
+    # The lean path on a single server; split by slot on a cluster.
+    if rc.cluster:
+        return mget(rc.cluster_client(), rkeys)
+    return rc.execute_command("MGET", *rkeys)
 
 
 class CacheSide:
@@ -165,7 +175,7 @@ class CacheSide:
                 await self._drop_namespace(client)
                 flushed = True
             if items:
-                await self._fenced_many(
+                await _fenced_many(
                     client,
                     [(k, e, v, r, 60_000) for k, (v, r, e) in items.items()],
                 )
@@ -225,7 +235,7 @@ class CacheSide:
     # -- one Redis call -----------------------------------------------------------------
 
     async def _call(self, op: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-        """``await op(client, *args)`` behind the breaker: the result, or :data:`DOWN`.
+        """``await op(rc, *args)`` behind the breaker: the result, or :data:`DOWN`.
 
         The first call of an operation goes through here: while the breaker is open it
         skips Redis; the probe (and a closed breaker with keys pending) writes the pending
@@ -234,7 +244,10 @@ class CacheSide:
         """
         # The hot path: one method call and one attribute read, then the Redis call.
         verdict = self.breaker.check()
-        if (verdict != ALLOW or self.pending.dirty) and not await self._admit(verdict):
+        # Open (DENY): Redis is skipped without a coroutine of its own.
+        if (verdict != ALLOW or self.pending.dirty) and (
+            verdict == DENY or not await self._admit(verdict)
+        ):
             return DOWN
         return await self._call_admitted(op, *args)
 
@@ -242,15 +255,15 @@ class CacheSide:
         """:meth:`_call` without the breaker check: for the later steps of an operation
         whose first call was admitted (a lease, a peek, the backfill that releases it), so
         that a breaker opened meanwhile by another caller does not leave them half done."""
-        client = self.rc.any_client()
+        rc = self.rc
         try:
             if self.timeout is None:
-                result = await op(client, *args)
+                result = await op(rc, *args)
             else:
                 async with asyncio.timeout(self.timeout):
-                    result = await op(client, *args)
+                    result = await op(rc, *args)
         except NoScriptError:
-            result = await self._after_noscript(client, op, args)
+            result = await self._after_noscript(op, args)
         except REDIS_DOWN_ERRORS as exc:
             self.failed(exc)
             return DOWN
@@ -258,16 +271,17 @@ class CacheSide:
         return result
 
     async def _after_noscript(
-        self, client: AnyRedis, op: Callable[..., Awaitable[Any]], args: tuple[Any, ...]
+        self, op: Callable[..., Awaitable[Any]], args: tuple[Any, ...]
     ) -> Any:
         # The server lost its scripts (restart, SCRIPT FLUSH): register them all again (they
         # are lost together) and run the call once more.
         try:
             async with asyncio.timeout(max(self.timeout or 1.0, 1.0) * 10):
+                client = self.rc.any_client()
                 for script in SCRIPTS:
                     _SCRIPT_RELOADS.labels(script.name).inc()
                     await script.load(client)
-                return await op(client, *args)
+                return await op(self.rc, *args)
         except REDIS_DOWN_ERRORS as exc:
             self.failed(exc)
             return DOWN
@@ -298,7 +312,7 @@ class CacheSide:
 
     async def mget(self, rkeys: Sequence[str]) -> list[bytes | None] | _Down:
         """MGET, or :data:`DOWN`."""
-        return cast(list[bytes | None] | _Down, await self._call(mget, rkeys))
+        return cast(list[bytes | None] | _Down, await self._call(_mget, rkeys))
 
     # -- fenced writes -----------------------------------------------------------------
 
@@ -315,19 +329,13 @@ class CacheSide:
         """Write many entries with the fence in one round trip (a pipeline)."""
         if not items:
             return []
-        results = await self._call(self._fenced_many, items)
+        results = await self._call(_fenced_many_op, items)
         if isinstance(results, _Down):
             return results
         refused = results.count(False)
         if refused:
             self._refused.inc(refused)
         return cast(list[bool], results)
-
-    async def _fenced_many(self, client: AnyRedis, items: Sequence[FencedItem]) -> list[bool]:
-        calls = [
-            ((rkey,), (entry, version, rank, ttl)) for rkey, entry, version, rank, ttl in items
-        ]
-        return [bool(r) for r in await _scripts_many(client, FENCED_SET, calls)]
 
     # -- many keys at once (get_many) ----------------------------------------------------
 
@@ -346,7 +354,7 @@ class CacheSide:
             ((rkey, rkey + ":lease"), (entry, version, rank, ttl, token))
             for rkey, entry, version, rank, ttl in items
         ]
-        res = await self._call_admitted(_scripts_many, FENCED_SET_RELEASE, calls)
+        res = await self._call_admitted(_scripts_many_op, FENCED_SET_RELEASE, calls)
         if isinstance(res, _Down):
             return res
         results = [bool(r) for r in res]
@@ -358,7 +366,7 @@ class CacheSide:
     async def release_leases(self, lease_keys: Sequence[str], token: str) -> None:
         """Release many leases that are still ours (they expire on their own otherwise)."""
         await self._call_admitted(
-            _scripts_many, LEASE_RELEASE, [((lk,), (token,)) for lk in lease_keys]
+            _scripts_many_op, LEASE_RELEASE, [((lk,), (token,)) for lk in lease_keys]
         )
 
     async def peek_many(
@@ -474,6 +482,23 @@ async def _recover_when_allowed(ref: weakref.ref[CacheSide]) -> None:
         del side
 
 
+async def _fenced_many(client: AnyRedis, items: Sequence[FencedItem]) -> list[bool]:
+    calls = [((rkey,), (entry, version, rank, ttl)) for rkey, entry, version, rank, ttl in items]
+    return [bool(r) for r in await _scripts_many(client, FENCED_SET, calls)]
+
+
+def _fenced_many_op(rc: RedisClient, items: Sequence[FencedItem]) -> Awaitable[list[bool]]:
+    return _fenced_many(rc.any_client(), items)
+
+
+def _scripts_many_op(
+    rc: RedisClient,
+    script: LuaScript,
+    calls: Sequence[tuple[tuple[str, ...], tuple[Any, ...]]],
+) -> Awaitable[list[Any]]:
+    return _scripts_many(rc.any_client(), script, calls)
+
+
 async def _scripts_many(
     client: AnyRedis,
     script: LuaScript,
@@ -512,9 +537,9 @@ async def _pipeline(
 
 
 async def _set_nx_many(
-    client: AnyRedis, lease_keys: Sequence[str], token: str, ttl_ms: int
+    rc: RedisClient, lease_keys: Sequence[str], token: str, ttl_ms: int
 ) -> list[Any]:
-    pipe = client.pipeline(transaction=False)
+    pipe = rc.any_client().pipeline(transaction=False)
     for lk in lease_keys:
         pipe.set(lk, token, nx=True, px=ttl_ms)
     results: list[Any] = await pipe.execute()
@@ -522,8 +547,9 @@ async def _set_nx_many(
 
 
 async def _peek_many(
-    client: AnyRedis, rkeys: Sequence[str], lease_keys: Sequence[str]
+    rc: RedisClient, rkeys: Sequence[str], lease_keys: Sequence[str]
 ) -> tuple[list[bytes | None], list[bool]]:
+    client = rc.any_client()
     if isinstance(client, aioredis.RedisCluster):
         datas, leases = await mget(client, rkeys), await mget(client, lease_keys)
     else:
@@ -534,48 +560,50 @@ async def _peek_many(
     return datas, [lease is not None for lease in leases]
 
 
-# The operations, as plain functions of the client that return the awaitable (no extra
-# coroutine frame per call). Scripts run by SHA; ``_call`` reloads them on NOSCRIPT.
+# The operations, as plain functions of the RedisClient that return the awaitable (no extra
+# coroutine frame per call). Single commands take the client's lean path
+# (RedisClient.execute_command: redis-py's own path on a cluster). Scripts run by SHA;
+# ``_call`` reloads them on NOSCRIPT.
 
 
-def _get(client: AnyRedis, rkey: str) -> Awaitable[Any]:
-    return client.get(rkey)
+def _get(rc: RedisClient, rkey: str) -> Awaitable[Any]:
+    return rc.execute_command("GET", rkey)
 
 
 def _get_or_lease(
-    client: AnyRedis, rkey: str, lease_key: str, token: str, ttl_ms: int
+    rc: RedisClient, rkey: str, lease_key: str, token: str, ttl_ms: int
 ) -> Awaitable[Any]:
-    return client.evalsha(GET_OR_LEASE.sha, 2, rkey, lease_key, token, ttl_ms)
+    return rc.execute_command("EVALSHA", GET_OR_LEASE.sha, 2, rkey, lease_key, token, ttl_ms)
 
 
-def _fenced_set(client: AnyRedis, item: FencedItem) -> Awaitable[Any]:
+def _fenced_set(rc: RedisClient, item: FencedItem) -> Awaitable[Any]:
     rkey, entry, version, rank, ttl_ms = item
-    return client.evalsha(FENCED_SET.sha, 1, rkey, entry, version, rank, ttl_ms)
+    return rc.execute_command("EVALSHA", FENCED_SET.sha, 1, rkey, entry, version, rank, ttl_ms)
 
 
 def _fenced_set_release(
-    client: AnyRedis, item: FencedItem, lease_key: str, token: str
+    rc: RedisClient, item: FencedItem, lease_key: str, token: str
 ) -> Awaitable[Any]:
     rkey, entry, version, rank, ttl_ms = item
-    return client.evalsha(
-        FENCED_SET_RELEASE.sha, 2, rkey, lease_key, entry, version, rank, ttl_ms, token
+    return rc.execute_command(
+        "EVALSHA", FENCED_SET_RELEASE.sha, 2, rkey, lease_key, entry, version, rank, ttl_ms, token
     )
 
 
-def _delete_if_equal(client: AnyRedis, rkey: str, data: bytes) -> Awaitable[Any]:
-    return client.evalsha(DELETE_IF_EQUAL.sha, 1, rkey, data)
+def _delete_if_equal(rc: RedisClient, rkey: str, data: bytes) -> Awaitable[Any]:
+    return rc.execute_command("EVALSHA", DELETE_IF_EQUAL.sha, 1, rkey, data)
 
 
-def _lease_release(client: AnyRedis, lease_key: str, token: str) -> Awaitable[Any]:
-    return client.evalsha(LEASE_RELEASE.sha, 1, lease_key, token)
+def _lease_release(rc: RedisClient, lease_key: str, token: str) -> Awaitable[Any]:
+    return rc.execute_command("EVALSHA", LEASE_RELEASE.sha, 1, lease_key, token)
 
 
-def _set_nx(client: AnyRedis, lease_key: str, token: str, ttl_ms: int) -> Awaitable[Any]:
-    return client.set(lease_key, token, nx=True, px=ttl_ms)
+def _set_nx(rc: RedisClient, lease_key: str, token: str, ttl_ms: int) -> Awaitable[Any]:
+    return rc.execute_command("SET", lease_key, token, "NX", "PX", ttl_ms)
 
 
-async def _peek(client: AnyRedis, rkey: str, lease_key: str) -> tuple[bytes | None, bool]:
-    pipe = client.pipeline(transaction=False)
+async def _peek(rc: RedisClient, rkey: str, lease_key: str) -> tuple[bytes | None, bool]:
+    pipe = rc.any_client().pipeline(transaction=False)
     pipe.get(rkey)
     pipe.exists(lease_key)
     data, held = await pipe.execute()

@@ -221,10 +221,13 @@ class _StoreCore:
     async def _pg(self, fn: Callable[..., Awaitable[_T]], *args: Any) -> _T:
         """One database call; a transient failure is retried under the store's policy.
 
-        The first attempt runs without the policy's machinery (no cost on success).
+        The first attempt runs without the policy's machinery (no cost on success, not
+        even a coroutine frame of its own: every read of the store passes here).
         """
-        result, _retried = await self._pg_retried(fn, *args)
-        return result
+        try:
+            return await fn(*args)
+        except _PG_ERRORS as exc:
+            return await self._pg_again(exc, fn, args)
 
     async def _pg_retried(self, fn: Callable[..., Awaitable[_T]], *args: Any) -> tuple[_T, bool]:
         """:meth:`_pg`, and whether the call was retried (an earlier attempt may have committed
@@ -232,10 +235,17 @@ class _StoreCore:
         try:
             return await fn(*args), False
         except _PG_ERRORS as exc:
-            if self._retry is None or not is_transient(exc):
-                raise
-            _log.info("cache %s: transient database error, retrying (%s)", self.table, exc)
-            return await self._retry.call(fn, *args), True
+            return await self._pg_again(exc, fn, args), True
+
+    async def _pg_again(
+        self, exc: BaseException, fn: Callable[..., Awaitable[_T]], args: tuple[Any, ...]
+    ) -> _T:
+        # The first attempt of _pg / _pg_retried failed with exc: retry it under the policy
+        # if it is transient, else let it propagate.
+        if self._retry is None or not is_transient(exc):
+            raise exc
+        _log.info("cache %s: transient database error, retrying (%s)", self.table, exc)
+        return await self._retry.call(fn, *args)
 
     async def _resync_after_retry(self, key: Hashable) -> None:
         """A retried write found nothing to change: an earlier attempt may have committed.

@@ -31,12 +31,6 @@ class Landing:
         self.task = task
 
 
-def _consume(fut: asyncio.Future[Any]) -> None:
-    # A flight nobody waited for must not log "exception was never retrieved".
-    if not fut.cancelled():
-        fut.exception()
-
-
 class SingleFlight:
     """Share one in-flight load per key among concurrent callers of the same loop.
 
@@ -82,7 +76,6 @@ class SingleFlight:
             result = await fn()
             return result.value if isinstance(result, Landing) else result
         fut = loop.create_future()
-        fut.add_done_callback(_consume)
         flights[key] = fut
         lingering = False
         try:
@@ -97,6 +90,10 @@ class SingleFlight:
             raise
         except BaseException as exc:
             fut.set_exception(exc)
+            # Retrieved here: a flight nobody joined must not log "exception was never
+            # retrieved" (the followers, if any, still get it). No done-callback for that:
+            # it would cost a loop callback on every flight, failed or not.
+            fut.exception()
             raise
         else:
             fut.set_result(result)

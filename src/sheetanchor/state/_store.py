@@ -14,6 +14,7 @@ This module holds the read path; the write path is in :mod:`sheetanchor.state._w
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Hashable, Iterable
 from typing import Any
 
@@ -35,6 +36,8 @@ from sheetanchor.state._writes import _StoreWrites
 
 __all__ = ["CachedStore", "PgExecutor", "StoreStats"]
 
+# The headers of plain row entries ("v<version>"), one per line (see _plain_values).
+_PLAIN_HEADS = re.compile(rb"v[0-9]+(?:\nv[0-9]+)*")
 # Miss-rate tracking (an exponentially weighted mean over roughly the last 20 lookups):
 # above this rate, lookups start with GET_OR_LEASE instead of a plain GET.
 _RATE_WEIGHT = 0.05
@@ -362,6 +365,11 @@ class CachedStore(_StoreWrites):
             self._counts["skipped"] += len(unique)
             missing = unique
         else:
+            values = self._plain_values(datas)  # type: ignore[arg-type]
+            if values is not None:  # the common case: every key a plain cached row
+                self._m_hit.inc(len(values))
+                self._counts["hit"] += len(values)
+                return dict(zip(unique, values, strict=True))
             decoded = self._decode_many(datas)  # type: ignore[arg-type]
             for k, data, value in zip(unique, datas, decoded, strict=True):  # type: ignore[arg-type]
                 if value is _CORRUPT:
@@ -437,6 +445,29 @@ class CachedStore(_StoreWrites):
             if orphaned:
                 await self._read_many(sql, orphaned, out, fill=True)
             keys = waiting
+
+    def _plain_values(self, datas: list[bytes | None]) -> list[Any] | None:
+        """The values when every entry is a plain row entry (one decode, no per-key Python
+        beyond a split); ``None`` for anything else (absent, tombstone, corrupt, a schema or
+        early refresh to apply): then :meth:`_decode_many` looks at each entry."""
+        if self._schema is not None or self.settings.early_refresh or None in datas:
+            return None
+        parts = [d.split(b"|", 3) for d in datas]  # type: ignore[union-attr]
+        heads = b"\n".join([p[0] for p in parts])
+        if heads.count(b"\n") != len(parts) - 1 or _PLAIN_HEADS.fullmatch(heads) is None:
+            return None
+        try:
+            batch = orjson.loads(b"[" + b",".join([p[3] for p in parts]) + b"]")
+        except (IndexError, orjson.JSONDecodeError):  # a field short, or not JSON
+            return None
+        # A corrupt payload could merge or split elements: the count and types must match.
+        if (
+            not isinstance(batch, list)
+            or len(batch) != len(parts)
+            or set(map(type, batch)) != {dict}
+        ):
+            return None
+        return batch
 
     def _decode_many(self, datas: list[bytes | None]) -> list[Any]:
         # One orjson call for every plain row entry (a JSON array of the payloads) instead of
