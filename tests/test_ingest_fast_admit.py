@@ -237,3 +237,39 @@ async def test_overlapped_chunks_route_poison_and_conflicts(db: Database, tmp_pa
         assert len(poison) == 1
     assert await db.fetchval(f"SELECT count(*) FROM {table}") == 299
     assert await db.fetchval(f"SELECT count(*) FROM {table} WHERE price < 0") == 0
+
+
+class _OldSignature(CopySink):
+    """A user sink written before ``write`` took ``sent``: it must still be called."""
+
+    def __init__(self, describe: Any) -> None:
+        super().__init__(describe)
+        self.active = 0
+        self.most_active = 0
+
+    async def write(  # type: ignore[override]
+        self, conn: asyncpg.Connection, rows: Sequence[tuple[Any, ...]], *, batch_id: str | None
+    ) -> SinkOutcome:
+        self.active += 1
+        self.most_active = max(self.most_active, self.active)
+        try:
+            return await super().write(conn, rows, batch_id=batch_id)
+        finally:
+            self.active -= 1
+
+
+async def test_a_sink_without_the_sent_keyword_is_called_one_chunk_at_a_time(
+    db: Database, tmp_path: Path
+) -> None:
+    table = table_name()
+    await create_tick_table(db, table)
+    stream = tick_stream(table, max_rows=1000, batch_rows=100, flush_interval=3600.0)
+    async with WriteBuffer(db, [stream], deadletter_dir=tmp_path, replay_interval=None) as buf:
+        sink = _OldSignature(stream.describe())
+        buf._states["ticks"].sink = sink
+        await buf.put_many("ticks", [tick(i) for i in range(300)])
+        await buf.flush()  # one swap of three chunks, no TypeError for the missing keyword
+        assert buf.stats().rows_written == 300
+        assert buf.stats().held_rows == 0
+        assert sink.most_active == 1  # nothing tells the writer a chunk was sent: no overlap
+    assert await db.fetchval(f"SELECT count(*) FROM {table}") == 300

@@ -48,6 +48,27 @@ DEADLETTER_ATTEMPTS = 5
 STRANDED_RETRY_SECONDS = 2.0
 
 
+# Sink classes already inspected for the ``sent`` keyword: a handful in any program (bounded).
+_TAKES_SENT: dict[type[Any], bool] = {}
+_TAKES_SENT_MAX = 64
+
+
+def _write_takes_sent(sink: object) -> bool:
+    """True when ``sink.write`` accepts the ``sent`` keyword (or ``**kwargs``)."""
+    kind = type(sink)
+    known = _TAKES_SENT.get(kind)
+    if known is None:
+        try:
+            params = inspect.signature(kind.write).parameters  # type: ignore[attr-defined]
+        except (AttributeError, TypeError, ValueError):
+            known = False
+        else:
+            known = "sent" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+        if len(_TAKES_SENT) < _TAKES_SENT_MAX:
+            _TAKES_SENT[kind] = known
+    return known
+
+
 class Batch:
     """One swap being written: its journal entry and the rows saved nowhere yet."""
 
@@ -312,7 +333,9 @@ class BatchWriter:
         sent: asyncio.Event | None = None,
     ) -> SinkOutcome:
         async with asyncio.timeout(self._write_timeout), self._db.connection() as conn:
-            if sent is None:
+            if sent is None or not _write_takes_sent(st.sink):
+                # A sink written before ``sent`` existed is called as before; its chunks are
+                # then written one after the other (nothing sets ``sent``).
                 return await st.sink.write(conn, rows, batch_id=batch_id)
             return await st.sink.write(conn, rows, batch_id=batch_id, sent=sent)
 
