@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -33,14 +34,19 @@ class _Watching(CopySink):
         self.refs_later: list[int] = []
 
     async def write(
-        self, conn: asyncpg.Connection, rows: Sequence[tuple[Any, ...]], *, batch_id: str | None
+        self,
+        conn: asyncpg.Connection,
+        rows: Sequence[tuple[Any, ...]],
+        *,
+        batch_id: str | None,
+        sent: asyncio.Event | None = None,
     ) -> SinkOutcome:
         if self.first is None:
             self.first = rows[0]
         else:
             # Referenced by self.first and getrefcount's argument only, once released.
             self.refs_later.append(sys.getrefcount(self.first))
-        return await super().write(conn, rows, batch_id=batch_id)
+        return await super().write(conn, rows, batch_id=batch_id, sent=sent)
 
 
 async def test_written_chunks_of_a_swap_are_released(db: Database, tmp_path: Path) -> None:

@@ -63,6 +63,61 @@ async def test_ledger_recognises_a_committed_batch(db: Database) -> None:
     assert await db.fetchval(f"SELECT count(*) FROM {table}") == 100
 
 
+async def test_direct_copy_with_a_new_batch_id_falls_back_on_a_conflict(db: Database) -> None:
+    """BEGIN and the ledger row go in one query; a conflict still takes the staging merge."""
+    table = table_name()
+    await create_tick_table(db, table)
+    stream = tick_stream(table)
+    sink = CopySink(stream.describe())
+    v = Validator(stream)
+    first_id = "00000000-0000-0000-0000-0000000000b1"
+    second_id = "00000000-0000-0000-0000-0000000000b2"
+    async with db.connection() as conn:
+        await sink.prepare(conn)
+        first = await sink.write(
+            conn, [v.validate(tick(i))[0] for i in range(100)], batch_id=first_id
+        )
+        assert not conn.is_in_transaction()
+        # Rows 50-149 under a new batch id: 50 exist, so the direct COPY hits 23505.
+        second = await sink.write(
+            conn, [v.validate(tick(i))[0] for i in range(50, 150)], batch_id=second_id
+        )
+        assert not conn.is_in_transaction()
+        assert await sink.committed(conn, first_id)
+        assert await sink.committed(conn, second_id)
+        again = await sink.write(conn, [v.validate(tick(0))[0]], batch_id=second_id)
+    assert (first.path, first.inserted) == ("copy", 100)
+    assert (second.path, second.inserted) == ("staging", 50)
+    assert again.path == "ledger"
+    assert await db.fetchval(f"SELECT count(*) FROM {table}") == 150
+    assert (
+        await db.fetchval(
+            "SELECT rows FROM sheetanchor_ingest_batches WHERE batch_id = $1", second_id
+        )
+        == 100
+    )
+
+
+async def test_direct_copy_rolls_back_a_data_error_and_keeps_no_ledger_row(db: Database) -> None:
+    """A poison row on the one-query path: nothing lands, no ledger row, connection reusable."""
+    table = table_name()
+    await create_tick_table(db, table)  # CHECK (price >= 0)
+    stream = tick_stream(table)
+    sink = CopySink(stream.describe())
+    v = Validator(stream)
+    rows = [v.validate(tick(i, price=-1.0 if i == 7 else 1.0))[0] for i in range(20)]
+    bid = "00000000-0000-0000-0000-0000000000c1"
+    async with db.connection() as conn:
+        await sink.prepare(conn)
+        with pytest.raises(asyncpg.CheckViolationError):
+            await sink.write(conn, rows, batch_id=bid)
+        assert not conn.is_in_transaction()
+        assert not await sink.committed(conn, bid)
+        good = [r for i, r in enumerate(rows) if i != 7]
+        assert (await sink.write(conn, good, batch_id=bid)).path == "copy"
+    assert await db.fetchval(f"SELECT count(*) FROM {table}") == 19
+
+
 async def test_naive_insert_twice_duplicates_rows(db: Database) -> None:
     """The naive half: without a natural key, a re-sent batch doubles the rows."""
     table = table_name("naive")

@@ -266,6 +266,7 @@ class WriteBuffer:
         self._replayer = None
         for st in self._states.values():
             st.rows, st.bytes, st.spill, st.spill_bytes = [], 0, [], 0
+            st.reset_budget()
             st.commits.clear()
             st.stranded.clear()
             st.inflight_rows = st.inflight_bytes = 0
@@ -485,6 +486,7 @@ class WriteBuffer:
         st.counts["in"] += 1
         if st.tail is not None:
             st.tail.append(record)
+        st.refresh_budget()
 
     def put_nowait(self, stream: str, record: Mapping[str, Any]) -> None:
         """Validate ``record`` and buffer it now, or raise.
@@ -512,6 +514,9 @@ class WriteBuffer:
                 f"stream {stream!r} is journaled: put_nowait cannot wait for the journal to "
                 "be durable; use `await buffer.put(...)`"
             )
+        admit = st.fast_admit
+        if admit is not None and admit(record, st):
+            return  # validated and appended within the stream's budget
         fast = st.fast
         quick = fast(record) if fast is not None else None
         if quick is None or quick[1] > st.max_bytes:
@@ -591,6 +596,7 @@ class WriteBuffer:
         assert self._journal is not None
         st.reserved_rows += len(rows)
         st.reserved_bytes += nbytes
+        st.reset_budget()
         try:
             seq = await self._journal.append(st.name, [st.validator.as_dict(r) for r in rows])
         finally:
@@ -699,11 +705,13 @@ class WriteBuffer:
     async def _flusher(self, st: StreamState) -> None:
         interval = st.stream.flush_interval
         while True:
+            woken = False
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval):
-                    await st.wake.wait()
+                    woken = await st.wake.wait()
             st.wake.clear()
-            await self._drain(st)
+            st.reset_budget()  # the next batch_rows / high watermark must wake us again
+            await self._drain(st, whole_batches=woken)
             if st.stranded and asyncio.get_running_loop().time() >= st.stranded_retry_at:
                 st.stranded_retry_at = asyncio.get_running_loop().time() + STRANDED_RETRY_SECONDS
                 await self._writer.retry_stranded(st)
@@ -719,12 +727,43 @@ class WriteBuffer:
             if self._closing and not st.spill:
                 return
 
-    async def _drain(self, st: StreamState) -> None:
+    async def _drain(self, st: StreamState, *, whole_batches: bool = False) -> None:
+        """Swap out what is buffered and start writing it.
+
+        With ``whole_batches`` (a wake-up, not the interval), a stream that is not journaled
+        and is below its high watermark swaps out whole batches only: the few rows that
+        arrived after the wake-up and before the flusher ran stay for the next batch instead
+        of costing a COPY transaction of their own. A put waiting for room still gets it:
+        at least one whole batch leaves, and what stays (fewer than ``batch_rows``) plus a
+        ``put_many`` part (at most ``batch_rows``) fit within the limits that held them all.
+        The journal's commit mark covers the whole list, so a journaled stream swaps it all.
+        """
         while st.rows:
             await st.sem.acquire()
             # The swap: one assignment between awaits, so no put can interleave (O(1)).
             rows, nbytes = st.rows, st.bytes
-            st.rows, st.bytes = [], 0
+            keep = 0
+            if (
+                whole_batches
+                and not self._closing
+                and not st.journaled
+                and st.held_rows < st.high_rows
+                and st.held_bytes < st.high_bytes
+            ):
+                keep = len(rows) % st.batch_rows
+            if keep == len(rows):
+                st.sem.release()
+                return
+            if keep:
+                # Only the tail is copied (fewer than batch_rows references), never the batch.
+                rest = rows[-keep:]
+                del rows[-keep:]
+                rest_bytes = nbytes * keep // (len(rows) + keep)
+                st.rows, st.bytes = rest, rest_bytes
+                nbytes -= rest_bytes
+                st.reset_budget()
+            else:
+                st.rows, st.bytes = [], 0
             if not rows:
                 st.sem.release()
                 return
@@ -736,6 +775,8 @@ class WriteBuffer:
             self._writers.add(task)
             task.add_done_callback(self._writers.discard)
             st.publish()
+            if keep:
+                return
 
     async def _spill(self, st: StreamState) -> None:
         rows, nbytes = st.spill, st.spill_bytes

@@ -38,6 +38,7 @@ def enqueue_journaled(
     """
     st.rows.extend(rows)
     st.bytes += nbytes
+    st.reset_budget()
     st.counts["in"] += len(rows)
     if st.tail is not None:
         for record in records:
@@ -73,6 +74,7 @@ class GroupAppender:
         st = self._st
         st.reserved_rows += 1
         st.reserved_bytes += size
+        st.reset_budget()
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         self._rows.append(row)

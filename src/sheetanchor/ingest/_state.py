@@ -8,11 +8,12 @@ import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from sheetanchor.ingest._fastpath import FastAdmit, compile_fast_admit
 from sheetanchor.ingest._metrics import BUFFERED_BYTES, BUFFERED_ROWS, FILL, ROWS
 from sheetanchor.ingest._sink import CopySink
 from sheetanchor.ingest._stream import Stream
 from sheetanchor.ingest._tail import Tail
-from sheetanchor.ingest._validate import Row, Validator
+from sheetanchor.ingest._validate import ROW_OVERHEAD, Row, Validator
 from sheetanchor.ingest.quality import QualityGate
 
 __all__ = ["StreamState", "StreamStats", "WriteBufferStats"]
@@ -96,6 +97,10 @@ class StreamState:
         "emergency_bytes",
         "emergency_rows",
         "fast",
+        "fast_admit",
+        "fast_bytes_left",
+        "fast_granted",
+        "fast_rows_left",
         "gate",
         "high_bytes",
         "high_rows",
@@ -134,6 +139,15 @@ class StreamState:
         # put_nowait's fast path: the compiled validator, unless quality checks must see
         # every record (they run in the full path).
         self.fast = self.validator.fast if self.gate is None else None
+        # put_nowait's fastest path: validate and append in one generated function, within
+        # an admission budget (see refresh_budget). Not with quality checks or a tail, which
+        # must see every record.
+        self.fast_admit: FastAdmit | None = None
+        if self.gate is None and not stream.tail_rows:
+            self.fast_admit = compile_fast_admit(stream, row_overhead=ROW_OVERHEAD)
+        self.fast_rows_left = 0
+        self.fast_bytes_left = 0
+        self.fast_granted = 0
         # Set by WriteBuffer.open: authoritative records go through the disk journal.
         self.journaled = False
         self.sink = CopySink(stream.describe())
@@ -176,6 +190,47 @@ class StreamState:
         self.stranded: list[Any] = []
         self.stranded_retry_at = 0.0
 
+    def refresh_budget(self) -> None:
+        """Grant ``fast_admit`` the records it may append before anything needs a decision.
+
+        Called by the full admission path after each record. The budget is the number of
+        rows (and bytes) that can be appended before the stream would be full, past its
+        emergency watermark (best-effort) or, while no flush is requested yet, at
+        ``batch_rows`` or the high watermark. Anything that can only shrink what is held
+        (a swap, a finished write) leaves a budget conservative; whatever else changes
+        the inputs (a flusher clearing ``wake``, room reserved for the journal) calls
+        ``reset_budget``. Records admitted on the budget are counted in ``counts["in"]``
+        lazily, by ``fold_budget``.
+        """
+        self.fold_budget()
+        if self.fast_admit is None or self.journaled:
+            self.fast_rows_left = self.fast_granted = self.fast_bytes_left = 0
+            return
+        held_rows = self.held_rows
+        held_bytes = self.held_bytes
+        rows = self.max_rows - held_rows
+        nbytes = self.max_bytes - held_bytes
+        if self.best_effort:
+            rows = min(rows, self.emergency_rows - held_rows)
+            nbytes = min(nbytes, self.emergency_bytes - held_bytes)
+        if not self.wake.is_set():
+            rows = min(rows, self.batch_rows - 1 - len(self.rows), self.high_rows - held_rows)
+            nbytes = min(nbytes, self.high_bytes - 1 - held_bytes)
+        self.fast_rows_left = self.fast_granted = max(0, rows)
+        self.fast_bytes_left = nbytes
+
+    def reset_budget(self) -> None:
+        """Withdraw the fast-admission budget (the next record takes the full path)."""
+        self.fold_budget()
+        self.fast_rows_left = self.fast_granted = self.fast_bytes_left = 0
+
+    def fold_budget(self) -> None:
+        """Count the records admitted on the budget so far in ``counts["in"]``."""
+        used = self.fast_granted - self.fast_rows_left
+        if used:
+            self.counts["in"] += used
+            self.fast_granted = self.fast_rows_left
+
     @property
     def held_rows(self) -> int:
         """Rows in memory: buffered, being written, awaiting spill or the journal."""
@@ -197,6 +252,7 @@ class StreamState:
 
     def publish(self) -> None:
         """Fold counters and gauges into Prometheus (batched: put_nowait stays cheap)."""
+        self.fold_budget()
         for key, value in self.counts.items():
             delta = value - self._reported[key]
             if delta:
@@ -208,6 +264,7 @@ class StreamState:
 
     def stats(self) -> StreamStats:
         """A snapshot of this stream's figures."""
+        self.fold_budget()
         c = self.counts
         return StreamStats(
             stream=self.name,

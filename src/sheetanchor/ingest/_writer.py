@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import inspect
 import time
 import uuid
@@ -45,6 +46,27 @@ async def maybe_await(value: Awaitable[T] | T) -> T:
 DEADLETTER_ATTEMPTS = 5
 # Seconds between the flusher's retries of stranded rows.
 STRANDED_RETRY_SECONDS = 2.0
+
+
+# Sink classes already inspected for the ``sent`` keyword: a handful in any program (bounded).
+_TAKES_SENT: dict[type[Any], bool] = {}
+_TAKES_SENT_MAX = 64
+
+
+def _write_takes_sent(sink: object) -> bool:
+    """True when ``sink.write`` accepts the ``sent`` keyword (or ``**kwargs``)."""
+    kind = type(sink)
+    known = _TAKES_SENT.get(kind)
+    if known is None:
+        try:
+            params = inspect.signature(kind.write).parameters  # type: ignore[attr-defined]
+        except (AttributeError, TypeError, ValueError):
+            known = False
+        else:
+            known = "sent" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+        if len(_TAKES_SENT) < _TAKES_SENT_MAX:
+            _TAKES_SENT[kind] = known
+    return known
 
 
 class Batch:
@@ -123,13 +145,19 @@ class BatchWriter:
     async def _write_swap(
         self, st: StreamState, rows: list[Row], nbytes: int, entry: list[int]
     ) -> None:
-        """Write one swap in chunks of ``batch_rows``.
+        """Write one swap in chunks of ``batch_rows``, two of them overlapping at most.
 
         Every row ends in PostgreSQL, in a dead-letter file, or stranded (store full: kept in
         memory, still counted in flight, retried by ``retry_stranded``). The global semaphore
         is held only while PostgreSQL is written, never while waiting for the dead-letter
         store, so a full store cannot block the other streams. The journal entry of the swap
         is resolved in ``finally``: done once every row of this swap is saved somewhere.
+
+        Overlap: once a chunk's COPY has handed over its last row, the next chunk starts on
+        another connection while the server still ingests the first (its ``COMMIT`` follows),
+        so the client encodes while the server works instead of taking turns. Only while the
+        writes are healthy and two global slots are free (one stays for the other streams).
+        Outcomes are accounted in chunk order.
         """
         batch = Batch(entry)
         total = len(rows)
@@ -141,16 +169,47 @@ class BatchWriter:
         rows.clear()
         done_rows = 0
         done_bytes = 0
-        current: list[Row] = []
+        running: collections.deque[tuple[asyncio.Task[bool], list[Row], asyncio.Event]] = (
+            collections.deque()
+        )
         try:
             healthy = True
-            while chunks:
-                current = chunks.popleft()
+            while chunks or running:
+                if chunks and (
+                    not running
+                    or (
+                        len(running) == 1
+                        and healthy
+                        and running[0][2].is_set()
+                        and self._spare_slots() >= 2
+                    )
+                ):
+                    current = chunks.popleft()
+                    sent = asyncio.Event()
+                    task = asyncio.create_task(
+                        self.write_chunk(st, current, give_up=not healthy, batch=batch, sent=sent)
+                    )
+                    running.append((task, current, sent))
+                    continue
+                head, current, _ = running[0]
+                if chunks and len(running) == 1 and healthy and not running[0][2].is_set():
+                    # Wake when the head finishes, or when its data is all handed over.
+                    waiter = asyncio.ensure_future(running[0][2].wait())
+                    try:
+                        await asyncio.wait([head, waiter], return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        waiter.cancel()
+                    if not head.done():
+                        continue
+                else:
+                    await asyncio.wait([head])
+                ok = head.result()  # raises: the except below saves this chunk's rows too
+                running.popleft()
+                healthy = ok and healthy
                 chunk_bytes = nbytes * (done_rows + len(current)) // total - done_bytes
-                healthy = await self.write_chunk(st, current, give_up=not healthy, batch=batch)
                 kept_rows = kept_bytes = 0
                 for item in batch.new:
-                    item.nbytes = chunk_bytes * len(item.rows) // len(current)
+                    item.nbytes = nbytes * len(item.rows) // total
                     kept_rows += len(item.rows)
                     kept_bytes += item.nbytes
                     batch.pending += 1
@@ -161,15 +220,31 @@ class BatchWriter:
                 st.inflight_bytes -= chunk_bytes - kept_bytes
                 done_rows += len(current)
                 done_bytes += chunk_bytes
-                current = []
                 st.room.set()
         except BaseException as exc:
             # Cancelled by close() past its deadline, or an unexpected error: what is not
             # saved yet goes to disk now (blocking), never lost silently.
+            rest: list[Row] = []
+            for task, _chunk, _ in running:
+                task.cancel()
+            for task, chunk, _ in running:
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait([task])
+                if task.cancelled() or task.exception() is not None:
+                    rest += chunk
+                else:
+                    # Written (or routed) before the cancellation reached it: accounted.
+                    chunk_bytes = nbytes * (done_rows + len(chunk)) // total - done_bytes
+                    st.inflight_rows -= len(chunk)
+                    st.inflight_bytes -= chunk_bytes
+                    done_rows += len(chunk)
+                    done_bytes += chunk_bytes
+            running.clear()
+            for item in batch.new:
+                rest += item.rows  # routed nowhere yet: saved with the rest now
             batch.new = []
-            rest = current + [row for chunk in chunks for row in chunk]
+            rest += [row for chunk in chunks for row in chunk]
             chunks.clear()
-            current = []
             saved = not rest
             try:
                 if rest:
@@ -200,6 +275,12 @@ class BatchWriter:
                 batch.entry[1] = 1
             st.publish()
         await self.journal_done(st)
+
+    def _spare_slots(self) -> int:
+        """Global write slots free right now (asyncio.Semaphore keeps the count private)."""
+        assert self._global_sem is not None
+        sem = self._global_sem
+        return 0 if sem.locked() else sem._value
 
     def _publish_unsaved(self, st: StreamState) -> None:
         UNSAVED_ROWS.labels(st.name).set(sum(len(item.rows) for item in st.stranded))
@@ -245,10 +326,18 @@ class BatchWriter:
             await maybe_await(self._journal.commit(st.name, upto))
 
     async def attempt(
-        self, st: StreamState, rows: Sequence[Row], batch_id: str | None
+        self,
+        st: StreamState,
+        rows: Sequence[Row],
+        batch_id: str | None,
+        sent: asyncio.Event | None = None,
     ) -> SinkOutcome:
         async with asyncio.timeout(self._write_timeout), self._db.connection() as conn:
-            return await st.sink.write(conn, rows, batch_id=batch_id)
+            if sent is None or not _write_takes_sent(st.sink):
+                # A sink written before ``sent`` existed is called as before; its chunks are
+                # then written one after the other (nothing sets ``sent``).
+                return await st.sink.write(conn, rows, batch_id=batch_id)
+            return await st.sink.write(conn, rows, batch_id=batch_id, sent=sent)
 
     async def write_chunk(
         self,
@@ -257,6 +346,7 @@ class BatchWriter:
         *,
         give_up: bool = False,
         batch: Batch | None = None,
+        sent: asyncio.Event | None = None,
     ) -> bool:
         """Write one chunk; every outcome is routed (written, quarantined, dead-lettered).
 
@@ -277,7 +367,7 @@ class BatchWriter:
         try:
             async with self._global_sem:
                 try:
-                    outcome = await self._retry.call(self.attempt, st, chunk, batch_id)
+                    outcome = await self._retry.call(self.attempt, st, chunk, batch_id, sent)
                 except Exception as exc:  # noqa: BLE001  routed below: bisect or dead-letter
                     failure = exc
                     if is_data_error(exc):
