@@ -7,7 +7,9 @@ import asyncio
 import gc
 import linecache
 import logging
+import sys
 from collections.abc import Callable
+from typing import cast
 
 import pytest
 import sqlalchemy.exc
@@ -17,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sheetanchor.config import to_sqlalchemy_url
 from sheetanchor.errors import PoolTimeout
 from sheetanchor.postgres import Database, PoolSettings
+from sheetanchor.postgres._leaks import StackFrame, capture_stack, resolve_stack
 
 POOL = PoolSettings(size=2, max_overflow=0, timeout=0.5)
 
@@ -176,6 +179,10 @@ async def slow_report_query(db: Database) -> None:
     await db.fetchval("SELECT pg_sleep(0.5)")
 
 
+async def report_page(db: Database) -> None:
+    await slow_report_query(db)
+
+
 async def test_a_one_shot_read_held_too_long_is_reported_with_its_callers_stack(
     pg_url: str,
 ) -> None:
@@ -183,12 +190,85 @@ async def test_a_one_shot_read_held_too_long_is_reported_with_its_callers_stack(
     # task holding it is read when the lease is reported, and it is the caller's.
     db = Database(pg_url, pool=POOL, leak_threshold=0.1)
     await db.fetchval("SELECT 1")  # an idle connection: the lease path, not the fairy path
-    task = asyncio.create_task(slow_report_query(db))
+    task = asyncio.create_task(report_page(db))
     await _until(lambda: bool(db.leak_reports()), "the slow read is reported")
     [report] = db.leak_reports()
     assert report.kind == "held"
-    assert "slow_report_query" in [frame.function for frame in report.stack]
+    # Every suspended coroutine of the task, not only the outermost (Task.get_stack's view).
+    assert [frame.function for frame in report.stack] == ["report_page", "slow_report_query"]
     await task
     stats = db.stats()
     assert (stats.leaks, stats.checked_out) == (1, 0)
+    await db.close()
+
+
+async def hold_in_block(
+    db: Database, opener: str, took: asyncio.Event, lines: dict[str, object]
+) -> None:
+    # Holds a connection of a db.session() / db.transaction() / db.connection() block until
+    # cancelled; records the eager capture's view of the stack at the statement.
+    blocks = {"session": db.session, "transaction": db.transaction, "connection": db.connection}
+    lines["opener"] = sys._getframe().f_lineno + 1
+    async with blocks[opener]() as handle:
+        if opener == "session":
+            await handle.execute(text("SELECT 1"))
+        lines["eager"] = resolve_stack(capture_stack(1))
+        took.set()
+        await asyncio.sleep(0)  # the opener's frame moves on after the checkout
+        await asyncio.Event().wait()
+
+
+async def caller_of_the_block(
+    db: Database, opener: str, took: asyncio.Event, lines: dict[str, object]
+) -> None:
+    await hold_in_block(db, opener, took, lines)
+
+
+@pytest.mark.parametrize("opener", ["session", "transaction", "connection"])
+async def test_a_block_held_too_long_is_reported_at_its_opening_line_with_its_callers(
+    pg_url: str, opener: str
+) -> None:
+    # Checkouts of these blocks walk no stack: the block's line and the task are recorded, and
+    # the task's stack is read when reporting. It names the same callers, at the same lines, as
+    # a stack walked at the checkout; the opener's frame is reported at the `async with` line.
+    db = Database(pg_url, pool=POOL, leak_threshold=0.1)
+    took = asyncio.Event()
+    lines: dict[str, object] = {}
+    task = asyncio.create_task(caller_of_the_block(db, opener, took, lines))
+    await took.wait()
+    await _until(lambda: bool(db.leak_reports()), "the held block is reported")
+    [report] = db.leak_reports()
+    assert (report.kind, report.complete) == ("held", True)
+    eager = cast("tuple[StackFrame, ...]", lines["eager"])
+    assert [f.function for f in eager] == ["caller_of_the_block", "hold_in_block"]
+    assert report.stack[:-1] == eager[:-1]  # the callers: same frames, same lines
+    taker = report.stack[-1]
+    assert (taker.function, taker.filename) == ("hold_in_block", eager[-1].filename)
+    assert taker.lineno == lines["opener"]
+    assert "async with blocks[opener]()" in linecache.getline(taker.filename, taker.lineno)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert db.stats().checked_out == 0
+    await db.close()
+
+
+async def test_a_connection_taken_by_another_task_in_a_block_names_the_block_only(
+    pg_url: str,
+) -> None:
+    # A task created inside the block copies its context, so its checkout is recorded as the
+    # block's; its stack does not hold the opener, so only the `async with` line is known, and
+    # the report says the callers are unknown rather than naming the wrong ones.
+    db = Database(pg_url, pool=POOL, leak_threshold=0.1)
+    async with db.session() as session:
+        opener_line = sys._getframe().f_lineno - 1
+        await asyncio.create_task(session.execute(text("SELECT pg_sleep(0.5)")))
+    [report] = db.leak_reports()
+    assert (report.kind, report.complete) == ("held", False)
+    [frame] = report.stack
+    assert (frame.function, frame.lineno) == (
+        "test_a_connection_taken_by_another_task_in_a_block_names_the_block_only",
+        opener_line,
+    )
+    assert "callers unknown" in report.format()
     await db.close()

@@ -51,13 +51,15 @@ PgBouncer (``pool_mode = transaction``): pass ``Database(url_of_pgbouncer, pgbou
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from types import TracebackType
+from types import CodeType, TracebackType
 from typing import Any
 
 import asyncpg
@@ -84,7 +86,7 @@ from sheetanchor.postgres._errors import (
     translate,
     translate_errors,
 )
-from sheetanchor.postgres._leaks import LeakReport, LeakTable, LeakWatch
+from sheetanchor.postgres._leaks import OPENER, LeakReport, LeakTable, LeakWatch
 from sheetanchor.postgres._loops import PerLoop
 from sheetanchor.postgres._pool import (
     checkin_hook,
@@ -431,8 +433,12 @@ class Database:
             CommitFailed: COMMIT failed; nothing was saved (cause chained).
         """
         entry = self._entry()
-        with self._errors:
-            conn = await entry.engine.connect()
+        token = _open_block(sys._getframe(2))  # the caller (above contextlib's __aenter__)
+        try:
+            with self._errors:
+                conn = await entry.engine.connect()
+        finally:
+            _close_block(token)  # the checkout is recorded: later ones are not this block's
         try:
             with self._errors:
                 await conn.begin()
@@ -537,7 +543,11 @@ class Database:
         block ends. The connection goes back to the pool in every case (it is closed and
         replaced if the block was cancelled mid-statement or the connection broke).
         """
-        fairy, pool = await self._acquire()
+        token = _open_block(sys._getframe(2))  # the caller (above contextlib's __aenter__)
+        try:
+            fairy, pool = await self._acquire()
+        finally:
+            _close_block(token)  # the checkout is recorded: later ones are not this block's
         try:
             yield driver_of(fairy)
         except BaseException as exc:
@@ -713,7 +723,7 @@ class _SessionBlock:
     """``async with db.session()``: a class, not ``@asynccontextmanager``, because the
     generator machinery costs a few percent of a point query (see BENCHMARKS.md)."""
 
-    __slots__ = ("_db", "_entry", "_options", "_session")
+    __slots__ = ("_db", "_entry", "_options", "_session", "_token")
 
     def __init__(self, db: Database, options: dict[str, Any]) -> None:
         self._db = db
@@ -724,6 +734,10 @@ class _SessionBlock:
         options = self._options
         session = entry.sessions(**options) if options else entry.new_session()
         self._session: AsyncSession = session
+        # The session checks out at its first statement: until the block ends, a checkout in
+        # this context is recorded as this block's (its line, and the task's stack if reported).
+        caller = sys._getframe(1)
+        self._token = OPENER.set((caller.f_code, caller.f_lasti))
         return session
 
     async def __aexit__(
@@ -733,6 +747,7 @@ class _SessionBlock:
         tb: TracebackType | None,
     ) -> bool:
         db, entry, session = self._db, self._entry, self._session
+        _close_block(self._token)
         if exc is not None:
             # The block failed: roll back and close (shielded), then raise the error, driver
             # errors mapped at the boundary (the original is the cause).
@@ -755,6 +770,20 @@ class _SessionBlock:
             db._close_failed_after_commit(released)
             await db._cleanup(entry, session.close(), after_commit=True)
         return False
+
+
+def _open_block(caller: Any) -> contextvars.Token[tuple[CodeType, int] | None]:
+    """Record ``caller``'s line as the opener of the checkouts until :func:`_close_block`."""
+    return OPENER.set((caller.f_code, caller.f_lasti))
+
+
+def _close_block(token: contextvars.Token[tuple[CodeType, int] | None]) -> None:
+    # Left in another context than it was entered in: nothing to undo here. A try, not
+    # contextlib.suppress: this runs once per block, and suppress costs an object and two calls.
+    try:  # noqa: SIM105
+        OPENER.reset(token)
+    except ValueError:
+        pass
 
 
 def _json_dumps_str(value: Any) -> str:

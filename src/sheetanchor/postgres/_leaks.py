@@ -12,6 +12,17 @@ walks the code's line table: it cost more than the rest of the walk). The walk c
 SQLAlchemy's greenlet to the coroutine that awaited it, so the stack shows the caller's code,
 not the pool's, and it stops at the event loop's frame that runs the task (``Handle._run``)
 once it has caller frames: the loop's machinery above it never took a connection.
+
+Checkouts inside ``db.session()``, ``db.transaction()`` and ``db.connection()`` walk nothing:
+the block records its opening line (code and instruction offset) in a context variable, and
+the checkout records that and its task. While the block is open, every coroutine frame above
+the opener is suspended at the call it made when the connection was taken (each awaits the
+chain that holds the block), so the task's stack, read if the checkout is ever reported, gives
+the same callers; the opener's own frame has moved on, and its line is replaced by the
+``async with`` line it recorded. When the task is gone by then (a task garbage-collected with
+the block open), or the opener is not on its stack (the block's context was copied into
+another task that took the connection), only the ``async with`` line is known, and the report
+says so (:attr:`LeakReport.complete`).
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import asyncio.events
 import contextlib
+import contextvars
 import linecache
 import os
 import sys
@@ -31,13 +43,14 @@ from dataclasses import dataclass
 from types import CodeType, FrameType
 from typing import Any
 
+import asyncpg
 import greenlet  # type: ignore[import-untyped]
 from sqlalchemy import event
 from sqlalchemy.pool import Pool
 
 from sheetanchor.observe import get_logger
 
-__all__ = ["LeakReport", "LeakTable", "LeakWatch", "StackFrame", "capture_stack"]
+__all__ = ["OPENER", "LeakReport", "LeakTable", "LeakWatch", "StackFrame", "capture_stack"]
 
 _log = get_logger("postgres")
 
@@ -48,7 +61,7 @@ _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 _SKIP_DIRS = (
     *(
         os.path.dirname(os.path.abspath(mod.__file__ or ""))
-        for mod in (sys.modules["sqlalchemy"], greenlet, sys.modules["asyncio"])
+        for mod in (sys.modules["sqlalchemy"], greenlet, sys.modules["asyncio"], asyncpg)
     ),
     _PKG_DIR,
 )
@@ -56,6 +69,15 @@ _SKIP_FILES = ("contextlib.py", "threading.py", "concurrent/futures")
 # Where a task's step is run by the event loop: above it, only the loop's own frames (and the
 # code that called asyncio.run).
 _LOOP_BOUNDARY = asyncio.events.Handle._run.__code__
+
+#: The ``(code, f_lasti)`` of the frame that opened the innermost ``db.session()``,
+#: ``db.transaction()`` or ``db.connection()`` block of this context; ``None`` outside one. Set
+#: on entering such a block and reset on leaving it.
+OPENER: contextvars.ContextVar[tuple[CodeType, int] | None] = contextvars.ContextVar(
+    "sheetanchor_opener", default=None
+)
+_opener = OPENER.get
+_current_task = asyncio.current_task
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,12 +104,17 @@ class LeakReport:
         held_for: seconds since it was checked out, when reported.
         stack: the caller's frames that took it, innermost last.
         database: the ``name`` of the :class:`~sheetanchor.postgres.Database`.
+        complete: ``False`` when only the line that opened the block holding it is known,
+            not its callers: the task that took it was gone when it was reported, or it was
+            taken by another task than the one that opened the block (which copied its
+            context, e.g. ``asyncio.create_task`` inside the block).
     """
 
     kind: str
     held_for: float
     stack: tuple[StackFrame, ...]
     database: str
+    complete: bool = True
 
     def format(self) -> str:
         """The report as a traceback-like text."""
@@ -97,6 +124,11 @@ class LeakReport:
             else f"garbage-collected without being returned after {self.held_for:.1f} s"
         )
         frames = "\n".join(str(f) for f in self.stack) or "  (no caller frames captured)"
+        if not self.complete:
+            frames += (
+                "\n  (callers unknown: the task that took it had ended, or was not the one"
+                " that opened the block)"
+            )
         return f"PostgreSQL connection of database {self.database!r} {what}; taken at:\n{frames}"
 
 
@@ -108,8 +140,8 @@ RawStack = tuple[Any, ...]
 def capture_stack(skip: int = 1) -> RawStack:
     """The caller's frames as flat ``code, f_lasti`` pairs, innermost first, across greenlets.
 
-    Frames of SQLAlchemy, greenlet, asyncio and this package are skipped as the walk goes (a
-    cached flag per code object), and the walk stops after ``_KEEP`` caller frames. Code run
+    Frames of SQLAlchemy, greenlet, asyncio, asyncpg and this package are skipped as the walk
+    goes (a cached flag per code object), and the walk stops after ``_KEEP`` caller frames. Code run
     inside SQLAlchemy's greenlet (``run_sync`` callbacks) is not shown; the coroutine that
     awaited it is.
     """
@@ -180,7 +212,7 @@ def resolve_stack(raw: RawStack) -> tuple[StackFrame, ...]:
 
 
 class _Checkout:
-    __slots__ = ("fairy", "reported", "stack", "taken_at", "task")
+    __slots__ = ("fairy", "opener", "reported", "stack", "taken_at", "task")
 
     def __init__(
         self,
@@ -188,6 +220,7 @@ class _Checkout:
         stack: RawStack | None,
         fairy: Any,
         task: asyncio.Task[Any] | None = None,
+        opener: tuple[CodeType, int] | None = None,
     ) -> None:
         self.taken_at = taken_at
         self.stack = stack
@@ -197,25 +230,82 @@ class _Checkout:
         self.task: weakref.ref[asyncio.Task[Any]] | None = (
             None if task is None else weakref.ref(task)
         )
+        # The block that took it (its task's stack is read only if it is ever reported).
+        self.opener = opener
         self.reported = False
 
-    def raw_stack(self) -> RawStack:
+    def raw_stack(self) -> tuple[RawStack, bool]:
+        """The captured frames (as :func:`capture_stack`), and whether the callers are known."""
         if self.stack is not None:
-            return self.stack
+            return self.stack, True
         task = self.task() if self.task is not None else None
-        return () if task is None else _task_stack(task)
+        opener = self.opener
+        if opener is None:
+            return () if task is None else _task_stack(task), True
+        if task is not None:
+            found = _block_stack(task, *opener)
+            if found is not None:
+                return found, True
+        return opener, False
 
 
 def _task_stack(task: asyncio.Task[Any]) -> RawStack:
     """The caller frames of a suspended task, innermost first (as :func:`capture_stack`)."""
     out: list[Any] = []
-    for frame in reversed(task.get_stack(limit=_MAX_WALK)):  # get_stack: outermost first
+    for frame in reversed(_task_frames(task)):
         code = frame.f_code
         flag = _internal_code.get(code)
         if flag is None:
             flag = _classify(code)
         if not flag:
             out += (code, frame.f_lasti)
+            if len(out) >= 2 * _KEEP:
+                break
+    return tuple(out)
+
+
+def _task_frames(task: asyncio.Task[Any]) -> list[FrameType]:
+    """The frames of a suspended task's coroutines, outermost first.
+
+    Follows what each coroutine awaits (``cr_await``): a suspended coroutine's frame has no
+    ``f_back``, so ``Task.get_stack()`` shows only the outermost one. Stops at the first
+    awaitable that is not a coroutine or an async generator (a future, a generator-based
+    awaitable).
+    """
+    frames: list[FrameType] = []
+    aw: Any = task.get_coro()
+    while aw is not None and len(frames) < _MAX_WALK:
+        frame = getattr(aw, "cr_frame", None)
+        if frame is not None:
+            aw = aw.cr_await
+        else:
+            frame = getattr(aw, "ag_frame", None)
+            if frame is None:
+                break
+            aw = aw.ag_await
+        frames.append(frame)
+    return frames
+
+
+def _block_stack(task: asyncio.Task[Any], code: CodeType, lasti: int) -> RawStack | None:
+    """The stack that opened a block: ``task``'s, from the opener's frame out, at its opening line.
+
+    ``None`` when no frame of ``task`` runs the opener's code.
+    """
+    frames = _task_frames(task)
+    for at in range(len(frames) - 1, -1, -1):
+        if frames[at].f_code is code:
+            break
+    else:
+        return None
+    out: list[Any] = [code, lasti]
+    for frame in reversed(frames[:at]):
+        outer = frame.f_code
+        flag = _internal_code.get(outer)
+        if flag is None:
+            flag = _classify(outer)
+        if not flag:
+            out += (outer, frame.f_lasti)
             if len(out) >= 2 * _KEEP:
                 break
     return tuple(out)
@@ -235,8 +325,16 @@ class LeakTable:
         """Record a checkout: when, the caller's stack, and the proxy (to tell GC from detach).
 
         ``proxy`` is ``None`` for a connection leased by the one-shot reads (no proxy exists);
-        ``skip`` frames (this one included) are not walked.
+        ``skip`` frames (this one included) are not walked. Inside a ``db.session()``,
+        ``db.transaction()`` or ``db.connection()`` block of a task, nothing is walked: the
+        block's opening line and the task are recorded (see the module's docstring).
         """
+        opener = _opener()
+        if opener is not None:
+            task = _current_task()
+            if task is not None:
+                self.out[rec] = _Checkout(self.clock(), None, proxy, task, opener)
+                return
         self.out[rec] = _Checkout(self.clock(), capture_stack(skip), proxy)
 
     def lease(self, rec: Any) -> None:
@@ -349,11 +447,13 @@ class LeakWatch:
                 self.held += 1
             else:
                 self.unreturned += 1
+        raw, complete = entry.raw_stack()
         report = LeakReport(
             kind=kind,
             held_for=self._clock() - entry.taken_at,
-            stack=resolve_stack(entry.raw_stack()),
+            stack=resolve_stack(raw),
             database=self.name,
+            complete=complete,
         )
         self.reports.append(report)
         _log.warning("%s", report.format(), extra={"database": self.name, "leak": kind})
