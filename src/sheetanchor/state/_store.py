@@ -75,6 +75,8 @@ class CachedStore(_StoreWrites):
         world = await store.get(42)
     """
 
+    __slots__ = ()  # see _StoreCore: the attributes are slots
+
     # -- reads ---------------------------------------------------------------------------
 
     async def get(self, key: Hashable) -> Any:
