@@ -317,7 +317,11 @@ def _pack(encoder: Any, args: Sequence[Any]) -> bytes:
     if len(rest) > 16 and set(map(type, rest)) == {str}:
         # Many keys (MGET, DEL...): framed as one str. Lengths count characters, so only
         # when that is the byte count (ASCII; else the loop below).
-        text = "".join([f"${len(a)}\r\n{a}\r\n" for a in rest])
+        # One %-format over every (length, argument) pair: no Python step per argument.
+        fields: list[Any] = [None] * (2 * len(rest))
+        fields[::2] = map(len, rest)
+        fields[1::2] = rest
+        text = ("$%d\r\n%s\r\n" * len(rest)) % tuple(fields)
         if text.isascii():
             out.append(text.encode())
             return b"".join(out)

@@ -86,6 +86,12 @@ class CircuitBreaker:
             return ALLOW
         return self._check_open()
 
+    def denies(self) -> bool:
+        """True when :meth:`check` would give :data:`DENY`: open, and no probe due or one
+        running. Changes nothing (no probe is handed out) and takes no lock: a caller that
+        reads a breaker being closed meanwhile skips Redis once more, as a ``DENY`` would."""
+        return self._open and (self._probing or self._clock() < self._open_until)
+
     def _check_open(self) -> Literal[0, 1, 2]:
         with self._lock:
             if not self._open:

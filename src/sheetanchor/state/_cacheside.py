@@ -288,6 +288,12 @@ class CacheSide:
 
     # -- reads -------------------------------------------------------------------------
 
+    def skipping(self) -> bool:
+        """True while the breaker denies Redis (see :meth:`CircuitBreaker.denies`): the
+        caller may go to PostgreSQL at once, without awaiting a call that returns
+        :data:`DOWN`. False does not promise Redis: the call itself checks again."""
+        return self.breaker.denies()
+
     async def get(self, rkey: str) -> bytes | _Down | None:
         """GET, or :data:`DOWN` when Redis is skipped or failed."""
         return cast(bytes | _Down | None, await self._call(_get, rkey))

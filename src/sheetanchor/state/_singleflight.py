@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 __all__ = ["Landing", "SingleFlight"]
 
 _T = TypeVar("_T")
+_LastLoop = tuple["weakref.ref[asyncio.AbstractEventLoop]", dict[Hashable, "asyncio.Future[Any]"]]
 
 
 class Landing:
@@ -47,6 +48,9 @@ class SingleFlight:
         self._loops: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, dict[Hashable, asyncio.Future[Any]]
         ] = weakref.WeakKeyDictionary()
+        # The last loop's table, so that a call from the same loop as the previous one (the
+        # common case) skips the weak dictionary's lookup; the loop is held weakly.
+        self._last: _LastLoop | None = None
 
     def inflight(self) -> int:
         """Flights running now, over all loops."""
@@ -55,9 +59,13 @@ class SingleFlight:
     async def run(self, key: Hashable, fn: Callable[[], Awaitable[_T]]) -> _T:
         """Return ``await fn()``, or the result of the flight already running for ``key``."""
         loop = asyncio.get_running_loop()
-        flights = self._loops.get(loop)
-        if flights is None:
+        last = self._last
+        flights: dict[Hashable, asyncio.Future[Any]]
+        if last is not None and last[0]() is loop:
+            flights = last[1]
+        else:
             flights = self._loops.setdefault(loop, {})
+            self._last = (weakref.ref(loop), flights)
         while True:
             fut = flights.get(key)
             if fut is None:

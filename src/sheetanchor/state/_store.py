@@ -28,6 +28,7 @@ from sheetanchor.state._core import (
     _TOKENS,
     PgExecutor,
     StoreStats,
+    _json_default,
     _log,
 )
 from sheetanchor.state._singleflight import Landing
@@ -75,6 +76,8 @@ class CachedStore(_StoreWrites):
         world = await store.get(42)
     """
 
+    __slots__ = ()  # see _StoreCore: the attributes are slots
+
     # -- reads ---------------------------------------------------------------------------
 
     async def get(self, key: Hashable) -> Any:
@@ -93,11 +96,13 @@ class CachedStore(_StoreWrites):
         rkey = self.redis_key(key)
         if self._miss_rate > _LEASE_FIRST_ABOVE:
             return await self._get_lease_first(sql, key, rkey)
-        data = await self.cache.get(rkey)
+        cache = self.cache
+        # An open breaker is seen here, without awaiting a call that would return DOWN.
+        data = DOWN if cache.skipping() else await cache.get(rkey)
         if data is not None and data is not DOWN:
             value = self._from_cache(data)  # type: ignore[arg-type]
             if value is _CORRUPT:
-                await self.cache.delete_if_equal(rkey, data)  # type: ignore[arg-type]
+                await cache.delete_if_equal(rkey, data)  # type: ignore[arg-type]
             elif value is not _MISS:
                 self._hit(value)
                 return value
@@ -243,10 +248,11 @@ class CachedStore(_StoreWrites):
                 value = None
                 item = self._tomb_item(rkey, 0, self.settings.absent_ttl)
             else:
-                payload = self._row_payload(sql, row)
-                value = self._codec.loads(payload)
+                data = self._row_data(sql, row)
                 if not fill:
-                    return value
+                    return self._row_value(data, None)
+                payload = orjson.dumps(data, default=_json_default)
+                value = self._row_value(data, payload)
                 delta_ms = max(1, int((clock.monotonic() - started) * 1000))
                 item = self._value_item(rkey, row[1], payload, delta_ms)
             task = self._backfill_later(item, lease, started)

@@ -21,6 +21,8 @@ __all__: list[str] = []
 class _StoreWrites(_StoreCore):
     """put / put_many / create / update / delete (see :class:`CachedStore`)."""
 
+    __slots__ = ()
+
     async def put(self, key: Hashable, value: Any) -> int | None:
         """Insert or replace the row of ``key``; returns the new version.
 
