@@ -160,7 +160,9 @@ async def test_a_size_wake_up_swaps_whole_batches_and_keeps_the_rest(
     async with WriteBuffer(db, [stream], deadletter_dir=tmp_path, replay_interval=None) as buf:
         for i in range(250):  # no await: the flusher sees all 250 at once
             buf.put_nowait("ticks", tick(i))
-        await wait_until(lambda: buf.stats().rows_written == 200)
+        # Counted written by the chunk, out of flight by its swap a moment later: wait for both.
+        s0 = buf.stream_stats
+        await wait_until(lambda: (s0("ticks").rows_written, s0("ticks").inflight_rows) == (200, 0))
         s = buf.stream_stats("ticks")
         assert (s.batches, s.buffered_rows, s.held_rows) == (2, 50, 50)
         for i in range(250, 300):

@@ -38,7 +38,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import CodeType, FrameType
 from typing import Any
@@ -251,8 +251,12 @@ class _Checkout:
 
 def _task_stack(task: asyncio.Task[Any]) -> RawStack:
     """The caller frames of a suspended task, innermost first (as :func:`capture_stack`)."""
-    out: list[Any] = []
-    for frame in reversed(_task_frames(task)):
+    return _keep_callers(reversed(_task_frames(task)), [])
+
+
+def _keep_callers(frames: Iterable[FrameType], out: list[Any]) -> RawStack:
+    """``out`` plus (code, f_lasti) of the non-internal ``frames``, up to ``_KEEP`` in all."""
+    for frame in frames:
         code = frame.f_code
         flag = _internal_code.get(code)
         if flag is None:
@@ -298,17 +302,7 @@ def _block_stack(task: asyncio.Task[Any], code: CodeType, lasti: int) -> RawStac
             break
     else:
         return None
-    out: list[Any] = [code, lasti]
-    for frame in reversed(frames[:at]):
-        outer = frame.f_code
-        flag = _internal_code.get(outer)
-        if flag is None:
-            flag = _classify(outer)
-        if not flag:
-            out += (outer, frame.f_lasti)
-            if len(out) >= 2 * _KEEP:
-                break
-    return tuple(out)
+    return _keep_callers(reversed(frames[:at]), [code, lasti])
 
 
 class LeakTable:
