@@ -20,8 +20,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.asyncio.connection import Connection
 
-from sheetanchor.config import parse_url
-from sheetanchor.observe import REGISTRY
+from _redis_helpers import (
+    ProxyFactory,
+    outcome_unknown,
+    proxy_for,
+    reply_held_once,
+    retries,
+)
 from sheetanchor.redis import (
     CommandOutcomeUnknown,
     LuaScript,
@@ -31,38 +36,15 @@ from sheetanchor.redis import (
 )
 from sheetanchor.redis._lean import _pack
 from sheetanchor.retry import RetryPolicy
-from sheetanchor.testing import FaultProxy
 
 _TIMEOUT = 1.0
 _POLICY = RetryPolicy(max_attempts=3, initial=0.01, maximum=0.05)
 _INCR = LuaScript("t_lean_incr", "return redis.call('INCR', KEYS[1])")
 
-ProxyFactory = Callable[[str, int], FaultProxy]
 
-
-def _proxy(redis_url: str, fault_proxy: ProxyFactory) -> FaultProxy:
-    parsed = parse_url(redis_url)
-    return fault_proxy(parsed.host or "127.0.0.1", parsed.port or 6379)
-
-
-def _sample(name: str, labels: dict[str, str]) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-def _retries(client: str, reason: str) -> float:
-    return _sample("sheetanchor_redis_retries_total", {"client": client, "reason": reason})
-
-
-def _outcome_unknown(client: str) -> float:
-    return _sample("sheetanchor_redis_outcome_unknown_total", {"client": client})
-
-
-async def _eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    for _ in range(300):
-        if await check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting until {what}")
+def _lean_ping(rc: RedisClient) -> Callable[[], Awaitable[Any]]:
+    """Opens the pooled connection through the lean path itself."""
+    return lambda: rc.execute_command("PING")
 
 
 def _lean_in_use(rc: RedisClient) -> bool:
@@ -133,28 +115,10 @@ async def test_pool_limit_is_shared_with_the_normal_path(redis_url: str) -> None
         assert (stats.connections_in_use, stats.connections_idle) == (0, 1)
 
 
-async def _held_once(
-    proxy: FaultProxy,
-    rc: RedisClient,
-    call: Callable[[], Awaitable[Any]],
-    applied: Callable[[], Awaitable[bool]] | None,
-) -> Any:
-    """Run ``call`` with its first reply held past the socket timeout (see test_redis_retry)."""
-    await rc.execute_command("PING")  # the pooled connection is open
-    proxy.add_latency(5.0)
-    task = asyncio.ensure_future(call())
-    if applied is not None:
-        await _eventually(applied, "the server applied the command")
-    await asyncio.sleep(0.3)
-    assert not task.done()
-    proxy.add_latency(0)
-    return await task
-
-
-async def test_reply_timed_out_idempotent_retried_other_raises_outcome_unknown(
+async def test_reply_timed_out_idempotent_retried_other_raisesoutcome_unknown(
     redis_url: str, fault_proxy: ProxyFactory
 ) -> None:
-    proxy = _proxy(redis_url, fault_proxy)
+    proxy = proxy_for(redis_url, fault_proxy)
     async with (
         RedisClient(
             proxy.url(redis_url), name="t_lean_held", socket_timeout=_TIMEOUT, retry=_POLICY
@@ -164,21 +128,26 @@ async def test_reply_timed_out_idempotent_retried_other_raises_outcome_unknown(
         d = direct.client()
         await d.set("lean:g", "v")
         await _INCR.load(d)
-        before = _retries("t_lean_held", "idempotent")
-        got = await _held_once(proxy, rc, lambda: rc.execute_command("GET", "lean:g"), None)
+        before = retries("t_lean_held", "idempotent")
+        got = await reply_held_once(
+            proxy, _lean_ping(rc), lambda: rc.execute_command("GET", "lean:g"), None
+        )
         assert got == b"v"
-        assert _retries("t_lean_held", "idempotent") == before + 1
+        assert retries("t_lean_held", "idempotent") == before + 1
 
         async def applied() -> bool:
             return await d.get("lean:s") == b"1"
 
         with pytest.raises(CommandOutcomeUnknown) as info:
-            await _held_once(
-                proxy, rc, lambda: rc.execute_command("EVALSHA", _INCR.sha, 1, "lean:s"), applied
+            await reply_held_once(
+                proxy,
+                _lean_ping(rc),
+                lambda: rc.execute_command("EVALSHA", _INCR.sha, 1, "lean:s"),
+                applied,
             )
         assert info.value.command == "EVALSHA"
         assert isinstance(info.value.__cause__, redis.exceptions.TimeoutError)
-        assert _outcome_unknown("t_lean_held") == 1
+        assert outcome_unknown("t_lean_held") == 1
         assert await d.get("lean:s") == b"1"  # applied once, not retried
         # The timed-out connection was dropped: the next command reads its own reply.
         assert await rc.execute_command("EVALSHA", _INCR.sha, 1, "lean:s") == 2
@@ -191,13 +160,13 @@ async def test_reply_timed_out_idempotent_retried_other_raises_outcome_unknown(
             return await d.get("lean:d") == b"1"
 
         # Declared idempotent (wrongly, to see the declaration act): retried, INCR ran twice.
-        assert await _held_once(proxy, rc, declared, applied_d) == 2
+        assert await reply_held_once(proxy, _lean_ping(rc), declared, applied_d) == 2
 
 
 async def test_connection_reset_while_awaiting_the_reply(
     redis_url: str, fault_proxy: ProxyFactory
 ) -> None:
-    proxy = _proxy(redis_url, fault_proxy)
+    proxy = proxy_for(redis_url, fault_proxy)
     async with RedisClient(
         proxy.url(redis_url), name="t_lean_reset", socket_timeout=_TIMEOUT, retry=_POLICY
     ) as rc:
@@ -223,7 +192,7 @@ async def test_connection_reset_while_awaiting_the_reply(
 async def test_refused_connect_is_retried_for_any_command(
     redis_url: str, fault_proxy: ProxyFactory
 ) -> None:
-    proxy = _proxy(redis_url, fault_proxy)
+    proxy = proxy_for(redis_url, fault_proxy)
     patient = RetryPolicy(max_attempts=60, initial=0.02, maximum=0.05)
     async with (
         RedisClient(proxy.url(redis_url), name="t_lean_refused", retry=patient) as rc,
@@ -240,8 +209,8 @@ async def test_refused_connect_is_retried_for_any_command(
         proxy.pass_through()
         assert await task == 1
         assert await direct.client().get("lean:f") == b"1"
-        assert _retries("t_lean_refused", "not_sent") >= 1
-        assert _outcome_unknown("t_lean_refused") == 0
+        assert retries("t_lean_refused", "not_sent") >= 1
+        assert outcome_unknown("t_lean_refused") == 0
 
 
 async def test_connection_closed_by_the_server_while_idle_is_reconnected_not_unknown(
@@ -282,7 +251,7 @@ async def test_a_cancelled_command_never_leaves_its_reply_pending(
     # The command is written, its reply held by the proxy; the caller gives up. If the
     # connection went back to the pool as it was, the late reply ("first") would be read as
     # the answer to the next command on it.
-    proxy = _proxy(redis_url, fault_proxy)
+    proxy = proxy_for(redis_url, fault_proxy)
     async with RedisClient(
         proxy.url(redis_url), name=f"t_lean_{how}", socket_timeout=5.0, max_connections=1
     ) as rc:

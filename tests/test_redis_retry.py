@@ -19,9 +19,14 @@ from typing import Any
 import pytest
 import redis.exceptions
 
-from sheetanchor.config import parse_url
+from _redis_helpers import (
+    ProxyFactory,
+    outcome_unknown,
+    proxy_for,
+    reply_held_once,
+    retries,
+)
 from sheetanchor.errors import OutcomeUnknown
-from sheetanchor.observe import REGISTRY
 from sheetanchor.redis import (
     CommandOutcomeUnknown,
     LuaScript,
@@ -32,68 +37,11 @@ from sheetanchor.redis import (
 )
 from sheetanchor.redis._retry import may_retry
 from sheetanchor.retry import RetryPolicy, is_transient
-from sheetanchor.testing import FaultProxy
 
 pytestmark = pytest.mark.faults
 
 _TIMEOUT = 1.0  # socket_timeout of the proxied clients: a held reply times out after it
 _POLICY = RetryPolicy(max_attempts=3, initial=0.01, maximum=0.05)
-
-ProxyFactory = Callable[[str, int], FaultProxy]
-
-
-def _proxy(redis_url: str, fault_proxy: ProxyFactory) -> FaultProxy:
-    parsed = parse_url(redis_url)
-    return fault_proxy(parsed.host or "127.0.0.1", parsed.port or 6379)
-
-
-def _retries(client: str, reason: str) -> float:
-    value = REGISTRY.get_sample_value(
-        "sheetanchor_redis_retries_total", {"client": client, "reason": reason}
-    )
-    return value or 0.0
-
-
-def _outcome_unknown(client: str) -> float:
-    value = REGISTRY.get_sample_value("sheetanchor_redis_outcome_unknown_total", {"client": client})
-    return value or 0.0
-
-
-async def _eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    for _ in range(300):
-        if await check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting until {what}")
-
-
-async def _reply_held_once(
-    proxy: FaultProxy,
-    client: Any,
-    call: Callable[[], Awaitable[Any]],
-    applied: Callable[[], Awaitable[bool]] | None,
-) -> Any:
-    """Run ``call`` with its first reply held past the socket timeout, later ones not.
-
-    The proxy holds every reply for 5 s; once the server has applied the command (``applied``,
-    checked on a direct connection) and a moment more has passed for the proxy to take its
-    reply, replies flow at once again, while the first one is still held. So the first
-    attempt times out *after* the server ran the command, and a retry, if any, goes through
-    and is applied again.
-    """
-    await client.ping()  # the pooled connection is open: no handshake under the latency
-    proxy.add_latency(5.0)
-    task = asyncio.ensure_future(call())
-    if applied is not None:
-        await _eventually(applied, "the server applied the command")
-    # The server's reply may have reached the proxy in the same loop iteration as our check's
-    # answer: give its pump time to read it (and start holding it) before the latency goes,
-    # well within the socket timeout, so the held reply is the first attempt's.
-    await asyncio.sleep(0.3)
-    assert not task.done()
-    proxy.add_latency(0)
-    return await task
-
 
 # -- the rule, as a pure classifier -----------------------------------------------------------
 
@@ -163,7 +111,7 @@ def test_the_rule_retries_unsent_errors_of_any_command_and_sent_ones_of_idempote
 async def test_incr_whose_reply_times_out_is_applied_once_and_says_so(
     redis_url: str, fault_proxy: ProxyFactory
 ) -> None:
-    proxy = _proxy(redis_url, fault_proxy)
+    proxy = proxy_for(redis_url, fault_proxy)
     async with (
         RedisClient(
             proxy.url(redis_url), name="t_incr", socket_timeout=_TIMEOUT, retry=_POLICY
@@ -177,14 +125,16 @@ async def test_incr_whose_reply_times_out_is_applied_once_and_says_so(
             return await d.get("retry:n") == b"1"
 
         with pytest.raises(CommandOutcomeUnknown) as info:
-            await _reply_held_once(proxy, rc.client(), lambda: rc.client().incr("retry:n"), applied)
+            await reply_held_once(
+                proxy, rc.client().ping, lambda: rc.client().incr("retry:n"), applied
+            )
         # The old rule retried here on a fresh connection and INCR ran twice (value 2).
         assert await d.get("retry:n") == b"1"
         err = info.value
         assert err.command == "INCRBY"  # redis-py sends incr() as INCRBY k 1
         assert "may or may not have been applied" in str(err)
         assert isinstance(err.__cause__, redis.exceptions.TimeoutError)
-        assert _outcome_unknown("t_incr") == 1
+        assert outcome_unknown("t_incr") == 1
         # The connection that timed out was dropped, not reused: the late reply is never
         # read as the answer to the next command.
         assert await rc.client().incr("retry:n") == 2
@@ -193,16 +143,16 @@ async def test_incr_whose_reply_times_out_is_applied_once_and_says_so(
 async def test_get_whose_reply_times_out_is_retried_and_succeeds(
     redis_url: str, fault_proxy: ProxyFactory
 ) -> None:
-    proxy = _proxy(redis_url, fault_proxy)
+    proxy = proxy_for(redis_url, fault_proxy)
     async with RedisClient(
         proxy.url(redis_url), name="t_get", socket_timeout=_TIMEOUT, retry=_POLICY
     ) as rc:
         r = rc.client()
         await r.set("retry:g", "v")
-        before = _retries("t_get", "idempotent")
-        assert await _reply_held_once(proxy, r, lambda: r.get("retry:g"), None) == b"v"
-        assert _retries("t_get", "idempotent") == before + 1
-        assert _outcome_unknown("t_get") == 0
+        before = retries("t_get", "idempotent")
+        assert await reply_held_once(proxy, r.ping, lambda: r.get("retry:g"), None) == b"v"
+        assert retries("t_get", "idempotent") == before + 1
+        assert outcome_unknown("t_get") == 0
 
 
 async def test_connection_lost_while_awaiting_the_reply(
@@ -211,7 +161,7 @@ async def test_connection_lost_while_awaiting_the_reply(
     # The request is written, the proxy holds it unread (black hole), then resets the
     # connection: the client sees a ConnectionError while waiting for the reply and cannot
     # know whether the server got the command.
-    proxy = _proxy(redis_url, fault_proxy)
+    proxy = proxy_for(redis_url, fault_proxy)
     async with RedisClient(
         proxy.url(redis_url), name="t_reset", socket_timeout=_TIMEOUT, retry=_POLICY
     ) as rc:
@@ -237,7 +187,7 @@ async def test_connection_lost_while_awaiting_the_reply(
 async def test_refused_connects_are_retried_for_every_command(
     redis_url: str, fault_proxy: ProxyFactory
 ) -> None:
-    proxy = _proxy(redis_url, fault_proxy)
+    proxy = proxy_for(redis_url, fault_proxy)
     patient = RetryPolicy(max_attempts=60, initial=0.02, maximum=0.05)
     async with (
         RedisClient(proxy.url(redis_url), name="t_refused", retry=patient) as rc,
@@ -250,14 +200,14 @@ async def test_refused_connects_are_retried_for_every_command(
         proxy.pass_through()
         assert await task == 1
         assert await direct.client().get("retry:refused") == b"1"
-        assert _retries("t_refused", "not_sent") >= 1
-        assert _retries("t_refused", "idempotent") == 0
+        assert retries("t_refused", "not_sent") >= 1
+        assert retries("t_refused", "idempotent") == 0
 
 
 async def test_pipelines_and_scripts_follow_the_rule(
     redis_url: str, fault_proxy: ProxyFactory
 ) -> None:
-    proxy = _proxy(redis_url, fault_proxy)
+    proxy = proxy_for(redis_url, fault_proxy)
     incr = LuaScript("t_incr_script", "return redis.call('INCR', KEYS[1])")
     set_to = LuaScript(
         "t_set_script", "return redis.call('SET', KEYS[1], ARGV[1])", idempotent=True
@@ -281,20 +231,23 @@ async def test_pipelines_and_scripts_follow_the_rule(
         # A pipeline with a non-idempotent command: applied once, typed error.
         pipe = r.pipeline(transaction=True).set("retry:p1", "x").incr("retry:p2")
         with pytest.raises(CommandOutcomeUnknown):
-            await _reply_held_once(proxy, r, pipe.execute, value_is("retry:p2", b"1"))
+            await reply_held_once(proxy, r.ping, pipe.execute, value_is("retry:p2", b"1"))
         assert await d.get("retry:p2") == b"1"
         # A pipeline of idempotent commands: retried.
         pipe = r.pipeline(transaction=False).set("retry:p3", "y").get("retry:p3")
-        assert await _reply_held_once(proxy, r, pipe.execute, None) == [True, b"y"]
+        assert await reply_held_once(proxy, r.ping, pipe.execute, None) == [True, b"y"]
         # A script not declared idempotent: applied once, typed error.
         with pytest.raises(CommandOutcomeUnknown):
-            await _reply_held_once(
-                proxy, r, lambda: incr(r, keys=["retry:s1"]), value_is("retry:s1", b"1")
+            await reply_held_once(
+                proxy, r.ping, lambda: incr(r, keys=["retry:s1"]), value_is("retry:s1", b"1")
             )
         assert await d.get("retry:s1") == b"1"
         # A script declared idempotent, and any call inside assume_idempotent(): retried.
-        assert await _reply_held_once(
-            proxy, r, lambda: set_to(r, keys=["retry:s2"], args=["z"]), value_is("retry:s2", b"z")
+        assert await reply_held_once(
+            proxy,
+            r.ping,
+            lambda: set_to(r, keys=["retry:s2"], args=["z"]),
+            value_is("retry:s2", b"z"),
         ) in (b"OK", "OK")
 
         async def declared() -> Any:
@@ -302,4 +255,4 @@ async def test_pipelines_and_scripts_follow_the_rule(
                 return await r.evalsha(incr.sha, 1, "retry:s3")
 
         # (Declared wrongly here on purpose, to see the declaration act: INCR ran twice.)
-        assert await _reply_held_once(proxy, r, declared, value_is("retry:s3", b"1")) == 2
+        assert await reply_held_once(proxy, r.ping, declared, value_is("retry:s3", b"1")) == 2
