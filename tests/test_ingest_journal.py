@@ -67,6 +67,51 @@ async def test_unencodable_record_is_a_record_error(tmp_path: Path) -> None:
         assert journal.last_seq == 0  # nothing was handed out
 
 
+async def test_rows_round_trip_as_records_with_their_types(tmp_path: Path) -> None:
+    fields = ("ts", "day", "at", "id", "price", "raw", "n", "note")
+    rows: list[tuple[Any, ...]] = [
+        (
+            dt.datetime(2026, 11, 23, 11, 0, 0, 123456, tzinfo=dt.UTC),
+            dt.date(2026, 11, 23),
+            dt.time(9, 30),
+            uuid.UUID("12345678-1234-5678-1234-567812345678"),
+            Decimal("101.25"),
+            b"\x00\xff",
+            3,
+            "a",
+        ),
+        (None, None, None, None, None, None, None, None),  # nulls keep no tag
+    ]
+    async with Journal(tmp_path) as journal:
+        assert await journal.append("s", [{"k": 0}]) == 1
+        assert await journal.append_rows("s", fields, rows) == 3
+        assert await journal.append_rows("s", fields, []) == 3
+        assert journal.stats().records_appended == 3
+    async with Journal(tmp_path) as journal:
+        assert journal.recover() == [("s", {"k": 0})] + [
+            ("s", dict(zip(fields, row, strict=True))) for row in rows
+        ]
+        assert [seq for seq, _, _ in journal.iter_recover_seq()] == [1, 2, 3]
+
+
+async def test_rows_with_two_tagged_types_in_one_column_keep_each_type(tmp_path: Path) -> None:
+    # One tag per column can't describe a date next to a datetime: written per record.
+    rows = [(dt.date(2026, 1, 2),), (dt.datetime(2026, 1, 2, 3, 4),)]
+    async with Journal(tmp_path) as journal:
+        await journal.append_rows("s", ("when",), rows)
+    async with Journal(tmp_path) as journal:
+        recovered = journal.recover()
+    assert recovered == [("s", {"when": dt.date(2026, 1, 2)}), ("s", {"when": rows[1][0]})]
+    assert [type(r["when"]) for _, r in recovered] == [dt.date, dt.datetime]
+
+
+async def test_unencodable_row_is_a_record_error(tmp_path: Path) -> None:
+    async with Journal(tmp_path) as journal:
+        with pytest.raises(RecordError, match="stream 'prices'"):
+            await journal.append_rows("prices", ("v",), [(1,), (object(),)])
+        assert journal.last_seq == 0  # nothing was handed out
+
+
 async def test_torn_tail_is_skipped_and_counted(tmp_path: Path) -> None:
     async with Journal(tmp_path) as journal:
         for i in range(5):

@@ -34,6 +34,12 @@ class _CountingJournal(Journal):
         self.calls.append(len(records))
         return await super().append(stream, records)
 
+    async def append_rows(
+        self, stream: str, fields: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> int:
+        self.calls.append(len(rows))
+        return await super().append_rows(stream, fields, rows)
+
 
 @pytest.mark.parametrize("fsync", ["batch", "never", "always"])
 async def test_concurrent_puts_share_appends_and_return_once_durable(
@@ -105,10 +111,12 @@ class _StalledJournal(Journal):
 
     stalled: asyncio.Event
 
-    async def append(self, stream: str, records: Sequence[Mapping[str, Any]]) -> int:
+    async def append_rows(
+        self, stream: str, fields: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> int:
         if self.stalled.is_set():
             await asyncio.sleep(3600)
-        return await super().append(stream, records)
+        return await super().append_rows(stream, fields, rows)
 
 
 async def test_puts_of_a_group_cut_off_by_close_get_an_error_not_cancelled(
@@ -147,12 +155,14 @@ class _RefusingOnceJournal(Journal):
 
     refused: int
 
-    async def append(self, stream: str, records: Sequence[Mapping[str, Any]]) -> int:
+    async def append_rows(
+        self, stream: str, fields: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> int:
         if not self.refused:
-            self.refused = len(records)
+            self.refused = len(rows)
             await asyncio.sleep(0.2)
             raise JournalFull("journal full (refused once by the test)")
-        return await super().append(stream, records)
+        return await super().append_rows(stream, fields, rows)
 
 
 async def test_room_freed_by_a_refused_group_wakes_waiting_puts(

@@ -33,7 +33,7 @@ from sheetanchor.errors import (
     WrongEventLoop,
 )
 from sheetanchor.ingest._classify import error_info
-from sheetanchor.ingest._journal_group import GroupAppender, enqueue_journaled
+from sheetanchor.ingest._journal_group import GroupAppender, append_rows, enqueue_journaled
 from sheetanchor.ingest._journal_seam import JournalLike, open_journal
 from sheetanchor.ingest._replay import REPLAY_ERRORS, FileReplay, replay_files
 from sheetanchor.ingest._retry import DEFAULT_INGEST_POLICY, RetryLike
@@ -598,7 +598,7 @@ class WriteBuffer:
         st.reserved_bytes += nbytes
         st.reset_budget()
         try:
-            seq = await self._journal.append(st.name, [st.validator.as_dict(r) for r in rows])
+            seq = await append_rows(self._journal, st, rows)
         finally:
             st.reserved_rows -= len(rows)
             st.reserved_bytes -= nbytes

@@ -19,6 +19,12 @@ Payloads are orjson objects with a kind ``k``:
 - ``{"k": "g", "s": first_seq, "t": stream, "r": [record, ...], "x": [{field: tag}, ...]}``:
   consecutive records of one stream appended together (sequences ``first_seq`` onwards), in
   one frame: one encode and one checksum for the group. ``x`` as above, one per record.
+- ``{"k": "G", "s": first_seq, "t": stream, "f": [field, ...], "r": [[value, ...], ...],
+  "x": {field: tag}}``: like ``"g"``, with each record as a row of values in the order of
+  ``f``. The field names are written once per frame and ``x`` once per column (every non-null
+  value of a tagged column has that tag's type), so a group of validated rows costs a fraction
+  of the ``"g"`` encoding. Readers older than this kind skip it: don't reopen a journal that
+  holds uncommitted ``"G"`` entries with an older sheetanchor.
 - ``{"k": "c", "t": stream, "s": upto}``: every record of ``stream`` up to ``upto`` is committed.
 - ``{"k": "p", "n": next_seq, "c": {stream: upto}}``: a checkpoint at the start of each segment
   carrying the commit marks and the sequence floor, so older segments can be deleted freely.
@@ -40,12 +46,14 @@ import orjson
 __all__ = [
     "HEADER",
     "MAX_FRAME_BYTES",
+    "RECORD_KINDS",
     "ScanResult",
     "checkpoint_frame",
     "commit_frame",
     "decode_record",
     "encode_group",
     "encode_record",
+    "encode_rows",
     "entry_last_seq",
     "entry_records",
     "frame",
@@ -116,6 +124,32 @@ def encode_group(first_seq: int, stream: str, records: Sequence[Mapping[str, Any
     return frame(orjson.dumps(entry, default=_default))
 
 
+def encode_rows(
+    first_seq: int, stream: str, fields: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> bytes:
+    """Encode consecutive rows of ``stream`` (values in ``fields`` order) as one ``"G"`` frame.
+
+    A column whose non-null values are of more than one tagged type (say ``date`` and
+    ``datetime``) can't carry one tag; the rows are then written as a ``"g"`` frame instead.
+    Raises ``TypeError`` for values orjson cannot write.
+    """
+    tags: dict[str, str] = {}
+    for i, name in enumerate(fields):
+        kinds = {type(row[i]) for row in rows}
+        kinds.discard(type(None))
+        tagged = [k for k in kinds if k in _TAGS]
+        if not tagged:
+            continue
+        if len(kinds) > 1:
+            records = [dict(zip(fields, row, strict=True)) for row in rows]
+            return encode_group(first_seq, stream, records)
+        tags[name] = _TAGS[tagged[0]]
+    entry: dict[str, object] = {"k": "G", "s": first_seq, "t": stream, "f": fields, "r": rows}
+    if tags:
+        entry["x"] = tags
+    return frame(orjson.dumps(entry, default=_default))
+
+
 def commit_frame(stream: str, upto: int) -> bytes:
     """A frame saying every record of ``stream`` up to ``upto`` is committed."""
     return frame(orjson.dumps({"k": "c", "t": stream, "s": upto}))
@@ -151,10 +185,12 @@ def decode_record(entry: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def entry_records(entry: Mapping[str, Any]) -> list[tuple[int, dict[str, Any]]]:
-    """``(seq, record)`` of every record in a ``"r"`` or ``"g"`` entry (empty for others)."""
+    """``(seq, record)`` of every record in a record entry (empty for other kinds)."""
     kind = entry["k"]
     if kind == "r":
         return [(int(entry["s"]), decode_record(entry))]
+    if kind == "G":
+        return _row_records(entry)
     if kind != "g":
         return []
     first = int(entry["s"])
@@ -169,9 +205,26 @@ def entry_records(entry: Mapping[str, Any]) -> list[tuple[int, dict[str, Any]]]:
     return out
 
 
+def _row_records(entry: Mapping[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    first = int(entry["s"])
+    fields = [str(f) for f in entry["f"]]
+    tags = [(field, tag) for field, tag in entry.get("x", {}).items()]
+    out: list[tuple[int, dict[str, Any]]] = []
+    for i, row in enumerate(entry["r"]):
+        record = dict(zip(fields, row, strict=True))
+        for field, tag in tags:
+            if record[field] is not None:
+                record[field] = _restore(tag, record[field])
+        out.append((first + i, record))
+    return out
+
+
+RECORD_KINDS = frozenset(("r", "g", "G"))
+
+
 def entry_last_seq(entry: Mapping[str, Any]) -> int:
-    """The highest sequence of a ``"r"`` or ``"g"`` entry."""
-    if entry["k"] == "g":
+    """The highest sequence of a record entry (kind in :data:`RECORD_KINDS`)."""
+    if entry["k"] in ("g", "G"):
         return int(entry["s"]) + len(entry["r"]) - 1
     return int(entry["s"])
 

@@ -5,7 +5,7 @@ record spends most of its time in per-append Python work (a frame list, a future
 entry, a wake-up of the journal's flusher), not in the disk. So each journaled stream has one
 ``GroupAppender``: a put reserves room, joins the stream's open group and waits on its own
 future; one task per stream takes the whole group, makes it durable with a single
-``journal.append`` (one write, and one fsync under ``fsync="batch"``), enqueues its rows in
+journal append (one write, and one fsync under ``fsync="batch"``), enqueues its rows in
 sequence order and resolves every waiter. Puts arriving while that append runs form the next
 group, which is written as soon as the previous one is done.
 
@@ -25,7 +25,21 @@ from sheetanchor.ingest._journal_seam import JournalLike
 from sheetanchor.ingest._state import StreamState
 from sheetanchor.ingest._validate import Row
 
-__all__ = ["GroupAppender", "enqueue_journaled"]
+__all__ = ["GroupAppender", "append_rows", "enqueue_journaled"]
+
+
+async def append_rows(journal: JournalLike, st: StreamState, rows: Sequence[Row]) -> int:
+    """Append validated ``rows`` of ``st`` to ``journal``; return the last sequence number.
+
+    The disk journal takes the rows as they are (``Journal.append_rows``: field names once
+    per append); any other :class:`JournalLike` gets each record as a mapping.
+    """
+    direct = getattr(journal, "append_rows", None)
+    if direct is not None:
+        seq: int = await direct(st.name, st.stream.column_names, rows)
+        return seq
+    as_dict = st.validator.as_dict
+    return await journal.append(st.name, [as_dict(row) for row in rows])
 
 
 def enqueue_journaled(
@@ -130,9 +144,8 @@ class GroupAppender:
         waiters: list[asyncio.Future[None]],
     ) -> None:
         st = self._st
-        as_dict = st.validator.as_dict
         try:
-            seq = await self._journal.append(st.name, [as_dict(row) for row in rows])
+            seq = await append_rows(self._journal, st, rows)
         except BaseException as exc:
             if isinstance(exc, RecordError) and len(rows) > 1:
                 # A value the journal cannot encode must not fail the puts beside it: append
