@@ -87,6 +87,7 @@ class StreamState:
 
     __slots__ = (
         "_reported",
+        "accepting",
         "batch_rows",
         "batches",
         "best_effort",
@@ -144,10 +145,13 @@ class StreamState:
         # must see every record.
         self.fast_admit: FastAdmit | None = None
         if self.gate is None and not stream.tail_rows:
-            self.fast_admit = compile_fast_admit(stream, row_overhead=ROW_OVERHEAD)
+            self.fast_admit = compile_fast_admit(stream, row_overhead=ROW_OVERHEAD, state=self)
         self.fast_rows_left = 0
         self.fast_bytes_left = 0
         self.fast_granted = 0
+        # True only while the buffer is open and not closing: put_nowait's fast path checks
+        # nothing else, so no budget is granted outside that window (see refresh_budget).
+        self.accepting = False
         # Set by WriteBuffer.open: authoritative records go through the disk journal.
         self.journaled = False
         self.sink = CopySink(stream.describe())
@@ -198,12 +202,13 @@ class StreamState:
         emergency watermark (best-effort) or, while no flush is requested yet, at
         ``batch_rows`` or the high watermark. Anything that can only shrink what is held
         (a swap, a finished write) leaves a budget conservative; whatever else changes
-        the inputs (a flusher clearing ``wake``, room reserved for the journal) calls
-        ``reset_budget``. Records admitted on the budget are counted in ``counts["in"]``
-        lazily, by ``fold_budget``.
+        the inputs (a flusher clearing ``wake``, room reserved for the journal, the buffer
+        closing) calls ``reset_budget``. Nothing is granted to a journaled stream or while
+        the buffer is not ``accepting``. Records admitted on the budget are counted in
+        ``counts["in"]`` lazily, by ``fold_budget``.
         """
         self.fold_budget()
-        if self.fast_admit is None or self.journaled:
+        if self.fast_admit is None or self.journaled or not self.accepting:
             self.fast_rows_left = self.fast_granted = self.fast_bytes_left = 0
             return
         held_rows = self.held_rows
