@@ -92,6 +92,27 @@ async def test_fast_path_checks_the_event_loop(db: Database, tmp_path: Path) -> 
         assert buf.stats().rows_in == 5
 
 
+async def test_bytes_admitted_on_the_budget_leave_with_their_rows(
+    db: Database, tmp_path: Path
+) -> None:
+    """The fast path counts bytes lazily: a swap takes them along, nothing stays behind."""
+    table = table_name()
+    await create_tick_table(db, table)
+    size = Validator(tick_stream(table)).validate(tick(0))[1]
+    stream = tick_stream(table, max_rows=1000, batch_rows=1000, flush_interval=3600.0)
+    async with WriteBuffer(db, [stream], deadletter_dir=tmp_path, replay_interval=None) as buf:
+        st = buf._states["ticks"]
+        for rnd in range(3):
+            for i in range(rnd * 100, rnd * 100 + 100):
+                buf.put_nowait("ticks", tick(i))
+            assert st.fast_granted - st.fast_rows_left > 0  # some came in on the budget
+            assert st.held_bytes == 100 * size  # (stream_stats would fold the budget)
+            await buf.flush()
+            s = buf.stream_stats("ticks")
+            assert (s.held_rows, s.held_bytes, s.rows_written) == (0, 0, (rnd + 1) * 100)
+            assert st.bytes == 0
+
+
 async def test_fast_path_wakes_the_flusher_at_batch_rows_each_time(
     db: Database, tmp_path: Path
 ) -> None:

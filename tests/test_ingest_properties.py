@@ -175,22 +175,26 @@ def test_fast_admit_appends_what_the_full_validator_returns(
     admit = state.fast_admit
     assert admit is not None
     state.fast_rows_left = state.fast_granted = 10
-    state.fast_bytes_left = 10**6
+    state.fast_bytes_left = state.fast_bytes_granted = 10**6
     taken = admit(values)
     try:
         row, size = Validator(_FAST_STREAM).validate(values)
     except RecordError:
         assert not taken
-        assert (state.rows, state.bytes, state.fast_rows_left) == ([], 0, 10)
+        assert (state.rows, state.held_bytes, state.fast_rows_left) == ([], 0, 10)
         return
     if taken:
         assert state.rows == [row]
         assert all(a is b for a, b in zip(state.rows[0], row, strict=True))
-        assert (state.bytes, state.fast_rows_left, state.fast_bytes_left) == (
+        assert (state.held_bytes, state.fast_rows_left, state.fast_bytes_left) == (
             size,
             9,
             10**6 - size,
         )
+        # Counted lazily: folded into the row count and the buffered bytes together.
+        assert (state.bytes, state.counts["in"]) == (0, 0)
+        state.fold_budget()
+        assert (state.bytes, state.counts["in"], state.held_bytes) == (size, 1, size)
 
 
 @given(value=_any_value, drop=st.booleans())

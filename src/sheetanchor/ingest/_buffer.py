@@ -275,8 +275,8 @@ class WriteBuffer:
         self._replayer = None
         for st in self._states.values():
             st.accepting = False
-            st.rows, st.bytes, st.spill, st.spill_bytes = [], 0, [], 0
             st.reset_budget()
+            st.rows, st.bytes, st.spill, st.spill_bytes = [], 0, [], 0
             st.commits.clear()
             st.stranded.clear()
             st.inflight_rows = st.inflight_bytes = 0
@@ -470,6 +470,7 @@ class WriteBuffer:
         return row, size
 
     def _admit(self, st: StreamState, row: Row, size: int, record: Mapping[str, Any]) -> None:
+        st.fold_budget()  # st.bytes then counts what the fast path appended
         rows = st.rows
         buffered = len(rows)
         held_rows = buffered + st.inflight_rows + len(st.spill) + st.reserved_rows
@@ -754,6 +755,7 @@ class WriteBuffer:
         """
         while st.rows:
             await st.sem.acquire()
+            st.fold_budget()  # the bytes appended on the fast path leave with their rows
             # The swap: one assignment between awaits, so no put can interleave (O(1)).
             rows, nbytes = st.rows, st.bytes
             keep = 0

@@ -124,7 +124,8 @@ def compile_fast_admit(stream: Stream, *, row_overhead: int, state: Any) -> Fast
     ``admit(record)`` checks ``record`` like ``compile_fast`` and, when it passes and the
     admission budget of ``state`` covers it (the stream's ``StreamState``, a global of the
     generated function; ``fast_rows_left`` / ``fast_bytes_left``, see
-    ``StreamState.refresh_budget``), appends the row and returns True.
+    ``StreamState.refresh_budget``), appends the row and returns True. Its bytes are added
+    to ``StreamState.bytes`` later, by ``fold_budget``, with the rows' count.
     Otherwise it returns False having changed nothing, and the caller takes the full path
     (which validates precisely, raises, spills, wakes the flusher and refreshes the budget).
     """
@@ -138,7 +139,6 @@ def compile_fast_admit(stream: Stream, *, row_overhead: int, state: Any) -> Fast
         "    st.fast_rows_left = left - 1",
         "    st.fast_bytes_left -= size",
         "    st.rows.append(row)",
-        "    st.bytes += size",
         "    return True",
     ]
     fast: FastAdmit = _build(stream, ["def fast(record):", *body], "fast admit", state)
