@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 
 from _ingest_helpers import create_tick_table, table_name, tick, tick_stream
-from sheetanchor.errors import BufferFull, RecordError
+from sheetanchor.errors import BufferFull, RecordError, ResourceClosed, WrongEventLoop
 from sheetanchor.ingest import CopySink, SinkOutcome, WriteBuffer
 from sheetanchor.ingest._validate import Validator
 from sheetanchor.postgres import Database, PoolSettings
@@ -52,6 +52,65 @@ async def test_fast_path_is_used_and_counts_every_record(db: Database, tmp_path:
         assert buf.stats().rows_in == 300
         assert buf.stream_stats("ticks").buffered_rows == 300
     assert await db.fetchval(f"SELECT count(*) FROM {table}") == 300
+
+
+async def test_fast_path_admits_nothing_once_close_began(db: Database, tmp_path: Path) -> None:
+    """put_nowait's fast path checks only the budget: close() withdraws it at once."""
+    table = table_name()
+    await create_tick_table(db, table)
+    stream = tick_stream(table, max_rows=1000, batch_rows=1000, flush_interval=3600.0)
+    buf = WriteBuffer(db, [stream], deadletter_dir=tmp_path, replay_interval=None)
+    with pytest.raises(ResourceClosed):
+        buf.put_nowait("ticks", tick(0))  # not open yet
+    await buf.open()
+    st = buf._states["ticks"]
+    for i in range(10):
+        buf.put_nowait("ticks", tick(i))
+    assert st.fast_rows_left > 0  # a budget is granted and unused
+    closing = asyncio.create_task(buf.close())
+    await asyncio.sleep(0)  # close() has begun and waits for the flush
+    assert not closing.done()
+    with pytest.raises(ResourceClosed):
+        buf.put_nowait("ticks", tick(10))
+    await closing
+    with pytest.raises(ResourceClosed):
+        buf.put_nowait("ticks", tick(11))
+    assert buf.stats().rows_in == 10
+    assert await db.fetchval(f"SELECT count(*) FROM {table}") == 10
+
+
+async def test_fast_path_checks_the_event_loop(db: Database, tmp_path: Path) -> None:
+    table = table_name()
+    await create_tick_table(db, table)
+    stream = tick_stream(table, max_rows=1000, batch_rows=1000, flush_interval=3600.0)
+    async with WriteBuffer(db, [stream], deadletter_dir=tmp_path, replay_interval=None) as buf:
+        for i in range(5):
+            buf.put_nowait("ticks", tick(i))
+        assert buf._states["ticks"].fast_rows_left > 0
+        with pytest.raises(WrongEventLoop):
+            await asyncio.to_thread(buf.put_nowait, "ticks", tick(5))  # another thread
+        assert buf.stats().rows_in == 5
+
+
+async def test_bytes_admitted_on_the_budget_leave_with_their_rows(
+    db: Database, tmp_path: Path
+) -> None:
+    """The fast path counts bytes lazily: a swap takes them along, nothing stays behind."""
+    table = table_name()
+    await create_tick_table(db, table)
+    size = Validator(tick_stream(table)).validate(tick(0))[1]
+    stream = tick_stream(table, max_rows=1000, batch_rows=1000, flush_interval=3600.0)
+    async with WriteBuffer(db, [stream], deadletter_dir=tmp_path, replay_interval=None) as buf:
+        st = buf._states["ticks"]
+        for rnd in range(3):
+            for i in range(rnd * 100, rnd * 100 + 100):
+                buf.put_nowait("ticks", tick(i))
+            assert st.fast_granted - st.fast_rows_left > 0  # some came in on the budget
+            assert st.held_bytes == 100 * size  # (stream_stats would fold the budget)
+            await buf.flush()
+            s = buf.stream_stats("ticks")
+            assert (s.held_rows, s.held_bytes, s.rows_written) == (0, 0, (rnd + 1) * 100)
+            assert st.bytes == 0
 
 
 async def test_fast_path_wakes_the_flusher_at_batch_rows_each_time(

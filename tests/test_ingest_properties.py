@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from _ingest_helpers import create_tick_table, fast_retry, table_name, tick, tick_stream
 from sheetanchor.errors import BufferFull, RecordError
 from sheetanchor.ingest import Stream, WriteBuffer
+from sheetanchor.ingest._state import StreamState
 from sheetanchor.ingest._validate import Validator
 from sheetanchor.postgres import Database, PoolSettings
 
@@ -150,3 +151,63 @@ def test_fast_validator_takes_a_valid_record() -> None:
     assert quick is not None
     assert quick == validator._validate(record)
     assert validator._fast({**record, "n": "x"}) == validator._validate({**record, "n": "x"})
+
+
+_ONE_COLUMN = Stream("one", table="t", columns={"i4": "integer"}, natural_key="i4")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    values=st.fixed_dictionaries({k: _any_value for k in _FAST_STREAM.columns}),
+    drop=st.sampled_from([None, *_FAST_STREAM.columns]),
+    extra=st.booleans(),
+)
+def test_fast_admit_appends_what_the_full_validator_returns(
+    values: dict[str, object], drop: str | None, extra: bool
+) -> None:
+    """The generated validate-and-append accepts a subset of what the validator accepts and
+    appends exactly its row (values in COPY order) and byte estimate, or changes nothing."""
+    if drop is not None:
+        values.pop(drop)
+    if extra:
+        values["unknown"] = 1
+    state = StreamState(_FAST_STREAM)
+    admit = state.fast_admit
+    assert admit is not None
+    state.fast_rows_left = state.fast_granted = 10
+    state.fast_bytes_left = state.fast_bytes_granted = 10**6
+    taken = admit(values)
+    try:
+        row, size = Validator(_FAST_STREAM).validate(values)
+    except RecordError:
+        assert not taken
+        assert (state.rows, state.held_bytes, state.fast_rows_left) == ([], 0, 10)
+        return
+    if taken:
+        assert state.rows == [row]
+        assert all(a is b for a, b in zip(state.rows[0], row, strict=True))
+        assert (state.held_bytes, state.fast_rows_left, state.fast_bytes_left) == (
+            size,
+            9,
+            10**6 - size,
+        )
+        # Counted lazily: folded into the row count and the buffered bytes together.
+        assert (state.bytes, state.counts["in"]) == (0, 0)
+        state.fold_budget()
+        assert (state.bytes, state.counts["in"], state.held_bytes) == (size, 1, size)
+
+
+@given(value=_any_value, drop=st.booleans())
+def test_fast_paths_of_a_one_column_stream(value: object, drop: bool) -> None:
+    record: dict[str, object] = {} if drop else {"i4": value}
+    validator = Validator(_ONE_COLUMN)
+    assert validator._fast is not None
+    quick = validator._fast(record)
+    try:
+        slow = validator._validate(record)
+    except RecordError:
+        assert quick is None
+        return
+    if quick is not None:
+        assert quick == slow
+        assert type(quick[0]) is tuple

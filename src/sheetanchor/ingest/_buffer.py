@@ -17,6 +17,7 @@ import itertools
 import os
 import time
 import warnings
+from asyncio import _get_running_loop
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -33,6 +34,7 @@ from sheetanchor.errors import (
     WrongEventLoop,
 )
 from sheetanchor.ingest._classify import error_info
+from sheetanchor.ingest._fastpath import FastAdmit
 from sheetanchor.ingest._journal_group import GroupAppender, append_rows, enqueue_journaled
 from sheetanchor.ingest._journal_seam import JournalLike, open_journal
 from sheetanchor.ingest._replay import REPLAY_ERRORS, FileReplay, replay_files
@@ -110,6 +112,11 @@ class WriteBuffer:
             if stream.name in self._states:
                 raise ConfigError(f"WriteBuffer: stream name {stream.name!r} is used twice")
             self._states[stream.name] = StreamState(stream)
+        # put_nowait's fast path: the generated validate-and-append of each stream that has
+        # one (bound to its state), by stream name.
+        self._admitters: dict[str, FastAdmit] = {
+            name: st.fast_admit for name, st in self._states.items() if st.fast_admit is not None
+        }
         if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
             raise ConfigError(
                 f"WriteBuffer max_concurrency must be an int, got {max_concurrency!r}"
@@ -216,6 +223,8 @@ class WriteBuffer:
             for st in self._states.values():
                 st.journaled = not st.best_effort
         self._opened = True
+        for st in self._states.values():
+            st.accepting = True
         try:
             await self._start_tasks()
         except BaseException as exc:
@@ -265,8 +274,9 @@ class WriteBuffer:
         self._writers.clear()
         self._replayer = None
         for st in self._states.values():
-            st.rows, st.bytes, st.spill, st.spill_bytes = [], 0, [], 0
+            st.accepting = False
             st.reset_budget()
+            st.rows, st.bytes, st.spill, st.spill_bytes = [], 0, [], 0
             st.commits.clear()
             st.stranded.clear()
             st.inflight_rows = st.inflight_bytes = 0
@@ -315,6 +325,9 @@ class WriteBuffer:
             return
         self._closing = True
         self._writer.closing = True
+        for st in self._states.values():
+            st.accepting = False  # put_nowait's fast path admits nothing from now on
+            st.reset_budget()
         try:
             if not self._opened:
                 return
@@ -457,6 +470,7 @@ class WriteBuffer:
         return row, size
 
     def _admit(self, st: StreamState, row: Row, size: int, record: Mapping[str, Any]) -> None:
+        st.fold_budget()  # st.bytes then counts what the fast path appended
         rows = st.rows
         buffered = len(rows)
         held_rows = buffered + st.inflight_rows + len(st.spill) + st.reserved_rows
@@ -497,26 +511,27 @@ class WriteBuffer:
             ConfigError: unknown stream, or a journaled stream (use ``await put``).
             ResourceClosed: the buffer is not open.
         """
-        # The hot path of ingest: one dict lookup, the stream's compiled validator, one
-        # append. Anything unusual (closed, wrong loop, journaled, a record the fast check
-        # does not accept, quality checks) takes the full path, which raises precisely.
+        # The hot path of ingest: one dict lookup, the loop check and the stream's generated
+        # validate-and-append, which admits only within the budget the full path granted (no
+        # budget while the buffer is not open, closing, or the stream journaled). Anything
+        # else takes the full path, which raises precisely.
+        admit = self._admitters.get(stream)
+        if admit is not None and _get_running_loop() is self._loop and admit(record):
+            return
+        self._put_nowait(stream, record)
+
+    def _put_nowait(self, stream: str, record: Mapping[str, Any]) -> None:
         st = self._states.get(stream)
         if st is None or self._closing or not self._opened:
             st = self._state(stream)
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        if loop is not self._loop:
+        if _get_running_loop() is not self._loop:
             self._check_loop()
         if st.journaled:
             raise ConfigError(
                 f"stream {stream!r} is journaled: put_nowait cannot wait for the journal to "
                 "be durable; use `await buffer.put(...)`"
             )
-        admit = st.fast_admit
-        if admit is not None and admit(record, st):
-            return  # validated and appended within the stream's budget
+        # put_nowait tried the stream's budget already: this record needs a decision.
         fast = st.fast
         quick = fast(record) if fast is not None else None
         if quick is None or quick[1] > st.max_bytes:
@@ -740,6 +755,7 @@ class WriteBuffer:
         """
         while st.rows:
             await st.sem.acquire()
+            st.fold_budget()  # the bytes appended on the fast path leave with their rows
             # The swap: one assignment between awaits, so no put can interleave (O(1)).
             rows, nbytes = st.rows, st.bytes
             keep = 0

@@ -87,6 +87,7 @@ class StreamState:
 
     __slots__ = (
         "_reported",
+        "accepting",
         "batch_rows",
         "batches",
         "best_effort",
@@ -98,6 +99,7 @@ class StreamState:
         "emergency_rows",
         "fast",
         "fast_admit",
+        "fast_bytes_granted",
         "fast_bytes_left",
         "fast_granted",
         "fast_rows_left",
@@ -144,10 +146,14 @@ class StreamState:
         # must see every record.
         self.fast_admit: FastAdmit | None = None
         if self.gate is None and not stream.tail_rows:
-            self.fast_admit = compile_fast_admit(stream, row_overhead=ROW_OVERHEAD)
+            self.fast_admit = compile_fast_admit(stream, row_overhead=ROW_OVERHEAD, state=self)
         self.fast_rows_left = 0
         self.fast_bytes_left = 0
+        self.fast_bytes_granted = 0
         self.fast_granted = 0
+        # True only while the buffer is open and not closing: put_nowait's fast path checks
+        # nothing else, so no budget is granted outside that window (see refresh_budget).
+        self.accepting = False
         # Set by WriteBuffer.open: authoritative records go through the disk journal.
         self.journaled = False
         self.sink = CopySink(stream.describe())
@@ -198,13 +204,16 @@ class StreamState:
         emergency watermark (best-effort) or, while no flush is requested yet, at
         ``batch_rows`` or the high watermark. Anything that can only shrink what is held
         (a swap, a finished write) leaves a budget conservative; whatever else changes
-        the inputs (a flusher clearing ``wake``, room reserved for the journal) calls
-        ``reset_budget``. Records admitted on the budget are counted in ``counts["in"]``
-        lazily, by ``fold_budget``.
+        the inputs (a flusher clearing ``wake``, room reserved for the journal, the buffer
+        closing) calls ``reset_budget``. Nothing is granted to a journaled stream or while
+        the buffer is not ``accepting``. Records admitted on the budget are counted in
+        ``counts["in"]`` and their bytes in ``bytes`` lazily, by ``fold_budget`` (``held_bytes``
+        includes them at any time).
         """
         self.fold_budget()
-        if self.fast_admit is None or self.journaled:
-            self.fast_rows_left = self.fast_granted = self.fast_bytes_left = 0
+        if self.fast_admit is None or self.journaled or not self.accepting:
+            self.fast_rows_left = self.fast_granted = 0
+            self.fast_bytes_left = self.fast_bytes_granted = 0
             return
         held_rows = self.held_rows
         held_bytes = self.held_bytes
@@ -217,19 +226,25 @@ class StreamState:
             rows = min(rows, self.batch_rows - 1 - len(self.rows), self.high_rows - held_rows)
             nbytes = min(nbytes, self.high_bytes - 1 - held_bytes)
         self.fast_rows_left = self.fast_granted = max(0, rows)
-        self.fast_bytes_left = nbytes
+        self.fast_bytes_left = self.fast_bytes_granted = nbytes
 
     def reset_budget(self) -> None:
         """Withdraw the fast-admission budget (the next record takes the full path)."""
         self.fold_budget()
-        self.fast_rows_left = self.fast_granted = self.fast_bytes_left = 0
+        self.fast_rows_left = self.fast_granted = 0
+        self.fast_bytes_left = self.fast_bytes_granted = 0
 
     def fold_budget(self) -> None:
-        """Count the records admitted on the budget so far in ``counts["in"]``."""
+        """Count the records admitted on the budget so far in ``counts["in"]`` and ``bytes``.
+
+        Call before reading ``bytes`` directly (a swap, the full admission path).
+        """
         used = self.fast_granted - self.fast_rows_left
         if used:
             self.counts["in"] += used
             self.fast_granted = self.fast_rows_left
+            self.bytes += self.fast_bytes_granted - self.fast_bytes_left
+            self.fast_bytes_granted = self.fast_bytes_left
 
     @property
     def held_rows(self) -> int:
@@ -239,7 +254,13 @@ class StreamState:
     @property
     def held_bytes(self) -> int:
         """Estimated bytes in memory: buffered, being written, awaiting spill or the journal."""
-        return self.bytes + self.inflight_bytes + self.spill_bytes + self.reserved_bytes
+        return (
+            self.bytes
+            + (self.fast_bytes_granted - self.fast_bytes_left)
+            + self.inflight_bytes
+            + self.spill_bytes
+            + self.reserved_bytes
+        )
 
     def has_room(self, size: int, rows: int = 1) -> bool:
         """True when ``rows`` more records of ``size`` bytes in all fit under both limits."""
