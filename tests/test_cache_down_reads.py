@@ -76,7 +76,8 @@ async def test_a_read_with_the_breaker_open_gives_what_the_cache_gives(
                     breaker=_open_for_long(),
                 )
                 for key, *_ in _ROWS:
-                    await cached.get(key)  # a miss: loads and caches it
+                    await cached.get(key)  # a miss: loads and caches it...
+                    await cached.drain()  # ...in the background: wait until it is written
                     hit = await cached.get(key)
                     assert _shape(await down.get(key)) == _shape(hit)
                     assert down.cache.breaker.state == "open"

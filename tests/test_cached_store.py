@@ -107,6 +107,7 @@ async def test_fenced_backfill_never_overwrites_a_newer_write(env: Any) -> None:
     await writer_store.put(1, {"name": "v2"})
     pause.resume.set()
     assert await reader == {"name": "v1"}  # it was concurrent with the write: either is fine
+    await reader_store.drain()  # its backfill is written in the background
     assert reader_store.stats().fence_refused == 1  # ...but its stale copy was refused
     assert await reader_store.get(1) == {"name": "v2"}
     assert reader_store.stats().hits == 1
@@ -126,6 +127,7 @@ async def test_backfill_after_delete_is_refused_by_the_tombstone(env: Any) -> No
     assert await writer_store.delete(1)
     pause.resume.set()
     await reader
+    await reader_store.drain()
     assert reader_store.stats().fence_refused == 1
     assert await reader_store.get(1) is None
     # A re-insert gets a newer version from the sequence and is cached over the tombstone.
@@ -145,6 +147,7 @@ async def test_crud_and_versions(env: Any) -> None:
     assert v2 > v1
     assert await store.get(7) == {"name": "b", "data": {}}
     assert await store.get(8) is None
+    await store.drain()  # the absence is cached in the background
     assert await store.get(8) is None  # cached absence
     assert store.stats().absent_hits == 1
     new = await store.update(7, lambda cur: {**cur, "name": cur["name"] + "!"})
@@ -219,12 +222,17 @@ async def test_corrupt_and_invalid_entries_are_misses(env: Any) -> None:
     store = CachedStore(db, rc, table=table, value_columns=["name"], schema=Item)
     await store.put(1, Item("a"))
     r = rc.client()
+    # Each miss's backfill is written in the background: drained before the next entry is
+    # spoiled, so that each read finds the spoiled entry.
     await r.set(store.redis_key(1), b"garbage")
     assert await store.get(1) == Item("a")
+    await store.drain()
     await r.set(store.redis_key(1), b"v999999|0|0|{not json")
     assert await store.get(1) == Item("a")
+    await store.drain()
     await r.set(store.redis_key(1), b'v999999|0|0|{"name": 5}')
     assert await store.get(1) == Item("a")
+    await store.drain()
     assert store.stats().corrupt == 3
     assert await store.get(1) == Item("a")
     assert store.stats().hits == 1
@@ -297,6 +305,7 @@ async def test_ttl_jitter_and_probabilistic_early_refresh(env: Any) -> None:
     await store.put(1, {"name": "a"})
     await rc.client().delete(store.redis_key(1))
     assert await store.get(1) == {"name": "a"}  # miss: loaded, cached with its load time
+    await store.drain()  # (in the background)
     ttl_ms = await rc.client().pttl(store.redis_key(1))
     assert 80_000 - 1_000 <= ttl_ms <= 90_000  # 100 s minus 20 % * 0.5 of jitter
     reads = store.stats().pg_reads

@@ -24,11 +24,16 @@ Rules it keeps:
   commands; others raise ``CommandOutcomeUnknown`` (the rule is in ``_retry.py``).
 * :meth:`RedisClient.execute_command` runs a single command on the same per-loop pool
   without redis-py's per-command wrapper, keeping all of the above (``_lean.py``).
+* Work a caller left running in a loop that needs the client to end cleanly (a cached
+  store's backfills, which hold leases) registers with :meth:`RedisClient.before_close`: it
+  is awaited in that loop, bounded, while the client is still open, before the client
+  closes (loop end, loop closed by hand, or :meth:`RedisClient.close`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import weakref
@@ -110,6 +115,8 @@ class _Entry:
     closer: asyncio.Task[None] | None = None
     forsaken: bool = False
     closed: bool = field(default=False)
+    # Awaited in the loop before the client closes (see RedisClient.before_close).
+    before_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
 # Every live RedisClient, for the fork hook and the metrics collector.
@@ -338,6 +345,57 @@ class RedisClient:
             return await entry.redis.execute_command(*args)
         return await lean.execute(args)
 
+    def before_close(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Have ``await fn()`` run in the running loop before that loop's client closes.
+
+        For work left running in the background that needs Redis to end cleanly (a cached
+        store's backfills release leases that other readers wait for). ``fn`` runs once, in
+        its loop, while the client is still open: when the loop ends (``asyncio.run``
+        cancelling its tasks), when it is closed by hand, or in :meth:`close` (for the
+        running loop and loops running in other threads). Each call is bounded by
+        ``socket_timeout + socket_connect_timeout`` (at least 1 s): then ``fn`` is cancelled.
+        Keep a weak reference to your own object in ``fn``: the client holds ``fn`` until
+        that loop's client closes.
+
+        Raises:
+            WrongEventLoop: called outside a running event loop.
+            ResourceClosed: after :meth:`close`.
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise WrongEventLoop(
+                f"RedisClient({self.name!r}).before_close() needs a running event loop; "
+                "call it from a coroutine"
+            ) from None
+        entry = self._entries.get(loop)
+        if entry is None:
+            self._create(loop)
+            entry = self._entries.get(loop)
+            if entry is None:  # closed meanwhile from another thread
+                raise ResourceClosed(f"RedisClient({self.name!r}) is closed; create a new one")
+        entry.before_close.append(fn)
+
+    async def _finish_users(self, entry: _Entry) -> None:
+        # In entry's loop, the client still open: what registered with before_close, each
+        # once (also what registers meanwhile). Bounded; an error is logged (the client
+        # closes either way).
+        bound = max(self._socket_timeout + self._socket_connect_timeout, 1.0)
+        while entry.before_close:
+            fn = entry.before_close.pop(0)
+            try:
+                async with asyncio.timeout(bound):
+                    await fn()
+            except Exception as exc:  # noqa: BLE001 - logged; closing must go on
+                _log.warning(
+                    "RedisClient %s: work to finish before closing failed or took over %.1fs "
+                    "(%s: %s)",
+                    self.name,
+                    bound,
+                    type(exc).__name__,
+                    exc,
+                )
+
     async def ping(self) -> bool:
         """``PING`` the server (every node of a cluster); True when it answers."""
         return bool(await self.any_client().ping())
@@ -371,16 +429,19 @@ class RedisClient:
 
         The client of the running loop is closed here. Clients of loops running in other
         threads are closed in their loops (waited for up to ``socket_connect_timeout``);
-        clients of idle loops close when those loops shut down.
+        clients of idle loops close when those loops shut down. Before a client closes, the
+        work registered with :meth:`before_close` in its loop runs.
         """
-        self._closed = True
-        with self._lock:
-            entries = list(self._entries.values())
-            self._entries.clear()
         try:
             current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             current = None
+        if not self._closed:
+            await self._finish_users_before_close(current)
+        self._closed = True
+        with self._lock:
+            entries = list(self._entries.values())
+            self._entries.clear()
         for entry in entries:
             if entry.loop is current:
                 await self._dispose(entry, reason="closed")
@@ -402,6 +463,20 @@ class RedisClient:
             elif entry.loop.is_closed():
                 self._abandon(entry, reason="loop_closed")
             # else: an idle loop; its closer task disposes of the client when the loop ends.
+
+    async def _finish_users_before_close(self, current: asyncio.AbstractEventLoop | None) -> None:
+        # While every client is still open and registered (the work may issue commands).
+        for entry in list(self._entries.values()):
+            if not entry.before_close:
+                continue
+            if entry.loop is current:
+                await self._finish_users(entry)
+            elif entry.loop.is_running() and not entry.loop.is_closed():
+                fut = asyncio.run_coroutine_threadsafe(self._finish_users(entry), entry.loop)
+                bound = max(self._socket_timeout + self._socket_connect_timeout, 1.0)
+                with contextlib.suppress(TimeoutError):  # it logs on its own past its bound
+                    await asyncio.wait_for(asyncio.wrap_future(fut), timeout=bound + 1.0)
+            # else: an idle loop; it runs them when it ends (then without a client).
 
     async def __aenter__(self) -> RedisClient:
         return self
@@ -510,11 +585,14 @@ class RedisClient:
             _log.debug("RedisClient %s: cannot hook close() of %r", self.name, loop)
 
     def _close_with_loop(self, loop: asyncio.AbstractEventLoop, entry: _Entry) -> None:
-        with self._lock:
-            if self._entries.get(loop) is entry:
-                del self._entries[loop]
+        def forget() -> None:
+            with self._lock:
+                if self._entries.get(loop) is entry:
+                    del self._entries[loop]
 
         async def dispose_and_finish_closer() -> None:
+            await self._finish_users(entry)  # the tasks left in the loop run here too
+            forget()
             await self._dispose(entry, reason="loop_closed_by_hand")  # sets entry.stop
             if entry.closer is not None:
                 await entry.closer  # returns now that stop is set: no pending task is left
@@ -524,6 +602,7 @@ class RedisClient:
         except Exception as exc:  # noqa: BLE001 - recorded: counted and logged with the reason
             # RuntimeError: another loop runs in this thread. Its sockets are closed without
             # the loop instead (the loop is closed right after this).
+            forget()
             _metrics.CLOSE_ERRORS.labels(self.name).inc()
             _log.warning(
                 "RedisClient %s: closing the client with its loop failed (%s: %s)",
@@ -540,8 +619,10 @@ class RedisClient:
             await entry.stop
         except asyncio.CancelledError:
             # The loop is shutting down (asyncio.run cancels every task): close here, in the
-            # loop that owns the sockets, then let the cancellation finish.
+            # loop that owns the sockets, then let the cancellation finish. First what must
+            # end while the client is open (before_close), with the entry still registered.
             if not entry.forsaken:
+                await self._finish_users(entry)
                 with self._lock:
                     if self._entries.get(entry.loop) is entry:
                         del self._entries[entry.loop]

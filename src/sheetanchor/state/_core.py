@@ -11,6 +11,7 @@ import itertools
 import math
 import os
 import secrets
+import weakref
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from decimal import Decimal
 from typing import Any, NamedTuple, Protocol, TypeVar
@@ -44,6 +45,9 @@ _T = TypeVar("_T")
 _PG_ERRORS: tuple[type[BaseException], ...] = (SheetAnchorError, OSError, asyncpg.PostgresError)
 _MISS = object()  # "not usable from the cache": load it
 _CORRUPT = object()  # undecodable: remove it, then load
+
+# A backfill: the fenced item, the lease it releases (key, token), when its read started.
+_Backfill = tuple[FencedItem, tuple[str, str] | None, float]
 
 # Lease tokens: a random prefix per process (new after fork) and a counter per lookup.
 _TOKEN_PREFIX = [secrets.token_hex(8) + ":"]
@@ -104,6 +108,8 @@ class _StoreCore:
     # becomes a dict lookup (about a third slower). The subclasses add none.
     __slots__ = (
         "__weakref__",
+        "_backfill_loop",
+        "_backfill_loops",
         "_backfills",
         "_clock",
         "_closed",
@@ -114,6 +120,7 @@ class _StoreCore:
         "_lease_ms",
         "_m_absent",
         "_m_backfill_background",
+        "_m_backfill_dropped",
         "_m_backfill_failed",
         "_m_backfill_inline",
         "_m_corrupt",
@@ -181,13 +188,19 @@ class _StoreCore:
         self._flights = SingleFlight(settings.max_flights)
         self._lease_ms = int(settings.lease_ttl * 1000)
         self._miss_rate = 0.0  # recent share of lookups that missed (see CachedStore.get)
-        # Backfills being written in the background (bounded by settings.max_backfills).
-        self._backfills: set[asyncio.Task[None]] = set()
+        # Backfills being written in the background (bounded by settings.max_backfills), each
+        # with what it writes; None for the second attempt of a backfill cut short.
+        self._backfills: dict[asyncio.Task[None], _Backfill | None] = {}
+        # The loops whose Redis client finishes our backfills before it closes, and the last
+        # of them (the common case: one loop, one weak-reference call per backfill).
+        self._backfill_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+        self._backfill_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
         self._closed = False
         _metrics.BACKFILLS_INFLIGHT.labels(table).set_function(self._backfills.__len__)
         self._m_backfill_background = _metrics.BACKFILLS.labels(table, "background")
         self._m_backfill_inline = _metrics.BACKFILLS.labels(table, "inline")
         self._m_backfill_failed = _metrics.BACKFILLS.labels(table, "failed")
+        self._m_backfill_dropped = _metrics.BACKFILLS.labels(table, "dropped")
         _metrics.FLIGHTS.labels(table).set_function(self._flights.inflight)
         self.cache = CacheSide(
             redis,

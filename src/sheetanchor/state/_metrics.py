@@ -76,8 +76,9 @@ DRIFT = Counter(
 )
 BACKFILLS = Counter(
     metric_name("state", "backfills", "total"),
-    "Backfills of a miss by how they ran: background, inline (the background set was full), "
-    "failed (an error other than Redis being down; logged, the lease released).",
+    "Backfills of a miss by how they ran: background, inline (max_backfills pending, or 0), "
+    "failed (an error other than Redis being down; logged, the lease released), dropped "
+    "(the Redis client closed first, or cut short twice: the lease expires on its own).",
     ["table", "mode"],
     registry=REGISTRY,
 )

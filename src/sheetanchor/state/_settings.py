@@ -41,14 +41,18 @@ class CacheSettings:
             just before it was deleted must land while the delete's tombstone still fences
             it out. ``None``: half of that bound.
         max_flights: in-process single-flight table size.
-        max_backfills: ``0`` (the default): a miss writes its backfill to Redis before it
-            returns. Above 0, a miss returns the value as soon as PostgreSQL answered and
-            the fenced set (with the lease release) follows in a tracked background task,
-            at most this many at once (beyond that, inline again); the caller saves one
-            Redis round trip. The fence keeps it correct (a late backfill never overwrites
-            a newer entry). Then :meth:`CachedStore.close` (or ``async with store``) must
-            run before the Redis client closes, or :meth:`CachedStore.drain` when the
-            entries must be in Redis now.
+        max_backfills: backfills written in the background at once (default 64). A miss
+            returns the value as soon as PostgreSQL answered; the fenced set (with the lease
+            release) follows in a tracked task of the running loop, which saves the caller a
+            Redis round trip. Beyond this many pending, a miss writes its backfill before it
+            returns again; ``0``: always so. The fence keeps it correct (a late backfill
+            never overwrites a newer entry or a deletion's tombstone). Pending backfills
+            are finished in their loop before its Redis client closes: when the loop ends
+            (``asyncio.run`` cancels them: they are run once more), when it is closed by
+            hand, or in :meth:`RedisClient.close`; one whose client was closed before it
+            could run is dropped (counted; its lease expires after ``lease_ttl``).
+            :meth:`CachedStore.drain` waits until they are written (a test that reads Redis
+            right after a miss needs it); :meth:`CachedStore.close` does too.
         max_pending: keys remembered while Redis is unreachable; beyond it, the whole
             namespace is dropped from Redis when it returns.
         update_attempts: optimistic-update attempts before :class:`VersionConflict`.
@@ -65,7 +69,7 @@ class CacheSettings:
     timeout: float | None = None
     max_backfill_age: float | None = None
     max_flights: int = 10_000
-    max_backfills: int = 0
+    max_backfills: int = 64
     max_pending: int = 10_000
     update_attempts: int = 10
 

@@ -14,12 +14,15 @@ This module holds the read path; the write path is in :mod:`sheetanchor.state._w
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
+import weakref
 from collections.abc import Hashable, Iterable
 from typing import Any
 
 import orjson
 
+from sheetanchor.errors import ResourceClosed
 from sheetanchor.state._cacheside import DOWN, FencedItem
 from sheetanchor.state._core import (
     _CORRUPT,
@@ -61,7 +64,11 @@ class CachedStore(_StoreWrites):
         schema: optional dataclass or pydantic model; values are validated into it.
         namespace: Redis key prefix (default ``sa:<table>``); keys are
             ``<namespace>:{<key>}`` so one entity's keys share a cluster hash slot.
-        settings: :class:`CacheSettings`.
+        settings: :class:`CacheSettings`. By default a miss returns once PostgreSQL
+            answered and writes its backfill in the background (``max_backfills``); the
+            pending ones are finished before the loop's Redis client closes. Use
+            ``async with store`` or :meth:`close` to write them before you go on, and
+            :meth:`drain` to wait until they are in Redis.
         breaker: the Redis circuit breaker (default: a new one per store).
         hooks: test seams (:class:`StoreHooks`).
         clock: time sources (:class:`StoreClock`).
@@ -91,6 +98,9 @@ class CachedStore(_StoreWrites):
 
         The first call is a plain GET while most lookups hit; when misses dominate (a cold
         cache) it becomes a script that also takes the lease, saving a round trip per miss.
+        A miss returns before its entry is written to Redis (in the background; see
+        :attr:`CacheSettings.max_backfills`); a read of this process that misses meanwhile
+        shares the loaded value instead of waiting.
         """
         sql = self._sql or await self.prepare()
         rkey = self.redis_key(key)
@@ -256,11 +266,12 @@ class CachedStore(_StoreWrites):
                 delta_ms = max(1, int((clock.monotonic() - started) * 1000))
                 item = self._value_item(rkey, row[1], payload, delta_ms)
             task = self._backfill_later(item, lease, started)
-            handed_over = True  # the backfill (now or in the background) releases the lease
-            if task is None:
-                await self._backfill(item, lease, started)
-                return value
-            return Landing(value, task)
+            if task is not None:
+                handed_over = True  # the background backfill releases the lease
+                return Landing(value, task)
+            await self._backfill(item, lease, started)
+            handed_over = True  # released with the backfill (or, cancelled, below)
+            return value
         finally:
             if lease is not None and not handed_over:
                 await self.cache.release_lease(*lease)
@@ -268,23 +279,71 @@ class CachedStore(_StoreWrites):
     def _backfill_later(
         self, item: FencedItem, lease: tuple[str, str] | None, started: float
     ) -> asyncio.Task[None] | None:
-        """Start the backfill as a tracked task, or ``None`` (full or closed: do it inline)."""
-        if self._closed or len(self._backfills) >= self.settings.max_backfills:
+        """Start the backfill as a tracked task of the running loop, or ``None``: write it
+        inline (the store is closed, ``max_backfills`` are running, or the Redis client
+        cannot finish it before it closes)."""
+        backfills = self._backfills
+        limit = self.settings.max_backfills
+        if self._closed or (len(backfills) >= limit and not (limit and self._pruned())):
             self._m_backfill_inline.inc()
             return None
-        task = asyncio.get_running_loop().create_task(self._backfill(item, lease, started))
-        self._backfills.add(task)
-        task.add_done_callback(self._backfills.discard)
+        loop = asyncio.get_running_loop()
+        last = self._backfill_loop
+        if (last is None or last() is not loop) and not self._watch_loop(loop):
+            self._m_backfill_inline.inc()
+            return None
+        task = loop.create_task(self._backfill(item, lease, started))
+        backfills[task] = (item, lease, started)
+        task.add_done_callback(self._backfill_done)
         self._m_backfill_background.inc()
         return task
+
+    def _watch_loop(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Have the Redis client of ``loop`` finish our backfills there before it closes
+        (the loop ends, or the client is closed): False when the client is closed."""
+        if loop not in self._backfill_loops:
+            try:
+                self.redis.before_close(functools.partial(_finish_backfills, weakref.ref(self)))
+            except ResourceClosed:
+                return False
+            self._backfill_loops.add(loop)
+        self._backfill_loop = weakref.ref(loop)
+        return True
+
+    def _pruned(self) -> bool:
+        """Forget backfills whose loop was closed without running them (nothing can any
+        more); True when that made room."""
+        dead = [t for t in self._backfills if t.get_loop().is_closed()]
+        for task in dead:
+            del self._backfills[task]
+            self._m_backfill_dropped.inc()
+        return len(self._backfills) < self.settings.max_backfills
+
+    def _backfill_done(self, task: asyncio.Task[None]) -> None:
+        job = self._backfills.pop(task, None)
+        if not task.cancelled():
+            return
+        if job is None:
+            self._m_backfill_dropped.inc()  # cut short twice: its lease expires on its own
+            return
+        # Cut short: asyncio.run cancels every task left when its loop ends (one loop per
+        # Celery task), or someone cancelled it. The entry may be unwritten and the lease
+        # still held, which would make the other readers of the key wait for a holder that
+        # is gone. Run it once more in the same loop, tracked, so that the loop's end
+        # waits for it (see _finish_backfills); the fence makes a second write harmless.
+        again = task.get_loop().create_task(self._backfill(*job))
+        self._backfills[again] = None
+        again.add_done_callback(self._backfill_done)
 
     async def _backfill(
         self, item: FencedItem, lease: tuple[str, str] | None, started: float
     ) -> None:
-        """The fenced set of a backfill (releasing the lease); never raises in the background.
+        """The fenced set of a backfill (releasing the lease); raises nothing but a
+        cancellation.
 
-        A Redis that is down is counted by the breaker (the lease then expires on its own);
-        any other error is logged and counted, and the lease released.
+        A Redis that is down is counted by the breaker (the lease then expires on its own); a
+        Redis client closed before the store makes it a dropped backfill (counted); any
+        other error is logged and counted, and the lease released.
         """
         released = False
         try:
@@ -299,6 +358,9 @@ class CachedStore(_StoreWrites):
                 ok = await self.cache.fenced_set(item)
             if ok is False:
                 self._counts["refused"] += 1  # a newer entry is there (the metric is counted)
+        except ResourceClosed:
+            released = True  # nothing can be sent any more: the lease expires on its own
+            self._dropped(item)
         except Exception as exc:  # noqa: BLE001  logged and counted; the read already has its value
             released = False  # whether the script ran is unknown: release (by token) anyway
             self._m_backfill_failed.inc()
@@ -313,6 +375,8 @@ class CachedStore(_StoreWrites):
             if lease is not None and not released:
                 try:
                     await self.cache.release_lease(*lease)
+                except ResourceClosed:
+                    self._dropped(item)
                 except Exception as exc:  # noqa: BLE001  logged and counted; it expires (PX)
                     self._m_backfill_failed.inc()
                     _log.warning(
@@ -323,8 +387,17 @@ class CachedStore(_StoreWrites):
                         exc,
                     )
 
+    def _dropped(self, item: FencedItem) -> None:
+        # The Redis client was closed before the store: not an outage, and the reader has
+        # its value; counted, logged quietly.
+        self._m_backfill_dropped.inc()
+        _log.debug(
+            "cache %s: backfill of %s dropped: the Redis client is closed", self.table, item[0]
+        )
+
     async def drain(self) -> None:
-        """Wait until the backfills this event loop started in the background are written.
+        """Wait until the backfills this event loop started in the background are written
+        (or failed: failures are logged and counted; nothing is raised).
 
         Example::
 
@@ -565,3 +638,35 @@ class CachedStore(_StoreWrites):
             results = await self.cache.fenced_set_many(items)
         if results is not DOWN:
             self._counts["refused"] += results.count(False)  # type: ignore[union-attr]
+
+
+async def _finish_backfills(ref: weakref.ref[CachedStore]) -> None:
+    """Registered with the Redis client of each loop that starts backfills: run in that loop
+    before its client closes (the loop ends, or the client is closed), the client still open.
+
+    Waits for the store's backfills of the loop, including those the loop's end cut short
+    and started again. Past the client's bound it is cancelled: then the rest are cancelled
+    too (a cancelled round trip drops its connection at once), so no task outlives the
+    loop, and are counted as dropped.
+    """
+    store = ref()
+    if store is None:
+        return
+    loop = asyncio.get_running_loop()
+    try:
+        await store.drain()
+    except asyncio.CancelledError:
+        left = [t for t in store._backfills if t.get_loop() is loop]
+        for task in left:
+            store._backfills[task] = None  # no further attempt
+            task.cancel()
+        if left:
+            await asyncio.wait(left)
+        raise
+    finally:
+        # The client of this loop is about to close: a backfill started here later (by a
+        # task that ends after it) registers again, with the loop's next client.
+        store._backfill_loops.discard(loop)
+        last = store._backfill_loop
+        if last is not None and last() is loop:
+            store._backfill_loop = None
