@@ -89,6 +89,7 @@ from sheetanchor.postgres._errors import (
 from sheetanchor.postgres._leaks import OPENER, LeakReport, LeakTable, LeakWatch
 from sheetanchor.postgres._loops import PerLoop
 from sheetanchor.postgres._pool import (
+    WatchedPool,
     checkin_hook,
     checkout_hook,
     checkout_without_io,
@@ -328,12 +329,15 @@ class Database:
             "pool_timeout": pool.timeout,
             "pool_recycle": -1 if pool.recycle is None else pool.recycle,
             "pool_use_lifo": pool.use_lifo,
-            # Our checkout hook below pings only connections idle > pre_ping_idle.
+            # Our pool (WatchedPool) pings only connections idle > pre_ping_idle.
             "pool_pre_ping": False,
             "json_serializer": _json_dumps_str,
             "json_deserializer": orjson.loads,
             "connect_args": self._connect_args(),
         }
+        if "pool" not in self._engine_options:
+            # Does the checkout/checkin work below itself: no event listener per checkout.
+            options["poolclass"] = WatchedPool
         options.update(self._engine_options)
         engine = create_async_engine(self._sa_url, **options)
         sync_pool = engine.sync_engine.pool
@@ -341,9 +345,11 @@ class Database:
             event.listen(sync_pool, "connect", on_connect_json)
         event.listen(sync_pool, "connect", on_connect_mark)
         leaks = self._leaks.attach(sync_pool)
-        # One listener per event: SQLAlchemy's dispatch costs per listener on every checkout.
-        event.listen(sync_pool, "checkout", checkout_hook(leaks, self.pool.pre_ping_idle))
-        event.listen(sync_pool, "checkin", checkin_hook(leaks))
+        if isinstance(sync_pool, WatchedPool):
+            sync_pool.watch(leaks, self.pool.pre_ping_idle)
+        else:  # a pool class from engine_options: the same work, as event listeners
+            event.listen(sync_pool, "checkout", checkout_hook(leaks, self.pool.pre_ping_idle))
+            event.listen(sync_pool, "checkin", checkin_hook(leaks))
         entry = _Engine(
             engine=engine,
             sessions=async_sessionmaker(
