@@ -736,7 +736,10 @@ class _SessionBlock:
         self._options = options
 
     async def __aenter__(self) -> AsyncSession:
-        entry = self._entry = self._db._entry()
+        db = self._db
+        if db._closed:
+            raise ResourceClosed(f"{db!r} is closed; create a new Database")
+        entry = self._entry = db._engines.get()
         options = self._options
         session = entry.sessions(**options) if options else entry.new_session()
         self._session: AsyncSession = session
@@ -753,7 +756,10 @@ class _SessionBlock:
         tb: TracebackType | None,
     ) -> bool:
         db, entry, session = self._db, self._entry, self._session
-        _close_block(self._token)
+        try:  # noqa: SIM105 - as _close_block, inlined: once per block
+            OPENER.reset(self._token)
+        except ValueError:  # left in another context than it was entered in
+            pass
         if exc is not None:
             # The block failed: roll back and close (shielded), then raise the error, driver
             # errors mapped at the boundary (the original is the cause).
@@ -763,7 +769,8 @@ class _SessionBlock:
                 raise mapped from exc
             return False
         try:
-            released = await session.run_sync(_commit)
+            # session.run_sync(_commit), minus its frame: one trip through the greenlet.
+            released = await greenlet_spawn(_commit, session.sync_session)
         except Exception as err:
             await db._cleanup(entry, _rollback_and_close(session))
             raise db._commit_failed(err) from err
