@@ -315,13 +315,17 @@ class WatchedPool(AsyncAdaptedQueuePool):
         return rec
 
     def connect(self) -> PoolProxiedConnection:
-        fairy: Any = super().connect()
+        fairy = super().connect()
         leaks = self._sheetanchor_leaks
         if leaks is not None:
             # After the health check: only good checkouts are recorded. Frames skipped: the
             # capture, the table's method and this one.
-            leaks.checkout(fairy._connection_record, fairy)
-        return cast("PoolProxiedConnection", fairy)
+            rec: Any = fairy._connection_record
+            ref = rec.fairy_ref  # SQLAlchemy's weak reference to the proxy: reused
+            leaks.checkout(
+                rec, fairy, proxy_ref=ref if ref is not None and ref() is fairy else None
+            )
+        return fairy
 
     def _return_conn(self, record: Any) -> None:
         leaks = self._sheetanchor_leaks
