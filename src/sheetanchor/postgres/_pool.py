@@ -120,7 +120,8 @@ def lease_without_io(pool: Any, idle_limit: float | None) -> Any:
 
     Returns the ``_ConnectionRecord`` (give it back with :func:`release_lease`), or ``None``
     when the fairy path must run: no idle connection, one due for a ping or recycle, a
-    connection the server closed, or listeners on the pool other than the Database's own.
+    connection the server closed, a pool that is not a watched :class:`WatchedPool`, or any
+    ``checkout``, ``checkin`` or ``reset`` listener on the pool.
     """
     try:
         # Only a pool that does the Database's checkout work itself, which this path replaces,
