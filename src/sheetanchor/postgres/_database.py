@@ -803,15 +803,18 @@ def _json_dumps_str(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-_COMMITTED = "sheetanchor_committed"
-
-
 class _TrackedSession(Session):
-    """A ``Session`` that records when the database accepted its COMMIT (``after_commit``)."""
+    """A ``Session`` that records when the database accepted its COMMIT (``after_commit``).
+
+    In an attribute, not in ``session.info``: that dict is made on first use, per session.
+    """
+
+    _sheetanchor_committed = False
 
 
 def _mark_committed(session: Session) -> None:
-    session.info[_COMMITTED] = True
+    tracked: Any = session
+    tracked._sheetanchor_committed = True
 
 
 event.listen(_TrackedSession, "after_commit", _mark_committed)
@@ -826,11 +829,12 @@ def _commit(session: Session) -> Exception | None:
     failure before the COMMIT is raised. COMMIT and close share one trip through SQLAlchemy's
     greenlet: a second trip costs ~10 % of a point query.
     """
-    session.info.pop(_COMMITTED, None)
+    tracked: Any = session
+    tracked._sheetanchor_committed = False  # a COMMIT inside the block has set it already
     try:
         session.commit()
     except Exception as exc:
-        if not session.info.pop(_COMMITTED, False):
+        if not getattr(session, "_sheetanchor_committed", False):
             raise
         return exc
     try:
