@@ -89,6 +89,7 @@ from sheetanchor.postgres._errors import (
 from sheetanchor.postgres._leaks import OPENER, LeakReport, LeakTable, LeakWatch
 from sheetanchor.postgres._loops import PerLoop
 from sheetanchor.postgres._pool import (
+    WatchedPool,
     checkin_hook,
     checkout_hook,
     checkout_without_io,
@@ -328,12 +329,15 @@ class Database:
             "pool_timeout": pool.timeout,
             "pool_recycle": -1 if pool.recycle is None else pool.recycle,
             "pool_use_lifo": pool.use_lifo,
-            # Our checkout hook below pings only connections idle > pre_ping_idle.
+            # Our pool (WatchedPool) pings only connections idle > pre_ping_idle.
             "pool_pre_ping": False,
             "json_serializer": _json_dumps_str,
             "json_deserializer": orjson.loads,
             "connect_args": self._connect_args(),
         }
+        if "pool" not in self._engine_options:
+            # Does the checkout/checkin work below itself: no event listener per checkout.
+            options["poolclass"] = WatchedPool
         options.update(self._engine_options)
         engine = create_async_engine(self._sa_url, **options)
         sync_pool = engine.sync_engine.pool
@@ -341,9 +345,11 @@ class Database:
             event.listen(sync_pool, "connect", on_connect_json)
         event.listen(sync_pool, "connect", on_connect_mark)
         leaks = self._leaks.attach(sync_pool)
-        # One listener per event: SQLAlchemy's dispatch costs per listener on every checkout.
-        event.listen(sync_pool, "checkout", checkout_hook(leaks, self.pool.pre_ping_idle))
-        event.listen(sync_pool, "checkin", checkin_hook(leaks))
+        if isinstance(sync_pool, WatchedPool):
+            sync_pool.watch(leaks, self.pool.pre_ping_idle)
+        else:  # a pool class from engine_options: the same work, as event listeners
+            event.listen(sync_pool, "checkout", checkout_hook(leaks, self.pool.pre_ping_idle))
+            event.listen(sync_pool, "checkin", checkin_hook(leaks))
         entry = _Engine(
             engine=engine,
             sessions=async_sessionmaker(
@@ -730,7 +736,10 @@ class _SessionBlock:
         self._options = options
 
     async def __aenter__(self) -> AsyncSession:
-        entry = self._entry = self._db._entry()
+        db = self._db
+        if db._closed:
+            raise ResourceClosed(f"{db!r} is closed; create a new Database")
+        entry = self._entry = db._engines.get()
         options = self._options
         session = entry.sessions(**options) if options else entry.new_session()
         self._session: AsyncSession = session
@@ -747,7 +756,10 @@ class _SessionBlock:
         tb: TracebackType | None,
     ) -> bool:
         db, entry, session = self._db, self._entry, self._session
-        _close_block(self._token)
+        try:  # noqa: SIM105 - as _close_block, inlined: once per block
+            OPENER.reset(self._token)
+        except ValueError:  # left in another context than it was entered in
+            pass
         if exc is not None:
             # The block failed: roll back and close (shielded), then raise the error, driver
             # errors mapped at the boundary (the original is the cause).
@@ -757,7 +769,8 @@ class _SessionBlock:
                 raise mapped from exc
             return False
         try:
-            released = await session.run_sync(_commit)
+            # session.run_sync(_commit), minus its frame: one trip through the greenlet.
+            released = await greenlet_spawn(_commit, session.sync_session)
         except Exception as err:
             await db._cleanup(entry, _rollback_and_close(session))
             raise db._commit_failed(err) from err
@@ -790,15 +803,18 @@ def _json_dumps_str(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-_COMMITTED = "sheetanchor_committed"
-
-
 class _TrackedSession(Session):
-    """A ``Session`` that records when the database accepted its COMMIT (``after_commit``)."""
+    """A ``Session`` that records when the database accepted its COMMIT (``after_commit``).
+
+    In an attribute, not in ``session.info``: that dict is made on first use, per session.
+    """
+
+    _sheetanchor_committed = False
 
 
 def _mark_committed(session: Session) -> None:
-    session.info[_COMMITTED] = True
+    tracked: Any = session
+    tracked._sheetanchor_committed = True
 
 
 event.listen(_TrackedSession, "after_commit", _mark_committed)
@@ -813,11 +829,12 @@ def _commit(session: Session) -> Exception | None:
     failure before the COMMIT is raised. COMMIT and close share one trip through SQLAlchemy's
     greenlet: a second trip costs ~10 % of a point query.
     """
-    session.info.pop(_COMMITTED, None)
+    tracked: Any = session
+    tracked._sheetanchor_committed = False  # a COMMIT inside the block has set it already
     try:
         session.commit()
     except Exception as exc:
-        if not session.info.pop(_COMMITTED, False):
+        if not getattr(session, "_sheetanchor_committed", False):
             raise
         return exc
     try:

@@ -78,6 +78,7 @@ OPENER: contextvars.ContextVar[tuple[CodeType, int] | None] = contextvars.Contex
 )
 _opener = OPENER.get
 _current_task = asyncio.current_task
+_ref = weakref.ref
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,18 +219,17 @@ class _Checkout:
         self,
         taken_at: float,
         stack: RawStack | None,
-        fairy: Any,
-        task: asyncio.Task[Any] | None = None,
+        fairy: weakref.ref[Any] | None,
+        task: weakref.ref[asyncio.Task[Any]] | None = None,
         opener: tuple[CodeType, int] | None = None,
     ) -> None:
+        # Weak references made by the caller (SQLAlchemy already holds one to the proxy).
         self.taken_at = taken_at
         self.stack = stack
-        # None for a lease of the one-shot reads: no proxy, never handed to the caller.
-        self.fairy: weakref.ref[Any] | None = None if fairy is None else weakref.ref(fairy)
-        # The task of a lease, whose stack is read only if the lease is ever reported.
-        self.task: weakref.ref[asyncio.Task[Any]] | None = (
-            None if task is None else weakref.ref(task)
-        )
+        # The proxy; None for a lease of the one-shot reads (never handed to the caller).
+        self.fairy = fairy
+        # The task of a lease or of a block, whose stack is read only if it is ever reported.
+        self.task = task
         # The block that took it (its task's stack is read only if it is ever reported).
         self.opener = opener
         self.reported = False
@@ -315,21 +315,26 @@ class LeakTable:
         self.clock = watch._clock
         self.out: dict[Any, _Checkout] = {}
 
-    def checkout(self, rec: Any, proxy: Any, skip: int = 3) -> None:
+    def checkout(
+        self, rec: Any, proxy: Any, skip: int = 3, proxy_ref: weakref.ref[Any] | None = None
+    ) -> None:
         """Record a checkout: when, the caller's stack, and the proxy (to tell GC from detach).
 
-        ``proxy`` is ``None`` for a connection leased by the one-shot reads (no proxy exists);
-        ``skip`` frames (this one included) are not walked. Inside a ``db.session()``,
-        ``db.transaction()`` or ``db.connection()`` block of a task, nothing is walked: the
-        block's opening line and the task are recorded (see the module's docstring).
+        ``proxy_ref``, if given, is a weak reference to ``proxy`` to keep (SQLAlchemy's
+        ``fairy_ref``: one less to make). ``skip`` frames (this one included) are not walked.
+        Inside a ``db.session()``, ``db.transaction()`` or ``db.connection()`` block of a task,
+        nothing is walked: the block's opening line and the task are recorded (see the
+        module's docstring).
         """
+        if proxy_ref is None and proxy is not None:
+            proxy_ref = _ref(proxy)
         opener = _opener()
         if opener is not None:
             task = _current_task()
             if task is not None:
-                self.out[rec] = _Checkout(self.clock(), None, proxy, task, opener)
+                self.out[rec] = _Checkout(self.clock(), None, proxy_ref, _ref(task), opener)
                 return
-        self.out[rec] = _Checkout(self.clock(), capture_stack(skip), proxy)
+        self.out[rec] = _Checkout(self.clock(), capture_stack(skip), proxy_ref)
 
     def lease(self, rec: Any) -> None:
         """Record a lease of the one-shot reads: when, and by which task (no stack walk).
@@ -339,11 +344,11 @@ class LeakTable:
         suspended in the very call that took it: the task's stack, read when reporting, is the
         stack that took it. Outside a task the stack is captured now.
         """
-        task = asyncio.current_task()
+        task = _current_task()
         if task is None:
             self.out[rec] = _Checkout(self.clock(), capture_stack(3), None)
         else:
-            self.out[rec] = _Checkout(self.clock(), None, None, task)
+            self.out[rec] = _Checkout(self.clock(), None, None, _ref(task))
 
     def checkin(self, rec: Any) -> None:
         """Forget a returned connection."""

@@ -1,4 +1,9 @@
-"""Pool mechanics: event hooks, and checkout/checkin without SQLAlchemy's greenlet.
+"""Pool mechanics: the Database's pool class, and checkout/checkin without SQLAlchemy's greenlet.
+
+The Database's work on every checkout and checkin (health check, leak watch, idle stamp) is
+done by its pool class, :class:`WatchedPool`, not by event listeners: SQLAlchemy's event
+dispatch cost about 2 % of a point query. (A pool class chosen through ``engine_options`` gets
+the same work as listeners: :func:`checkout_hook`, :func:`checkin_hook`.)
 
 SQLAlchemy's asyncio pool is a synchronous pool driven through a greenlet: every checkout and
 checkin normally costs a ``greenlet_spawn`` (10-20 µs here), which is a large share of a
@@ -10,11 +15,12 @@ return ``None``/``False`` otherwise so the caller uses the greenlet path.
 The one-shot reads (``db.fetchval`` and friends) go one step further: the connection never
 leaves the method, so they *lease* the connection record straight from the pool's queue
 (:func:`lease_without_io`, :func:`release_lease`) instead of wrapping it in a
-``_ConnectionFairy`` (an object, a ``weakref.finalize`` and two event dispatches per checkout:
-about half of the client CPU of a one-round-trip read). They do everything the fairy path
-does for such a connection: health checks, the leak watch's checkout record, the idle stamp,
-invalidation on error, the queue's accounting (``checkedout()``). When anything else listens
-to the pool's checkout, checkin or reset events, they step aside and the fairy path runs.
+``_ConnectionFairy`` (an object and a ``weakref.finalize`` per checkout, and SQLAlchemy's
+checkout/checkin machinery around it). They do everything the fairy path does for such a
+connection: health checks, the leak watch's checkout record, the idle stamp, invalidation on
+error, the queue's accounting (``checkedout()``). They only lease from a :class:`WatchedPool`
+that nothing listens to: when anything listens to the pool's checkout, checkin or reset
+events, they step aside and the fairy path runs, so the listener sees every checkout.
 
 They read a few private attributes of SQLAlchemy's ``QueuePool`` and connection records
 (stable through 2.0 and 2.1); every access is guarded, and anything unexpected means "use the
@@ -30,7 +36,7 @@ from typing import Any, cast
 
 import asyncpg
 from sqlalchemy.exc import DisconnectionError
-from sqlalchemy.pool import PoolProxiedConnection
+from sqlalchemy.pool import AsyncAdaptedQueuePool, PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 from sqlalchemy.util.concurrency import in_greenlet
 
@@ -45,6 +51,7 @@ except ImportError:  # pragma: no cover - SQLAlchemy 2.0
 
 __all__ = [
     "IDLE_SINCE",
+    "WatchedPool",
     "checkin_hook",
     "checkin_is_io_free",
     "checkout_hook",
@@ -113,13 +120,16 @@ def lease_without_io(pool: Any, idle_limit: float | None) -> Any:
 
     Returns the ``_ConnectionRecord`` (give it back with :func:`release_lease`), or ``None``
     when the fairy path must run: no idle connection, one due for a ping or recycle, a
-    connection the server closed, or listeners on the pool other than the Database's own.
+    connection the server closed, a pool that is not a watched :class:`WatchedPool`, or any
+    ``checkout``, ``checkin`` or ``reset`` listener on the pool.
     """
     try:
+        # Only a pool that does the Database's checkout work itself, which this path replaces,
+        # and that nothing else listens to: a listener expects to see every checkout.
+        if pool._sheetanchor_leaks is None:
+            return None
         dispatch = pool.dispatch
-        # Only our own checkout/checkin hooks, which this path replaces: anything else that
-        # listens expects to see every checkout.
-        if len(dispatch.checkout) != 1 or len(dispatch.checkin) != 1 or dispatch.reset:
+        if dispatch.checkout or dispatch.checkin or dispatch.reset:
             return None
         rec = _idle_without_io(pool, idle_limit)
         if rec is None:
@@ -196,7 +206,7 @@ def checkin_is_io_free(pool: Any) -> bool:
         return False
 
 
-# -- pool event hooks and pool introspection -------------------------------------------------
+# -- the Database's pool work (a pool class, or event hooks) and pool introspection ----------
 
 
 def driver_of(fairy: PoolProxiedConnection) -> asyncpg.Connection[Any]:
@@ -245,6 +255,106 @@ def checkin_hook(leaks: LeakTable) -> Any:
         forget(rec)
 
     return on_checkin
+
+
+class WatchedPool(AsyncAdaptedQueuePool):
+    """SQLAlchemy's asyncio pool doing the Database's checkout and checkin work itself.
+
+    The same work as :func:`checkout_hook` and :func:`checkin_hook`, without an event
+    listener: SQLAlchemy's event dispatch, and the retry loop it runs around the ``checkout``
+    listeners, cost about 2 % of a point query. ``pool.dispatch`` is left to the application:
+    a listener it adds runs as usual (and makes the one-shot reads take the fairy path).
+
+    * Health, on taking a record from the queue (:meth:`_do_get`), before SQLAlchemy readies
+      its connection: a connection the server closed, or one idle past ``pre_ping_idle`` whose
+      ping fails, is invalidated (its socket closed, no I/O), and SQLAlchemy opens a new one
+      for the same record, as after a ``DisconnectionError`` raised by a checkout listener.
+      A failure there gives the record back (invalidated), as SQLAlchemy does.
+    * The leak watch's record, once the proxy exists (:meth:`connect`): the proxy is what
+      tells a garbage-collected checkout from a detached one.
+    * On the way back (:meth:`_return_conn`, reached only from SQLAlchemy's checkin, not from
+      a ``detach``): the idle stamp, and the leak watch forgets the checkout.
+
+    Until :meth:`watch` is called it is a plain ``AsyncAdaptedQueuePool``.
+    ``recreate()`` (``engine.dispose()``) carries the watch over to the new pool, as it does
+    the event listeners.
+    """
+
+    _sheetanchor_leaks: LeakTable | None = None
+    _sheetanchor_idle_limit: float | None = None
+
+    def watch(self, leaks: LeakTable, idle_limit: float | None) -> None:
+        """Record checkouts in ``leaks``; ping connections idle ``idle_limit`` s or more."""
+        self._sheetanchor_leaks = leaks
+        self._sheetanchor_idle_limit = idle_limit
+
+    def recreate(self) -> WatchedPool:
+        new = cast("WatchedPool", super().recreate())
+        new._sheetanchor_leaks = self._sheetanchor_leaks
+        new._sheetanchor_idle_limit = self._sheetanchor_idle_limit
+        return new
+
+    def _do_get(self) -> Any:
+        rec: Any = super()._do_get()
+        conn = rec.dbapi_connection
+        if conn is None or self._sheetanchor_leaks is None:
+            return rec  # a new connection is opened for it, or not watched: nothing to check
+        try:
+            # Free check: the server closed it (pg_terminate_backend, restart) while it sat in
+            # the pool and the loop already read the EOF.
+            if conn.driver_connection.is_closed():
+                rec.invalidate(_closed_while_idle())
+                return rec
+            limit = self._sheetanchor_idle_limit
+            if limit is not None:
+                idle_since = rec.info.get(IDLE_SINCE)
+                if idle_since is not None and time.monotonic() - idle_since >= limit:
+                    _ping_or_invalidate(rec, idle_since)
+        except BaseException as err:
+            rec._checkin_failed(err, _fairy_was_created=False)
+            raise
+        return rec
+
+    def connect(self) -> PoolProxiedConnection:
+        fairy = super().connect()
+        leaks = self._sheetanchor_leaks
+        if leaks is not None:
+            # After the health check: only good checkouts are recorded. Frames skipped: the
+            # capture, the table's method and this one.
+            rec: Any = fairy._connection_record
+            ref = rec.fairy_ref  # SQLAlchemy's weak reference to the proxy: reused
+            leaks.checkout(
+                rec, fairy, proxy_ref=ref if ref is not None and ref() is fairy else None
+            )
+        return fairy
+
+    def _return_conn(self, record: Any) -> None:
+        leaks = self._sheetanchor_leaks
+        if leaks is not None:
+            record.info[IDLE_SINCE] = time.monotonic()
+            leaks.checkin(record)
+        self._do_return_conn(record)
+
+
+def _closed_while_idle() -> DisconnectionError:
+    return DisconnectionError("connection closed by the server while idle in the pool")
+
+
+def _ping_or_invalidate(rec: Any, idle_since: float) -> None:
+    """Ping ``rec``'s connection, idle since ``idle_since``; invalidate it if the ping fails.
+
+    Only in SQLAlchemy's greenlet: outside it (the fast path, which checked the idle time) no
+    I/O is possible, so none is attempted.
+    """
+    if not in_greenlet():
+        return
+    rec.get_connection()  # what SQLAlchemy does next: recycle it if due, before any ping
+    if rec.info.get(IDLE_SINCE) != idle_since:
+        return  # recycled just now (a new connection, stamped by the connect hook): no ping
+    try:
+        _await(rec.dbapi_connection.driver_connection.execute("SELECT 1"))  # one round trip
+    except Exception as exc:  # noqa: BLE001 - any failure: the connection is replaced
+        rec.invalidate(DisconnectionError(f"ping failed: {exc}"))
 
 
 def close_dead_loop_sockets(pool: Any) -> None:
