@@ -1,4 +1,5 @@
-"""A fault-injecting TCP proxy for tests: latency, refused connects, black holes, resets, cuts.
+"""A fault-injecting TCP proxy for tests: latency, refused connects, black holes, resets, cuts,
+and held statements (client bytes that contain a pattern wait, the rest of the traffic flows).
 
 The proxy runs in its own thread with its own event loop, so it works the same from sync
 tests, from code that calls ``asyncio.run`` again and again, and from inside a running loop.
@@ -65,6 +66,26 @@ class ProxyStats(NamedTuple):
     """Bytes forwarded from clients to the server."""
     bytes_to_client: int
     """Bytes forwarded from the server to clients."""
+    held: int = 0
+    """Client chunks held right now by :meth:`FaultProxy.hold_matching`."""
+    matched: int = 0
+    """Client chunks that matched a :meth:`FaultProxy.hold_matching` pattern so far."""
+
+
+class _HoldRule:
+    """The pattern of :meth:`FaultProxy.hold_matching` and what releases its held chunks."""
+
+    __slots__ = ("pattern", "released", "seconds")
+
+    def __init__(self, pattern: bytes, seconds: float | None) -> None:
+        self.pattern = pattern
+        self.seconds = seconds
+        # Replaced by a fresh event on each release: chunks matching later are held again.
+        self.released = asyncio.Event()
+
+    def release(self) -> None:
+        self.released.set()
+        self.released = asyncio.Event()
 
 
 class _Cut(Exception):
@@ -74,7 +95,7 @@ class _Cut(Exception):
 class _Conn:
     """One proxied connection: the client socket, the upstream socket, the fault state."""
 
-    __slots__ = ("budget", "client", "reset", "task", "upstream")
+    __slots__ = ("budget", "client", "reset", "seen", "task", "upstream")
 
     def __init__(self, client: socket.socket, budget: int | None) -> None:
         self.client = client
@@ -82,6 +103,9 @@ class _Conn:
         self.budget = budget
         self.reset = False  # close with RST instead of FIN
         self.task: asyncio.Task[None] | None = None
+        # The last len(pattern) - 1 client bytes already forwarded: a pattern split over two
+        # chunks still matches (the chunk holding its end is held).
+        self.seen = b""
 
 
 def _close(sock: socket.socket | None, *, reset: bool) -> None:
@@ -140,6 +164,9 @@ class FaultProxy:
         self._mode = ProxyMode.PASS
         self._latency = 0.0
         self._budget: int | None = None
+        self._hold: _HoldRule | None = None
+        self._held = 0
+        self._matched = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._listener: socket.socket | None = None
@@ -230,7 +257,8 @@ class FaultProxy:
     def __repr__(self) -> str:
         return (
             f"FaultProxy({self._host}:{self._port} -> {self._target[0]}:{self._target[1]}, "
-            f"mode={self._mode.value}, latency={self._latency}, cut_after={self._budget})"
+            f"mode={self._mode.value}, latency={self._latency}, cut_after={self._budget}, "
+            f"hold={self._hold.pattern if self._hold is not None else None!r})"
         )
 
     # ------------------------------------------------------------------ addresses
@@ -277,12 +305,14 @@ class FaultProxy:
             rejected=self._rejected,
             bytes_to_server=self._to_server,
             bytes_to_client=self._to_client,
+            held=self._held,
+            matched=self._matched,
         )
 
     # ------------------------------------------------------------------ faults
 
     def pass_through(self) -> None:
-        """Back to normal: listen, forward everything, no latency, no cut."""
+        """Back to normal: listen, forward everything, no latency, no cut, nothing held."""
         self._call(self._set_pass)
 
     def add_latency(self, seconds: float) -> None:
@@ -332,6 +362,50 @@ class FaultProxy:
             self._budget = nbytes
             for conn in self._conns:
                 conn.budget = nbytes
+
+        self._call(apply)
+
+    def hold_matching(self, pattern: bytes, *, seconds: float | None = None) -> None:
+        """Hold each client->server chunk that contains ``pattern``; other traffic flows.
+
+        A held chunk is forwarded after ``seconds`` (a delay), or, with ``seconds=None``,
+        when :meth:`release_held` or :meth:`pass_through` is called; either call also ends
+        a delay early. ``stats.held`` counts the chunks held right now, ``stats.matched``
+        every chunk that matched. A pattern split over two reads still matches.
+
+        Scope: the matching chunk and only what its client sends after it on the same
+        connection while it is held (one connection is one ordered byte stream: later bytes
+        cannot overtake it). Once it is forwarded, that connection flows normally again and
+        only a new match holds it; other connections and the server->client direction are
+        never held. With PostgreSQL, holding the statement that names a table (``COPY
+        "t" ...``, an ``INSERT INTO "t"``) holds the rest of its transaction too, because
+        the client waits for the statement's reply before it sends the COPY data and the
+        ``COMMIT``; a pooled connection given back afterwards is not slowed for the next
+        user. Pick a pattern no other statement contains (a table named ``ticks`` also
+        matches ``ticks_fast``; the quoted name ``b'"ticks"'`` does not).
+
+        Replaces an earlier rule (releasing what it held); other faults are kept.
+        """
+        if not isinstance(pattern, bytes) or not pattern:
+            raise ValueError(f"pattern must be non-empty bytes, got {pattern!r}")
+        if seconds is not None and seconds < 0:
+            raise ValueError(f"seconds must be >= 0 or None, got {seconds!r}")
+
+        async def apply() -> None:
+            if self._hold is not None:
+                self._hold.release()
+            self._hold = _HoldRule(pattern, seconds)
+            for conn in self._conns:
+                conn.seen = b""  # bytes seen under another pattern must not match this one
+
+        self._call(apply)
+
+    def release_held(self) -> None:
+        """Forward the chunks held now; the rule stays (later matching chunks are held)."""
+
+        async def apply() -> None:
+            if self._hold is not None:
+                self._hold.release()
 
         self._call(apply)
 
@@ -403,6 +477,9 @@ class FaultProxy:
         self._budget = None
         for conn in self._conns:
             conn.budget = None
+        if self._hold is not None:
+            self._hold.release()
+            self._hold = None
         self._listen()
         self._flowing.set()
 
@@ -508,6 +585,26 @@ class FaultProxy:
             raise
         return sock
 
+    async def _hold_if_matching(self, conn: _Conn, rule: _HoldRule, data: bytes) -> None:
+        """Wait while ``rule`` holds ``data`` (it contains the pattern, maybe split)."""
+        window = conn.seen + data
+        keep = len(rule.pattern) - 1
+        conn.seen = window[-keep:] if keep else b""
+        if rule.pattern not in window:
+            return
+        self._matched += 1
+        self._held += 1
+        released = rule.released
+        try:
+            if rule.seconds is None:
+                await released.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(rule.seconds):
+                        await released.wait()
+        finally:
+            self._held -= 1
+
     async def _pump(
         self, conn: _Conn, src: socket.socket, dst: socket.socket, *, to_server: bool
     ) -> None:
@@ -522,6 +619,8 @@ class FaultProxy:
                     dst.shutdown(socket.SHUT_WR)
                 return
             await self._flowing.wait()
+            if to_server and self._hold is not None:
+                await self._hold_if_matching(conn, self._hold, data)
             if self._latency and not to_server:
                 await asyncio.sleep(self._latency)
             cut = False
