@@ -231,6 +231,46 @@ async def test_a_size_wake_up_swaps_whole_batches_and_keeps_the_rest(
     assert await db.fetchval(f"SELECT count(*) FROM {table}") == 300
 
 
+async def test_a_wake_up_past_the_high_watermark_swaps_whole_batches(
+    db: Database, tmp_path: Path
+) -> None:
+    """Past the high watermark a swap takes the whole batches only, not a short tail chunk."""
+    table = table_name()
+    await create_tick_table(db, table)
+    stream = tick_stream(
+        table, max_rows=1000, batch_rows=100, high_watermark=0.2, flush_interval=3600.0
+    )
+    async with WriteBuffer(db, [stream], deadletter_dir=tmp_path, replay_interval=None) as buf:
+        for i in range(250):  # no await: the flusher sees 250 rows, past the watermark (200)
+            buf.put_nowait("ticks", tick(i))
+        s0 = buf.stream_stats
+        await wait_until(lambda: (s0("ticks").rows_written, s0("ticks").inflight_rows) == (200, 0))
+        s = buf.stream_stats("ticks")
+        # Two transactions of 100 rows; the 50 left over are not a third one of their own.
+        assert (s.batches, s.buffered_rows, s.held_rows) == (2, 50, 50)
+        await buf.flush()  # flush() writes everything, the short batch included
+        s = buf.stream_stats("ticks")
+        assert (s.batches, s.rows_written, s.held_rows) == (3, 250, 0)
+    assert await db.fetchval(f"SELECT count(*) FROM {table}") == 250
+
+
+async def test_less_than_a_batch_past_the_high_watermark_is_swapped(
+    db: Database, tmp_path: Path
+) -> None:
+    """Past the watermark with less than one batch buffered, the wake-up still writes it."""
+    table = table_name()
+    await create_tick_table(db, table)
+    stream = tick_stream(
+        table, max_rows=1000, batch_rows=500, high_watermark=0.05, flush_interval=3600.0
+    )
+    async with WriteBuffer(db, [stream], deadletter_dir=tmp_path, replay_interval=None) as buf:
+        for i in range(60):  # past the watermark (50 rows), below batch_rows
+            buf.put_nowait("ticks", tick(i))
+        await wait_until(lambda: buf.stats().rows_written == 60)
+        assert buf.stats().batches == 1
+    assert await db.fetchval(f"SELECT count(*) FROM {table}") == 60
+
+
 class _HoldFirst(CopySink):
     """The real sink; the first chunk's write waits (after its COPY) until chunk 2 starts."""
 
