@@ -84,7 +84,8 @@ class Stream:
             while one batch is written the next one accumulates, so batches grow under load).
             Within a batch, the next ``batch_rows`` chunk starts once the previous one's
             COPY has sent its last row, while the server still ingests and commits it
-            (only when two global write slots are free).
+            (only when two global write slots are free); the same holds between batches:
+            the next one starts once the last chunk of the previous one has been sent.
         put_timeout: seconds ``await put`` waits for room before raising ``BufferFull``.
         nullable: columns that accept ``None`` (never a natural-key column).
         schema: PostgreSQL schema of ``table``.
