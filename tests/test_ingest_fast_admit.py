@@ -446,7 +446,8 @@ async def test_the_next_swap_starts_while_the_previous_one_commits(
         assert commits  # the journal was committed ...
         # ... only once swap 1 was done, in order, and up to the last record of swap 2.
         assert events.index(f"commit {commits[0]}") > events.index("end 1")
-        assert commits == sorted(commits) and commits[-1] == journal.last_seq
+        assert commits == sorted(commits)
+        assert commits[-1] == journal.last_seq
         stats = buf.stats()
         assert (stats.rows_written, stats.batches, stats.held_rows) == (200, 2, 0)
         assert st.sem._value == stream.concurrency  # the stream's slot given back once

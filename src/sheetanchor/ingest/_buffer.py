@@ -763,11 +763,16 @@ class WriteBuffer:
             # The swap: one assignment between awaits, so no put can interleave (O(1)).
             rows, nbytes = st.rows, st.bytes
             keep = 0
-            if whole_batches and not self._closing and not st.journaled:
-                if len(rows) >= st.batch_rows or (
-                    st.held_rows < st.high_rows and st.held_bytes < st.high_bytes
-                ):
-                    keep = len(rows) % st.batch_rows
+            if (
+                whole_batches
+                and not self._closing
+                and not st.journaled
+                and (
+                    len(rows) >= st.batch_rows
+                    or (st.held_rows < st.high_rows and st.held_bytes < st.high_bytes)
+                )
+            ):
+                keep = len(rows) % st.batch_rows
             if keep == len(rows):
                 st.sem.release()
                 return
