@@ -21,6 +21,7 @@ import pytest
 from _ingest_helpers import create_tick_table, table_name, tick, tick_stream
 from sheetanchor.errors import BufferFull, RecordError, ResourceClosed, WrongEventLoop
 from sheetanchor.ingest import CopySink, SinkOutcome, WriteBuffer
+from sheetanchor.ingest._journal import Journal
 from sheetanchor.ingest._validate import Validator
 from sheetanchor.postgres import Database, PoolSettings
 
@@ -231,6 +232,46 @@ async def test_a_size_wake_up_swaps_whole_batches_and_keeps_the_rest(
     assert await db.fetchval(f"SELECT count(*) FROM {table}") == 300
 
 
+async def test_a_wake_up_past_the_high_watermark_swaps_whole_batches(
+    db: Database, tmp_path: Path
+) -> None:
+    """Past the high watermark a swap takes the whole batches only, not a short tail chunk."""
+    table = table_name()
+    await create_tick_table(db, table)
+    stream = tick_stream(
+        table, max_rows=1000, batch_rows=100, high_watermark=0.2, flush_interval=3600.0
+    )
+    async with WriteBuffer(db, [stream], deadletter_dir=tmp_path, replay_interval=None) as buf:
+        for i in range(250):  # no await: the flusher sees 250 rows, past the watermark (200)
+            buf.put_nowait("ticks", tick(i))
+        s0 = buf.stream_stats
+        await wait_until(lambda: (s0("ticks").rows_written, s0("ticks").inflight_rows) == (200, 0))
+        s = buf.stream_stats("ticks")
+        # Two transactions of 100 rows; the 50 left over are not a third one of their own.
+        assert (s.batches, s.buffered_rows, s.held_rows) == (2, 50, 50)
+        await buf.flush()  # flush() writes everything, the short batch included
+        s = buf.stream_stats("ticks")
+        assert (s.batches, s.rows_written, s.held_rows) == (3, 250, 0)
+    assert await db.fetchval(f"SELECT count(*) FROM {table}") == 250
+
+
+async def test_less_than_a_batch_past_the_high_watermark_is_swapped(
+    db: Database, tmp_path: Path
+) -> None:
+    """Past the watermark with less than one batch buffered, the wake-up still writes it."""
+    table = table_name()
+    await create_tick_table(db, table)
+    stream = tick_stream(
+        table, max_rows=1000, batch_rows=500, high_watermark=0.05, flush_interval=3600.0
+    )
+    async with WriteBuffer(db, [stream], deadletter_dir=tmp_path, replay_interval=None) as buf:
+        for i in range(60):  # past the watermark (50 rows), below batch_rows
+            buf.put_nowait("ticks", tick(i))
+        await wait_until(lambda: buf.stats().rows_written == 60)
+        assert buf.stats().batches == 1
+    assert await db.fetchval(f"SELECT count(*) FROM {table}") == 60
+
+
 class _HoldFirst(CopySink):
     """The real sink; the first chunk's write waits (after its COPY) until chunk 2 starts."""
 
@@ -334,3 +375,80 @@ async def test_a_sink_without_the_sent_keyword_is_called_one_chunk_at_a_time(
         assert buf.stats().held_rows == 0
         assert sink.most_active == 1  # nothing tells the writer a chunk was sent: no overlap
     assert await db.fetchval(f"SELECT count(*) FROM {table}") == 300
+
+
+class _HoldFirstSwap(CopySink):
+    """The real sink; the first swap's write waits (after its COPY) until swap 2 starts."""
+
+    def __init__(self, describe: Any, events: list[str]) -> None:
+        super().__init__(describe)
+        self.events = events
+        self.second_started = asyncio.Event()
+        self.writes = 0
+
+    async def write(
+        self,
+        conn: asyncpg.Connection,
+        rows: Sequence[tuple[Any, ...]],
+        *,
+        batch_id: str | None,
+        sent: asyncio.Event | None = None,
+    ) -> SinkOutcome:
+        self.writes += 1
+        n = self.writes
+        self.events.append(f"start {n}")
+        if n == 2:
+            self.second_started.set()
+        outcome = await super().write(conn, rows, batch_id=batch_id, sent=sent)
+        if n == 1:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10.0):  # generous: only a missing overlap waits
+                    await self.second_started.wait()
+        self.events.append(f"end {n}")
+        return outcome
+
+
+class _RecordingJournal(Journal):
+    """The real journal; every commit mark is recorded with the sink's events."""
+
+    def __init__(self, directory: Path, events: list[str]) -> None:
+        super().__init__(directory, fsync="never")
+        self.events = events
+
+    def commit(self, stream: str, upto_seq: int) -> None:
+        self.events.append(f"commit {upto_seq}")
+        super().commit(stream, upto_seq)
+
+
+async def test_the_next_swap_starts_while_the_previous_one_commits(
+    db: Database, tmp_path: Path
+) -> None:
+    """concurrency=1: swap 2's chunk starts once swap 1's last chunk has sent its rows, and
+    the journal is still committed in swap order (never past swap 1 while it is pending)."""
+    table = table_name()
+    await create_tick_table(db, table)
+    stream = tick_stream(table, max_rows=1000, batch_rows=100, flush_interval=3600.0)
+    events: list[str] = []
+    journal = _RecordingJournal(tmp_path / "journal", events)
+    async with WriteBuffer(
+        db, [stream], deadletter_dir=tmp_path / "dl", journal=journal, replay_interval=None
+    ) as buf:
+        sink = _HoldFirstSwap(stream.describe(), events)
+        st = buf._states["ticks"]
+        st.sink = sink
+        await buf.put_many("ticks", [tick(i) for i in range(100)])  # swap 1 (wakes the flusher)
+        await wait_until(lambda: sink.writes == 1)
+        await buf.put_many("ticks", [tick(i) for i in range(100, 200)])  # swap 2
+        await wait_until(lambda: "end 1" in events and "end 2" in events)
+        await buf.flush()
+        assert events.index("start 2") < events.index("end 1")
+        commits = [int(e.split()[1]) for e in events if e.startswith("commit")]
+        assert commits  # the journal was committed ...
+        # ... only once swap 1 was done, in order, and up to the last record of swap 2.
+        assert events.index(f"commit {commits[0]}") > events.index("end 1")
+        assert commits == sorted(commits)
+        assert commits[-1] == journal.last_seq
+        stats = buf.stats()
+        assert (stats.rows_written, stats.batches, stats.held_rows) == (200, 2, 0)
+        assert st.sem._value == stream.concurrency  # the stream's slot given back once
+    assert await db.fetchval(f"SELECT count(*) FROM {table}") == 200

@@ -746,11 +746,15 @@ class WriteBuffer:
         """Swap out what is buffered and start writing it.
 
         With ``whole_batches`` (a wake-up, not the interval), a stream that is not journaled
-        and is below its high watermark swaps out whole batches only: the few rows that
-        arrived after the wake-up and before the flusher ran stay for the next batch instead
-        of costing a COPY transaction of their own. A put waiting for room still gets it:
-        at least one whole batch leaves, and what stays (fewer than ``batch_rows``) plus a
-        ``put_many`` part (at most ``batch_rows``) fit within the limits that held them all.
+        swaps out whole batches only: the few rows that arrived after the wake-up and before
+        the flusher ran stay for the next batch instead of costing a COPY transaction of
+        their own. Below the high watermark fewer than ``batch_rows`` rows are not swapped
+        at all; past it they are (the stream needs room now), but once it holds at least one
+        whole batch only the remainder stays, so a swap past the watermark no longer ends in
+        a chunk of 1 or ``batch_rows - 1`` rows, each costing a transaction. A put waiting
+        for room still gets it: at least one whole batch leaves, and what stays (fewer than
+        ``batch_rows``) plus a ``put_many`` part (at most ``batch_rows``) fit within the
+        limits that held them all; with less than a batch buffered everything leaves.
         The journal's commit mark covers the whole list, so a journaled stream swaps it all.
         """
         while st.rows:
@@ -763,8 +767,10 @@ class WriteBuffer:
                 whole_batches
                 and not self._closing
                 and not st.journaled
-                and st.held_rows < st.high_rows
-                and st.held_bytes < st.high_bytes
+                and (
+                    len(rows) >= st.batch_rows
+                    or (st.held_rows < st.high_rows and st.held_bytes < st.high_bytes)
+                )
             ):
                 keep = len(rows) % st.batch_rows
             if keep == len(rows):

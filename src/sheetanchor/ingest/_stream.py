@@ -77,14 +77,15 @@ class Stream:
         flush_interval: seconds between flushes of a stream that is not full.
         batch_rows: rows per COPY; a flush starts when this many are buffered. It writes
             whole batches: rows that arrived after the wake-up wait for the next batch, or
-            for ``flush_interval`` (a journaled stream, one past its high watermark, or
-            ``flush()``/``close()`` write everything).
+            for ``flush_interval`` (a journaled stream, ``flush()``/``close()``, or a stream
+            past its high watermark holding less than one batch write everything).
         concurrency: batches of this stream written at the same time, at most (1: on a small
             machine two concurrent COPYs of one stream compete with the encoder for CPU;
             while one batch is written the next one accumulates, so batches grow under load).
             Within a batch, the next ``batch_rows`` chunk starts once the previous one's
             COPY has sent its last row, while the server still ingests and commits it
-            (only when two global write slots are free).
+            (only when two global write slots are free); the same holds between batches:
+            the next one starts once the last chunk of the previous one has been sent.
         put_timeout: seconds ``await put`` waits for room before raising ``BufferFull``.
         nullable: columns that accept ``None`` (never a natural-key column).
         schema: PostgreSQL schema of ``table``.

@@ -157,7 +157,10 @@ class BatchWriter:
         another connection while the server still ingests the first (its ``COMMIT`` follows),
         so the client encodes while the server works instead of taking turns. Only while the
         writes are healthy and two global slots are free (one stays for the other streams).
-        Outcomes are accounted in chunk order.
+        Likewise the stream's slot (``st.sem``) goes back once the last chunk has sent its
+        rows, so the stream's next swap starts while this one's last ``COMMIT`` is pending
+        and the server is not left idle between swaps. Outcomes are accounted in chunk
+        order; the journal is committed in swap order (``journal_done``).
         """
         batch = Batch(entry)
         total = len(rows)
@@ -172,9 +175,22 @@ class BatchWriter:
         running: collections.deque[tuple[asyncio.Task[bool], list[Row], asyncio.Event]] = (
             collections.deque()
         )
+        # The stream's slot (st.sem) goes back once the last chunk has sent its rows, so the
+        # next swap's first chunk is encoded while the server ingests and commits this one.
+        released = False
         try:
             healthy = True
             while chunks or running:
+                if (
+                    not released
+                    and not chunks
+                    and running
+                    and healthy
+                    and running[-1][2].is_set()
+                    and self._spare_slots() >= 2
+                ):
+                    released = True
+                    st.sem.release()
                 if chunks and (
                     not running
                     or (
@@ -192,9 +208,16 @@ class BatchWriter:
                     running.append((task, current, sent))
                     continue
                 head, current, _ = running[0]
-                if chunks and len(running) == 1 and healthy and not running[0][2].is_set():
-                    # Wake when the head finishes, or when its data is all handed over.
-                    waiter = asyncio.ensure_future(running[0][2].wait())
+                # Wake when the head finishes, or when the chunk whose sending decides what
+                # happens next has handed over its data: the head while chunks remain (the
+                # next one may start), the last one otherwise (the stream's slot may go back).
+                watched = running[0][2] if chunks else running[-1][2]
+                if (
+                    healthy
+                    and not watched.is_set()
+                    and ((chunks and len(running) == 1) or (not chunks and not released))
+                ):
+                    waiter = asyncio.ensure_future(watched.wait())
                     try:
                         await asyncio.wait([head, waiter], return_when=asyncio.FIRST_COMPLETED)
                     finally:
@@ -266,7 +289,8 @@ class BatchWriter:
         finally:
             st.inflight_rows -= total - done_rows
             st.inflight_bytes -= nbytes - done_bytes
-            st.sem.release()
+            if not released:
+                st.sem.release()
             st.room.set()
             self._publish_unsaved(st)
             if batch.pending == 0 and batch.entry is not None:
