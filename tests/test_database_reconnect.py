@@ -21,6 +21,7 @@ import pytest
 import sqlalchemy.exc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from sheetanchor.config import to_sqlalchemy_url
 from sheetanchor.postgres import Database, PoolSettings
@@ -148,6 +149,29 @@ async def test_database_survives_terminated_backends(
             assert await other(db) == 1
         assert db.stats().checked_out == 0
         assert not (_pids(pg_url, app_name) & before)
+    finally:
+        await db.close()
+
+
+@pytest.mark.parametrize("path", ["session", "connection", "fetchval"])
+async def test_a_pool_class_of_the_application_gets_the_same_check(pg_url: str, path: str) -> None:
+    # A pool class from engine_options does the checkout work through event listeners
+    # (checkout_hook): the same look at the socket, the same outcome.
+    role = f"terminate-plain-{path}"
+    app_name = f"sheetanchor:{role}:{os.getpid()}"
+    db = Database(
+        pg_url,
+        pool=PoolSettings(size=3, max_overflow=0),
+        role=role,
+        engine_options={"poolclass": AsyncAdaptedQueuePool},
+    )
+    try:
+        await _warm_engine(db.engine(), 3)
+        assert type(db.engine().sync_engine.pool) is AsyncAdaptedQueuePool
+        assert _terminate(pg_url, app_name) == 3
+        assert await _PATHS[path](db) == 1
+        for other in _PATHS.values():
+            assert await other(db) == 1
     finally:
         await db.close()
 
