@@ -84,8 +84,9 @@ def _next_idle(pool: Any) -> Any:
 def _idle_without_io(pool: Any, idle_limit: float | None) -> Any:
     """The record the pool would hand out next, if handing it out needs no I/O; else ``None``.
 
-    No I/O means: no pre-ping, no recycle due, not invalidated, not closed by the server,
-    and not idle long enough to be due for our own ping.
+    No I/O means: no pre-ping, no recycle due, not invalidated, not closed by the server
+    (neither seen by the loop nor waiting unread on its socket), and not idle long enough to
+    be due for our own ping.
     """
     if pool._pre_ping:  # SQLAlchemy's own ping on every checkout: that is I/O
         return None
@@ -309,8 +310,9 @@ class WatchedPool(AsyncAdaptedQueuePool):
     a listener it adds runs as usual (and makes the one-shot reads take the fairy path).
 
     * Health, on taking a record from the queue (:meth:`_do_get`), before SQLAlchemy readies
-      its connection: a connection the server closed, or one idle past ``pre_ping_idle`` whose
-      ping fails, is invalidated (its socket closed, no I/O), and SQLAlchemy opens a new one
+      its connection: a connection the server closed, or one whose ping fails (pinged when
+      its socket has unread input, or when idle past ``pre_ping_idle``), is invalidated (its
+      socket closed, no I/O), and SQLAlchemy opens a new one
       for the same record, as after a ``DisconnectionError`` raised by a checkout listener.
       A failure there gives the record back (invalidated), as SQLAlchemy does.
     * The leak watch's record, once the proxy exists (:meth:`connect`): the proxy is what
