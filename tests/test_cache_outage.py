@@ -218,17 +218,32 @@ async def test_transient_database_errors_are_retried(
     parsed = parse_url(pg_url)
     proxy = fault_proxy(parsed.host or "127.0.0.1", parsed.port or 5432)
     table = table_name()
-    fast = RetryPolicy(max_attempts=5, initial=0.01, maximum=0.05, deadline=10.0)
+    waits: list[float] = []
+
+    async def heal_then_wait(seconds: float) -> None:
+        # The policy's wait before a retry: the fault ends here, so the retry succeeds.
+        waits.append(seconds)
+        proxy.pass_through()
+        await asyncio.sleep(seconds)
+
+    fast = RetryPolicy(
+        max_attempts=5, initial=0.01, maximum=0.05, deadline=10.0, sleep=heal_then_wait
+    )
     async with Database(proxy.url(pg_url)) as db, RedisClient(redis_url) as rc:
         await make_items_table(db, table)
         store = CachedStore(db, rc, table=table, value_columns=["name"], retry=fast)
         once = CachedStore(db, rc, table=table, value_columns=["name"], retry=None)
         await store.put(1, {"name": "a"})
-        proxy.reset_all()  # every pooled database connection dies
+        # Every pooled database connection dies and reconnecting is refused: the pool sees
+        # the dead connections at checkout but cannot replace them yet.
+        proxy.reset_all()
+        proxy.refuse()
         with pytest.raises(SheetAnchorError):
             await once.put(1, {"name": "x"})  # without the policy the caller sees it
-        proxy.reset_all()
         assert await store.put(1, {"name": "b"}) is not None  # retried on a new connection
+        assert len(waits) == 1
         proxy.reset_all()
+        proxy.refuse()
         await rc.client().delete(store.redis_key(1))
         assert await store.get(1) == {"name": "b"}
+        assert len(waits) == 2

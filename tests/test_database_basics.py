@@ -172,6 +172,37 @@ async def test_overflow_connections_are_closed_on_return(pg_url: str) -> None:
     await db.close()
 
 
+async def test_stats_show_overflow_and_waiting_tasks_under_contention(pg_url: str) -> None:
+    # size 1 + overflow 1, both held: a third session waits. stats() counts the overflow
+    # connection and the waiting task, and both fall back to 0 when the holders let go.
+    db = Database(pg_url, pool=PoolSettings(size=1, max_overflow=1, timeout=10), name="busy")
+    release = asyncio.Event()
+
+    async def hold() -> int:
+        async with db.session() as s:
+            value = (await s.execute(text("SELECT 1"))).scalar_one()
+            await release.wait()
+        return int(value)
+
+    holders = [asyncio.create_task(hold()) for _ in range(2)]
+    async with asyncio.timeout(10):
+        while db.stats().checked_out < 2:
+            await asyncio.sleep(0.01)
+    waiter = asyncio.create_task(db.fetchval("SELECT 3"))
+    async with asyncio.timeout(10):
+        while db.stats().waiting < 1:
+            await asyncio.sleep(0.01)
+    busy = db.stats()
+    assert (busy.checked_out, busy.overflow, busy.waiting, busy.idle) == (2, 1, 1, 0)
+    assert not waiter.done()
+    release.set()
+    assert await asyncio.gather(*holders) == [1, 1]
+    assert await waiter == 3
+    calm = db.stats()
+    assert (calm.checked_out, calm.overflow, calm.waiting) == (0, 0, 0)
+    await db.close()
+
+
 @pytest.mark.parametrize(
     ("option", "field"),
     [("pool_pre_ping", "pre_ping_idle"), ("pool_size", "size"), ("pool_recycle", "recycle")],

@@ -16,7 +16,8 @@ Which call for what:
   connection, no BEGIN/ROLLBACK, ``$1`` parameters.
 
 Connection health without a round trip per checkout: a connection the server closed while it
-sat in the pool (``pg_terminate_backend``, a restart) is seen for free on checkout and replaced;
+sat in the pool (``pg_terminate_backend``, a restart) is seen on checkout and replaced (for free
+once the loop has read its EOF; before that, its socket has input: pinged first, one round trip);
 one idle longer than ``PoolSettings.pre_ping_idle`` (10 s) is pinged first (``SELECT 1``, one
 round trip), which catches silent drops (NAT, failover); ``recycle`` replaces old connections.
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import time
 from typing import Any, cast
 
@@ -67,6 +68,8 @@ __all__ = [
 ]
 
 IDLE_SINCE = "sheetanchor_idle_since"
+# rec.info key: a select.poll() watching the connection's socket for input (see _poller).
+_POLLER = "sheetanchor_poller"
 _RECYCLE_MARGIN = 1.0  # seconds: never race a recycle deadline on the fast path
 
 
@@ -81,8 +84,9 @@ def _next_idle(pool: Any) -> Any:
 def _idle_without_io(pool: Any, idle_limit: float | None) -> Any:
     """The record the pool would hand out next, if handing it out needs no I/O; else ``None``.
 
-    No I/O means: no pre-ping, no recycle due, not invalidated, not closed by the server,
-    and not idle long enough to be due for our own ping.
+    No I/O means: no pre-ping, no recycle due, not invalidated, not closed by the server
+    (neither seen by the loop nor waiting unread on its socket), and not idle long enough to
+    be due for our own ping.
     """
     if pool._pre_ping:  # SQLAlchemy's own ping on every checkout: that is I/O
         return None
@@ -97,8 +101,12 @@ def _idle_without_io(pool: Any, idle_limit: float | None) -> Any:
         return None
     if rec.dbapi_connection.driver_connection.is_closed():
         return None
+    info = rec.info
+    poller = info.get(_POLLER)
+    if poller is not None and poller.poll(0):
+        return None  # input on an idle connection (the server closed it, likely): ping it
     if idle_limit is not None:
-        idle_since = rec.info.get(IDLE_SINCE)
+        idle_since = info.get(IDLE_SINCE)
         if idle_since is None or time.monotonic() - idle_since >= idle_limit * 0.9:
             return None  # due for a ping: that is I/O
     return rec
@@ -218,7 +226,34 @@ def on_connect_json(dbapi_conn: Any, rec: Any) -> None:
 
 
 def on_connect_mark(dbapi_conn: Any, rec: Any) -> None:
-    rec.info[IDLE_SINCE] = time.monotonic()
+    info = rec.info
+    info[IDLE_SINCE] = time.monotonic()
+    info[_POLLER] = _poller(dbapi_conn.driver_connection)
+
+
+def _poller(driver: Any) -> Any:
+    """A ``select.poll()`` watching ``driver``'s socket for input, or ``None`` if it has none.
+
+    An idle pooled connection has nothing to read. Input on one means the server sent
+    something the loop has not processed yet: nearly always its goodbye (``FATAL`` and EOF
+    after ``pg_terminate_backend``, a restart), which the loop reads only when it next runs,
+    so ``is_closed()`` does not know yet. One ``poll(0)`` per checkout (~0.3 µs, no
+    allocation when there is no input) tells, and the connection is pinged before use.
+    Made once per connection, at connect (a new connection gets a new one).
+    """
+    try:
+        fd = driver._transport.get_extra_info("socket").fileno()
+    except (AttributeError, OSError, ValueError):
+        return None  # no socket we can see (an unusual transport): the free check only
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)  # hang-up and errors always show
+    return poller
+
+
+def _has_input(rec: Any) -> bool:
+    """True when the idle connection of ``rec`` has unread input (see :func:`_poller`)."""
+    poller = rec.info.get(_POLLER)
+    return poller is not None and bool(poller.poll(0))
 
 
 def checkout_hook(leaks: LeakTable, idle_limit: float | None) -> Any:
@@ -231,7 +266,16 @@ def checkout_hook(leaks: LeakTable, idle_limit: float | None) -> Any:
         # pool and the loop already read the EOF. The pool replaces it and tries again.
         if driver.is_closed():
             raise DisconnectionError("connection closed by the server while idle in the pool")
-        if idle_limit is not None:
+        if _has_input(rec):
+            # The server closed it, most likely, and the loop has not read that yet: ping it
+            # (no I/O possible outside a greenlet: replace it).
+            if not in_greenlet():
+                raise DisconnectionError("input on a connection idle in the pool")
+            try:
+                _await(driver.execute("SELECT 1"))
+            except Exception as exc:
+                raise DisconnectionError(f"ping failed: {exc}") from exc
+        elif idle_limit is not None:
             idle_since = rec.info.get(IDLE_SINCE)
             # Ping only a connection idle long enough for a silent drop (NAT, failover) to be
             # likely. Outside a greenlet (the fast path, which checked the idle time) no I/O is
@@ -266,8 +310,9 @@ class WatchedPool(AsyncAdaptedQueuePool):
     a listener it adds runs as usual (and makes the one-shot reads take the fairy path).
 
     * Health, on taking a record from the queue (:meth:`_do_get`), before SQLAlchemy readies
-      its connection: a connection the server closed, or one idle past ``pre_ping_idle`` whose
-      ping fails, is invalidated (its socket closed, no I/O), and SQLAlchemy opens a new one
+      its connection: a connection the server closed, or one whose ping fails (pinged when
+      its socket has unread input, or when idle past ``pre_ping_idle``), is invalidated (its
+      socket closed, no I/O), and SQLAlchemy opens a new one
       for the same record, as after a ``DisconnectionError`` raised by a checkout listener.
       A failure there gives the record back (invalidated), as SQLAlchemy does.
     * The leak watch's record, once the proxy exists (:meth:`connect`): the proxy is what
@@ -305,9 +350,16 @@ class WatchedPool(AsyncAdaptedQueuePool):
             if conn.driver_connection.is_closed():
                 rec.invalidate(_closed_while_idle())
                 return rec
+            info = rec.info
+            poller = info.get(_POLLER)
+            if poller is not None and poller.poll(0):
+                # Input on an idle connection: the server closed it, most likely, and the loop
+                # has not read that yet (is_closed() cannot know). Ping it.
+                _ping_or_invalidate(rec, info.get(IDLE_SINCE), must=True)
+                return rec
             limit = self._sheetanchor_idle_limit
             if limit is not None:
-                idle_since = rec.info.get(IDLE_SINCE)
+                idle_since = info.get(IDLE_SINCE)
                 if idle_since is not None and time.monotonic() - idle_since >= limit:
                     _ping_or_invalidate(rec, idle_since)
         except BaseException as err:
@@ -340,13 +392,16 @@ def _closed_while_idle() -> DisconnectionError:
     return DisconnectionError("connection closed by the server while idle in the pool")
 
 
-def _ping_or_invalidate(rec: Any, idle_since: float) -> None:
+def _ping_or_invalidate(rec: Any, idle_since: float | None, *, must: bool = False) -> None:
     """Ping ``rec``'s connection, idle since ``idle_since``; invalidate it if the ping fails.
 
-    Only in SQLAlchemy's greenlet: outside it (the fast path, which checked the idle time) no
-    I/O is possible, so none is attempted.
+    Only in SQLAlchemy's greenlet: outside it (the fast path, which checked the idle time and
+    the socket) no I/O is possible, so none is attempted; a connection that ``must`` be
+    checked is invalidated instead (that needs no I/O).
     """
     if not in_greenlet():
+        if must:
+            rec.invalidate(DisconnectionError("input on a connection idle in the pool"))
         return
     rec.get_connection()  # what SQLAlchemy does next: recycle it if due, before any ping
     if rec.info.get(IDLE_SINCE) != idle_since:

@@ -60,7 +60,9 @@ class PoolSettings:
         recycle: close and replace a connection older than this many seconds (``None``: never).
         pre_ping_idle: ping a connection on checkout only when it sat idle in the pool longer than
             this (seconds); ``0`` pings on every checkout (one extra round trip each), ``None``
-            never pings. A connection the server already closed is always detected for free.
+            never pings for idleness. A connection the server closed is always detected: for
+            free once this loop has read the server's goodbye, else by its socket having input
+            (one ``poll`` per checkout), and that one is pinged before use, whatever this is.
         use_lifo: reuse the most recently returned connection first, so idle extras can age out.
 
     Example::
