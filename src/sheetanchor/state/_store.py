@@ -18,13 +18,13 @@ import functools
 import re
 import time
 import weakref
-from collections.abc import Hashable, Iterable
+from collections.abc import Awaitable, Hashable, Iterable
 from typing import Any
 
 import orjson
 
 from sheetanchor.errors import ResourceClosed
-from sheetanchor.state._cacheside import DOWN, FencedItem
+from sheetanchor.state._cacheside import DOWN, FencedItem, _Down
 from sheetanchor.state._core import (
     _CORRUPT,
     _MISS,
@@ -354,20 +354,21 @@ class CachedStore(_StoreWrites):
                 self._refused()
                 return
             deadline_ms = _deadline_ms(left)
-            try:
-                # The age must hold when the set runs, not only now: it may wait for a
-                # pooled connection first. The client stops waiting at the deadline, the
-                # server refuses a set that arrives past it.
-                async with asyncio.timeout(left):
-                    if lease is not None:
-                        released = True
-                        ok = await self.cache.fenced_set_release(item, *lease, deadline_ms)
-                    else:
-                        ok = await self.cache.fenced_set(item, deadline_ms)
-            except TimeoutError:
-                released = False  # whether the script ran is unknown: release (by token)
-                self._refused()
-                return
+            # The age must hold when the set runs, not only now: the server refuses a set
+            # that arrives past the deadline. Sent at once (an idle connection), it is on
+            # the wire now; else it may wait for a connection: the client stops waiting at
+            # the deadline (a timer per backfill only then).
+            released = lease is not None  # by the script (cancelled: it expires, PX)
+            if self.redis.idle_connection():
+                ok = await self._send_backfill(item, lease, deadline_ms)
+            else:
+                try:
+                    async with asyncio.timeout(left):
+                        ok = await self._send_backfill(item, lease, deadline_ms)
+                except TimeoutError:
+                    released = False  # whether the script ran is unknown: release by token
+                    self._refused()
+                    return
             if ok is False:
                 self._counts["refused"] += 1  # a newer entry is there (the metric is counted)
         except ResourceClosed:
@@ -398,6 +399,13 @@ class CachedStore(_StoreWrites):
                         type(exc).__name__,
                         exc,
                     )
+
+    def _send_backfill(
+        self, item: FencedItem, lease: tuple[str, str] | None, deadline_ms: int
+    ) -> Awaitable[bool | _Down]:
+        if lease is not None:
+            return self.cache.fenced_set_release(item, *lease, deadline_ms)
+        return self.cache.fenced_set(item, deadline_ms)
 
     def _backfill_left(self, started: float) -> float:
         """Seconds a backfill whose database read started at ``started`` may still be
@@ -732,8 +740,11 @@ class CachedStore(_StoreWrites):
             return
         # As a single backfill: the age holds when the sets run (see _backfill).
         try:
-            async with asyncio.timeout(left):
+            if self.redis.idle_connection():
                 results = await self.cache.backfill_many(items, token, _deadline_ms(left))
+            else:
+                async with asyncio.timeout(left):
+                    results = await self.cache.backfill_many(items, token, _deadline_ms(left))
         except TimeoutError:
             self._m_refused.inc(len(items))
             self._counts["refused"] += len(items)
