@@ -348,19 +348,24 @@ class CachedStore(_StoreWrites):
         """
         released = False
         try:
-            left = self._backfill_left(started)
+            left = self.settings.backfill_age - (self._clock.monotonic() - started)
             if left <= 0:
                 # Too old to be sure a newer entry has not expired meanwhile: don't cache.
                 self._refused()
                 return
-            deadline_ms = _deadline_ms(left)
+            deadline_ms = int((time.time() + left) * 1000)  # by the server's clock: real time
             # The age must hold when the set runs, not only now: the server refuses a set
             # that arrives past the deadline. Sent at once (an idle connection), it is on
             # the wire now; else it may wait for a connection: the client stops waiting at
             # the deadline (a timer per backfill only then).
             released = lease is not None  # by the script (cancelled: it expires, PX)
             if self.redis.idle_connection():
-                ok = await self._send_backfill(item, lease, deadline_ms)
+                cache = self.cache
+                ok = await (
+                    cache.fenced_set(item, deadline_ms)
+                    if lease is None
+                    else cache.fenced_set_release(item, *lease, deadline_ms)
+                )
             else:
                 try:
                     async with asyncio.timeout(left):
