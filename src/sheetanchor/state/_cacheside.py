@@ -360,10 +360,10 @@ class CacheSide:
         call of the operation (checked against the breaker).
         """
         lease_keys = [r + ":lease" for r in rkeys]
-        if self.rc.cluster:
-            res = await self._call_admitted(_set_nx_many, lease_keys, token, ttl_ms)
-            return res if isinstance(res, _Down) else [1 if r else 0 for r in res]
         call = self._call if first else self._call_admitted
+        if self.rc.cluster:
+            res = await call(_set_nx_many, lease_keys, token, ttl_ms)
+            return res if isinstance(res, _Down) else [1 if r else 0 for r in res]
         return cast(
             list[bytes | int] | _Down,
             await call(_get_or_lease_many, rkeys, lease_keys, token, ttl_ms),

@@ -471,7 +471,8 @@ class CachedStore(_StoreWrites):
             return {}
         ns = self.namespace
         rkeys = [f"{ns}:{{{k}}}" for k in unique]
-        if self._many_miss_rate > _LEASE_FIRST_ABOVE:
+        if self._many_miss_rate > _LEASE_FIRST_ABOVE and not self.redis.cluster:
+            # (Not on a cluster: there the leases are a SET NX pipeline that reads nothing.)
             return await self._get_many_lease_first(sql, unique, rkeys)
         datas = await self.cache.mget(rkeys)
         out: dict[Any, Any] = {}
