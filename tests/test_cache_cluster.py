@@ -197,3 +197,26 @@ async def test_cached_store_on_a_cluster(pg_url: str, cluster_url: str) -> None:
         assert (report.stale, report.orphan, report.repaired) == (1, 1, 2)
         assert (await Reconciler(store).run()).drift == 0
         assert await store.get(3) == {"name": "behind"}
+
+
+async def test_get_many_misses_on_a_cluster(pg_url: str, cluster_url: str) -> None:
+    # The lease and backfill scripts of one call need one slot: a cluster takes a SET NX
+    # pipeline and a script per key instead, and never starts with the lease script.
+    table = table_name()
+    async with Database(pg_url) as db, RedisClient(cluster_url, cluster=True) as rc:
+        await make_items_table(db, table)
+        await db.execute(
+            f"INSERT INTO {table} (id, name) SELECT g, 'n' || g FROM generate_series(0, 99) g"
+        )
+        store = CachedStore(db, rc, table=table, value_columns=["name"])
+        want = {i: {"name": f"n{i}"} for i in range(100)}
+        store._many_miss_rate = 1.0  # as in a cold cache
+        assert await store.get_many(range(105)) == want
+        client = rc.cluster_client()
+        rkeys = [store.redis_key(i) for i in range(100)]
+        entries = await client.mget_nonatomic(rkeys)
+        assert all(e is not None and e.endswith(b'"}') for e in entries)
+        assert await client.mget_nonatomic([r + ":lease" for r in rkeys]) == [None] * 100
+        hits = store.stats().hits
+        assert await store.get_many(range(100)) == want
+        assert store.stats().hits == hits + 100

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -210,6 +211,58 @@ async def test_redis_stopped_and_restarted_mid_run(
         hits = store.stats().hits
         assert await store.get(3) == {"name": "3-v2"}
         assert store.stats().hits == hits + 1  # served by the restarted Redis again
+
+
+async def test_a_restarted_redis_that_kept_its_data_never_serves_a_pre_outage_value(
+    pg_url: str, tmp_path: Path
+) -> None:
+    # The server comes back with every entry it had (persistence on), so the entries of
+    # the keys written while it was down are still the old ones until they are invalidated.
+    server = EmbeddedRedis(tmp_path / "redis", private=True, persistent=True)
+    server.start()
+    direct = aioredis.Redis.from_url(server.url)
+    table = table_name()
+    keys = range(20)
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout=0.05, max_reset_timeout=0.2)
+    try:
+        async with Database(pg_url) as db, RedisClient(server.url, **_FAST) as rc:
+            await make_items_table(db, table)
+            store = CachedStore(db, rc, table=table, value_columns=["name"], breaker=breaker)
+            await store.put_many({i: {"name": f"{i}-v1"} for i in keys})
+            assert await store.get_many(keys) == {i: {"name": f"{i}-v1"} for i in keys}
+            for i in keys:
+                assert b"-v1" in (await direct.get(store.redis_key(i)) or b"")
+            await direct.set("kept", "yes")
+
+            await asyncio.to_thread(server.stop)
+            for i in keys:  # acknowledged while Redis is down
+                assert await store.put(i, {"name": f"{i}-v2"}) is not None
+            assert store.stats().breaker != "closed"
+
+            await asyncio.to_thread(server.start)
+            await direct.connection_pool.disconnect()  # its connection died with the server
+            assert await direct.get("kept") == b"yes"  # the restart kept the data
+            want = {i: {"name": f"{i}-v2"} for i in keys}
+            for _ in range(500):  # every read, while the breaker closes and after
+                closed = store.stats().breaker == "closed"
+                assert await store.get_many(keys) == want
+                for i in keys:
+                    assert await store.get(i) == want[i]
+                if closed:
+                    break
+                await asyncio.sleep(0.02)
+            assert store.stats().breaker == "closed"
+            for i in keys:  # nothing of before the outage is left in Redis
+                assert b"-v1" not in (await direct.get(store.redis_key(i)) or b"")
+            # Another process (its own breaker, no pending keys) reads the same Redis.
+            other = CachedStore(db, rc, table=table, value_columns=["name"])
+            assert await other.get_many(keys) == want
+            assert [await other.get(i) for i in keys] == [want[i] for i in keys]
+            await store.close()
+            await other.close()
+    finally:
+        await direct.aclose()
+        await asyncio.to_thread(server.remove)
 
 
 async def test_transient_database_errors_are_retried(

@@ -33,9 +33,12 @@ class EmbeddedRedis(Server):
         port: the TCP port; default: a free one, chosen on the first start and remembered.
         private: a test instance with its own directory and port.
         start_timeout: seconds to wait for ``PING`` to succeed after a start.
+        persistent: keep the data across a stop and a start (an append-only file in the
+            instance directory, flushed when the server stops): for tests of a Redis that
+            comes back with the entries it had, as a real one with persistence does.
 
-    Persistence is off (no RDB snapshots, no AOF): sheetanchor uses Redis only as a cache,
-    and PostgreSQL is the source of truth.
+    Persistence is off by default (no RDB snapshots, no AOF): sheetanchor uses Redis only
+    as a cache, and PostgreSQL is the source of truth.
     """
 
     _kind = "Redis"
@@ -49,7 +52,9 @@ class EmbeddedRedis(Server):
         port: int | None = None,
         private: bool = False,
         start_timeout: float = DEFAULT_START_TIMEOUT,
+        persistent: bool = False,
     ) -> None:
+        self._persistent = persistent
         super().__init__(
             data_dir,
             port=port,
@@ -134,7 +139,8 @@ class EmbeddedRedis(Server):
         args = [str(redis_server_bin()), "--port", str(port), "--bind", HOST]
         args += ["--dir", str(self._dir), "--daemonize", "yes"]
         args += ["--pidfile", str(self._pid_file), "--logfile", str(self._log_file)]
-        args += ["--loglevel", "warning", "--save", "", "--appendonly", "no"]
+        args += ["--loglevel", "warning", "--save", ""]
+        args += ["--appendonly", "yes" if self._persistent else "no"]
         try:
             subprocess.run(
                 args,

@@ -345,6 +345,18 @@ class RedisClient:
             return await entry.redis.execute_command(*args)
         return await lean.execute(args)
 
+    def idle_connection(self) -> bool:
+        """True when the running loop's pool holds an idle connection now: a command passed
+        to :meth:`execute_command` before the next ``await`` does not wait for a connection
+        (its first attempt). False outside a running loop, before the loop's first command,
+        on a cluster, or wherever :meth:`execute_command` takes redis-py's path."""
+        try:
+            entry = self._entries.get(asyncio.get_running_loop())
+        except RuntimeError:
+            return False
+        lean = None if entry is None else entry.lean
+        return lean is not None and lean.idle_connection()
+
     def before_close(self, fn: Callable[[], Awaitable[None]]) -> None:
         """Have ``await fn()`` run in the running loop before that loop's client closes.
 

@@ -142,6 +142,11 @@ class LeanCommands:
         self._backoff = ExponentialWithJitterBackoff(cap=policy.maximum, base=policy.initial)
         self._loop = loop
 
+    def idle_connection(self) -> bool:
+        """True when :meth:`execute` called now takes an idle connection without waiting."""
+        pool = self._pool
+        return bool(pool._available_connections) and not getattr(pool, "_in_maintenance", False)
+
     async def execute(self, args: Sequence[Any]) -> Any:
         """Run the command ``args`` (name first); its reply, as ``execute_command`` gives it.
 

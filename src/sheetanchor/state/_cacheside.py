@@ -38,7 +38,9 @@ from sheetanchor.state._fence import (
     DELETE_IF_EQUAL,
     FENCED_SET,
     FENCED_SET_RELEASE,
+    FENCED_SET_RELEASE_MANY,
     GET_OR_LEASE,
+    GET_OR_LEASE_MANY,
     LEASE_RELEASE,
     SCRIPTS,
 )
@@ -306,10 +308,11 @@ class CacheSide:
         return res if isinstance(res, (bytes, _Down)) else int(res)
 
     async def fenced_set_release(
-        self, item: FencedItem, lease_key: str, token: str
+        self, item: FencedItem, lease_key: str, token: str, deadline_ms: int = 0
     ) -> bool | _Down:
-        """Fenced set of a backfill and release of our lease, in one call."""
-        res = await self._call_admitted(_fenced_set_release, item, lease_key, token)
+        """Fenced set of a backfill and release of our lease, in one call; the set is
+        refused past ``deadline_ms`` (Unix ms by the server's clock; 0: no deadline)."""
+        res = await self._call_admitted(_fenced_set_release, item, lease_key, token, deadline_ms)
         if isinstance(res, _Down):
             return res
         if not res:
@@ -322,9 +325,10 @@ class CacheSide:
 
     # -- fenced writes -----------------------------------------------------------------
 
-    async def fenced_set(self, item: FencedItem) -> bool | _Down:
-        """Write one entry unless Redis holds a newer one; False when refused."""
-        res = await self._call(_fenced_set, item)
+    async def fenced_set(self, item: FencedItem, deadline_ms: int = 0) -> bool | _Down:
+        """Write one entry unless Redis holds a newer one (or, with ``deadline_ms``, Unix ms,
+        the server's clock is past it); False when refused."""
+        res = await self._call(_fenced_set, item, deadline_ms)
         if isinstance(res, _Down):
             return res
         if not res:
@@ -345,22 +349,50 @@ class CacheSide:
 
     # -- many keys at once (get_many) ----------------------------------------------------
 
-    async def acquire_leases(
-        self, lease_keys: Sequence[str], token: str, ttl_ms: int
-    ) -> list[bool] | _Down:
-        """``SET NX PX`` of many leases in one round trip: which ones we hold now."""
-        res = await self._call_admitted(_set_nx_many, lease_keys, token, ttl_ms)
-        return res if isinstance(res, _Down) else [bool(r) for r in res]
+    async def get_or_lease_many(
+        self, rkeys: Sequence[str], token: str, ttl_ms: int, *, first: bool
+    ) -> list[bytes | int] | _Down:
+        """Per key, the entry, or (when there is none) 1 if we took its lease (``<key>:lease``)
+        now, 0 if another holds it: one call on a single server.
 
-    async def fenced_set_release_many(
-        self, items: Sequence[FencedItem], token: str
+        On a cluster the keys span slots: the leases are taken with a ``SET NX`` pipeline
+        (redis-py splits it by node) and no entry is read again. ``first``: the first Redis
+        call of the operation (checked against the breaker).
+        """
+        lease_keys = [r + ":lease" for r in rkeys]
+        call = self._call if first else self._call_admitted
+        if self.rc.cluster:
+            res = await call(_set_nx_many, lease_keys, token, ttl_ms)
+            return res if isinstance(res, _Down) else [1 if r else 0 for r in res]
+        return cast(
+            list[bytes | int] | _Down,
+            await call(_get_or_lease_many, rkeys, lease_keys, token, ttl_ms),
+        )
+
+    async def backfill_many(
+        self, items: Sequence[FencedItem], token: str | None, deadline_ms: int
     ) -> list[bool] | _Down:
-        """Backfills of many keys, each releasing its lease (``<key>:lease``) if ours."""
-        calls = [
-            ((rkey, rkey + ":lease"), (entry, version, rank, ttl, token))
-            for rkey, entry, version, rank, ttl in items
-        ]
-        res = await self._call_admitted(_scripts_many_op, FENCED_SET_RELEASE, calls)
+        """The fenced sets of many backfills, refused past ``deadline_ms`` (Unix ms, by the
+        server's clock); with ``token``, each releases its lease (``<key>:lease``) if ours.
+        One call on a single server; on a cluster, a script per key (the keys span slots)."""
+        if not items:
+            return []
+        if self.rc.cluster:
+            calls: list[tuple[tuple[str, ...], tuple[Any, ...]]]
+            if token is None:
+                calls = [
+                    ((rkey,), (entry, version, rank, ttl, deadline_ms))
+                    for rkey, entry, version, rank, ttl in items
+                ]
+                res = await self._call_admitted(_scripts_many_op, FENCED_SET, calls)
+            else:
+                calls = [
+                    ((rkey, rkey + ":lease"), (entry, version, rank, ttl, token, deadline_ms))
+                    for rkey, entry, version, rank, ttl in items
+                ]
+                res = await self._call_admitted(_scripts_many_op, FENCED_SET_RELEASE, calls)
+        else:
+            res = await self._call_admitted(_fenced_set_release_many, items, token, deadline_ms)
         if isinstance(res, _Down):
             return res
         results = [bool(r) for r in res]
@@ -368,6 +400,13 @@ class CacheSide:
         if refused:
             self._refused.inc(refused)
         return results
+
+    async def acquire_leases(
+        self, lease_keys: Sequence[str], token: str, ttl_ms: int
+    ) -> list[bool] | _Down:
+        """``SET NX PX`` of many leases in one round trip: which ones we hold now."""
+        res = await self._call_admitted(_set_nx_many, lease_keys, token, ttl_ms)
+        return res if isinstance(res, _Down) else [bool(r) for r in res]
 
     async def release_leases(self, lease_keys: Sequence[str], token: str) -> None:
         """Release many leases that are still ours (they expire on their own otherwise)."""
@@ -582,18 +621,51 @@ def _get_or_lease(
     return rc.execute_command("EVALSHA", GET_OR_LEASE.sha, 2, rkey, lease_key, token, ttl_ms)
 
 
-def _fenced_set(rc: RedisClient, item: FencedItem) -> Awaitable[Any]:
+def _fenced_set(rc: RedisClient, item: FencedItem, deadline_ms: int) -> Awaitable[Any]:
     rkey, entry, version, rank, ttl_ms = item
-    return rc.execute_command("EVALSHA", FENCED_SET.sha, 1, rkey, entry, version, rank, ttl_ms)
+    if not deadline_ms:
+        return rc.execute_command("EVALSHA", FENCED_SET.sha, 1, rkey, entry, version, rank, ttl_ms)
+    return rc.execute_command(
+        "EVALSHA", FENCED_SET.sha, 1, rkey, entry, version, rank, ttl_ms, deadline_ms
+    )
 
 
 def _fenced_set_release(
-    rc: RedisClient, item: FencedItem, lease_key: str, token: str
+    rc: RedisClient, item: FencedItem, lease_key: str, token: str, deadline_ms: int
 ) -> Awaitable[Any]:
     rkey, entry, version, rank, ttl_ms = item
     return rc.execute_command(
-        "EVALSHA", FENCED_SET_RELEASE.sha, 2, rkey, lease_key, entry, version, rank, ttl_ms, token
+        "EVALSHA",
+        FENCED_SET_RELEASE.sha,
+        2,
+        rkey,
+        lease_key,
+        entry,
+        version,
+        rank,
+        ttl_ms,
+        token,
+        deadline_ms,
     )
+
+
+def _get_or_lease_many(
+    rc: RedisClient, rkeys: Sequence[str], lease_keys: Sequence[str], token: str, ttl_ms: int
+) -> Awaitable[Any]:
+    return rc.execute_command(
+        "EVALSHA", GET_OR_LEASE_MANY.sha, 2 * len(rkeys), *rkeys, *lease_keys, token, ttl_ms
+    )
+
+
+def _fenced_set_release_many(
+    rc: RedisClient, items: Sequence[FencedItem], token: str | None, deadline_ms: int
+) -> Awaitable[Any]:
+    rkeys = [item[0] for item in items]
+    keys = rkeys if token is None else [*rkeys, *(r + ":lease" for r in rkeys)]
+    args: list[Any] = [len(items), token or "", deadline_ms]
+    for _rkey, entry, version, rank, ttl_ms in items:
+        args += (entry, version, rank, ttl_ms)
+    return rc.execute_command("EVALSHA", FENCED_SET_RELEASE_MANY.sha, len(keys), *keys, *args)
 
 
 def _delete_if_equal(rc: RedisClient, rkey: str, data: bytes) -> Awaitable[Any]:

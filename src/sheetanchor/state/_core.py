@@ -130,6 +130,7 @@ class _StoreCore:
         "_m_pg",
         "_m_refused",
         "_m_skipped",
+        "_many_miss_rate",
         "_miss_rate",
         "_read_from",
         "_retry",
@@ -188,6 +189,7 @@ class _StoreCore:
         self._flights = SingleFlight(settings.max_flights)
         self._lease_ms = int(settings.lease_ttl * 1000)
         self._miss_rate = 0.0  # recent share of lookups that missed (see CachedStore.get)
+        self._many_miss_rate = 0.0  # the same for the keys of get_many (its own mode)
         # Backfills being written in the background (bounded by settings.max_backfills), each
         # with what it writes; None for the second attempt of a backfill cut short.
         self._backfills: dict[asyncio.Task[None], _Backfill | None] = {}

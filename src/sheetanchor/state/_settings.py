@@ -39,7 +39,11 @@ class CacheSettings:
             shorter than the shortest life of an entry, ``min(ttl, tombstone_ttl) *
             (1 - ttl_jitter)`` (jitter shortens tombstones too): a backfill that read a row
             just before it was deleted must land while the delete's tombstone still fences
-            it out. ``None``: half of that bound.
+            it out. ``None``: half of that bound. The age holds when the set reaches
+            Redis, not only when it is sent: the fence script refuses a set past the
+            deadline by the server's clock (``TIME``; the client's and the server's clocks
+            must agree to well within this age), and a backfill that must wait for a pooled
+            connection stops waiting at the deadline.
         max_flights: in-process single-flight table size.
         max_backfills: backfills written in the background at once (default 64). A miss
             returns the value as soon as PostgreSQL answered; the fenced set (with the lease

@@ -16,14 +16,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
+import time
 import weakref
-from collections.abc import Hashable, Iterable
+from collections.abc import Awaitable, Hashable, Iterable
 from typing import Any
 
 import orjson
 
 from sheetanchor.errors import ResourceClosed
-from sheetanchor.state._cacheside import DOWN, FencedItem
+from sheetanchor.state._cacheside import DOWN, FencedItem, _Down
 from sheetanchor.state._core import (
     _CORRUPT,
     _MISS,
@@ -347,15 +348,32 @@ class CachedStore(_StoreWrites):
         """
         released = False
         try:
-            if self._clock.monotonic() - started > self.settings.backfill_age:
+            left = self.settings.backfill_age - (self._clock.monotonic() - started)
+            if left <= 0:
                 # Too old to be sure a newer entry has not expired meanwhile: don't cache.
                 self._refused()
                 return
-            if lease is not None:
-                released = True
-                ok = await self.cache.fenced_set_release(item, *lease)
+            deadline_ms = int((time.time() + left) * 1000)  # by the server's clock: real time
+            # The age must hold when the set runs, not only now: the server refuses a set
+            # that arrives past the deadline. Sent at once (an idle connection), it is on
+            # the wire now; else it may wait for a connection: the client stops waiting at
+            # the deadline (a timer per backfill only then).
+            released = lease is not None  # by the script (cancelled: it expires, PX)
+            if self.redis.idle_connection():
+                cache = self.cache
+                ok = await (
+                    cache.fenced_set(item, deadline_ms)
+                    if lease is None
+                    else cache.fenced_set_release(item, *lease, deadline_ms)
+                )
             else:
-                ok = await self.cache.fenced_set(item)
+                try:
+                    async with asyncio.timeout(left):
+                        ok = await self._send_backfill(item, lease, deadline_ms)
+                except TimeoutError:
+                    released = False  # whether the script ran is unknown: release by token
+                    self._refused()
+                    return
             if ok is False:
                 self._counts["refused"] += 1  # a newer entry is there (the metric is counted)
         except ResourceClosed:
@@ -386,6 +404,18 @@ class CachedStore(_StoreWrites):
                         type(exc).__name__,
                         exc,
                     )
+
+    def _send_backfill(
+        self, item: FencedItem, lease: tuple[str, str] | None, deadline_ms: int
+    ) -> Awaitable[bool | _Down]:
+        if lease is not None:
+            return self.cache.fenced_set_release(item, *lease, deadline_ms)
+        return self.cache.fenced_set(item, deadline_ms)
+
+    def _backfill_left(self, started: float) -> float:
+        """Seconds a backfill whose database read started at ``started`` may still be
+        written (``max_backfill_age``); <= 0: too old."""
+        return self.settings.backfill_age - (self._clock.monotonic() - started)
 
     def _dropped(self, item: FencedItem) -> None:
         # The Redis client was closed before the store: not an outage, and the reader has
@@ -426,6 +456,12 @@ class CachedStore(_StoreWrites):
     async def get_many(self, keys: Iterable[Hashable]) -> dict[Any, Any]:
         """Values of many keys: one MGET, then one ``= ANY($1)`` query for the misses.
 
+        While most lookups hit, the first call is an MGET; the misses then take their leases
+        (reading their entries again) in one call, and are read in one query and backfilled
+        in one call. When misses dominate (a cold cache) the first call is that lease
+        script itself, so a cold ``get_many`` costs two Redis calls in all, whatever the
+        number of keys (on a single server; a cluster takes a pipeline per step).
+
         Returns:
             ``{key: value}`` for the keys that have a row.
         """
@@ -435,6 +471,9 @@ class CachedStore(_StoreWrites):
             return {}
         ns = self.namespace
         rkeys = [f"{ns}:{{{k}}}" for k in unique]
+        if self._many_miss_rate > _LEASE_FIRST_ABOVE and not self.redis.cluster:
+            # (Not on a cluster: there the leases are a SET NX pipeline that reads nothing.)
+            return await self._get_many_lease_first(sql, unique, rkeys)
         datas = await self.cache.mget(rkeys)
         out: dict[Any, Any] = {}
         missing: list[Hashable] = []
@@ -442,52 +481,124 @@ class CachedStore(_StoreWrites):
         if datas is DOWN:
             self._m_skipped.inc(len(unique))
             self._counts["skipped"] += len(unique)
-            missing = unique
-        else:
-            values = self._plain_values(datas)  # type: ignore[arg-type]
-            if values is not None:  # the common case: every key a plain cached row
-                self._m_hit.inc(len(values))
-                self._counts["hit"] += len(values)
-                return dict(zip(unique, values, strict=True))
-            decoded = self._decode_many(datas)  # type: ignore[arg-type]
-            for k, data, value in zip(unique, datas, decoded, strict=True):  # type: ignore[arg-type]
-                if value is _CORRUPT:
-                    await self.cache.delete_if_equal(self.redis_key(k), data)  # type: ignore[arg-type]
-                    missing.append(k)
-                elif value is _MISS:
-                    missing.append(k)
-                elif value is not None:
-                    out[k] = value
-                    hits += 1
-            self._m_hit.inc(hits)
-            self._counts["hit"] += hits
-            if missing:
-                self._m_miss.inc(len(missing))
-                self._counts["miss"] += len(missing)
+            await self._read_many(sql, unique, out, fill=False)
+            return out
+        values = self._plain_values(datas)  # type: ignore[arg-type]
+        if values is not None:  # the common case: every key a plain cached row
+            self._m_hit.inc(len(values))
+            self._counts["hit"] += len(values)
+            if self._many_miss_rate:
+                self._many_miss_rate *= 1 - _RATE_WEIGHT
+            return dict(zip(unique, values, strict=True))
+        decoded = self._decode_many(datas)  # type: ignore[arg-type]
+        for k, data, value in zip(unique, datas, decoded, strict=True):  # type: ignore[arg-type]
+            if value is _CORRUPT:
+                await self.cache.delete_if_equal(self.redis_key(k), data)  # type: ignore[arg-type]
+                missing.append(k)
+            elif value is _MISS:
+                missing.append(k)
+            elif value is not None:
+                out[k] = value
+                hits += 1
+        self._m_hit.inc(hits)
+        self._counts["hit"] += hits
+        self._rate_many(len(missing), len(unique))
         if missing:
-            if datas is DOWN:
-                await self._read_many(sql, missing, out, fill=False)
-            else:
-                await self._load_many(sql, missing, out)
+            self._m_miss.inc(len(missing))
+            self._counts["miss"] += len(missing)
+            await self._load_many(sql, missing, out, first=False)
         return out
 
-    async def _load_many(self, sql: TableSQL, keys: list[Hashable], out: dict[Any, Any]) -> None:
-        # The misses of get_many, loaded once across processes: one round trip takes a lease
-        # for every key; we read the keys we hold (one query) and backfill them, releasing
-        # each lease with its fenced set; the keys other processes hold, we wait for.
+    def _rate_many(self, missed: int, looked: int) -> None:
+        # get_many's miss rate (its own: single gets may miss while batches hit) moves by
+        # the batch's share of misses, as far as one lookup moves get's.
+        self._many_miss_rate += _RATE_WEIGHT * (missed / looked - self._many_miss_rate)
+
+    async def _get_many_lease_first(
+        self, sql: TableSQL, keys: list[Hashable], rkeys: list[str]
+    ) -> dict[Any, Any]:
+        # Cold-cache mode: the lease script first, so the misses cost no MGET before it.
+        out: dict[Any, Any] = {}
+        found = await self._load_many(sql, keys, out, first=True, rkeys=rkeys)
+        if found < 0:
+            self._m_skipped.inc(len(keys))
+            self._counts["skipped"] += len(keys)
+        return out
+
+    async def _load_many(
+        self,
+        sql: TableSQL,
+        keys: list[Hashable],
+        out: dict[Any, Any],
+        *,
+        first: bool,
+        rkeys: list[str] | None = None,
+    ) -> int:
+        """Load ``keys`` once across processes; the number of them served from Redis
+        (``-1``: Redis was skipped or failed on the first call, all read from PostgreSQL).
+
+        One call reads their entries again and takes the lease of each key that has none;
+        we read the keys we hold (one query) and backfill them, releasing each lease with
+        its fenced set; the keys other processes hold, we wait for.
+        """
         token = f"{_TOKEN_PREFIX[0]}{next(_TOKENS)}"
-        rkeys = [self.redis_key(k) for k in keys]
-        held = await self.cache.acquire_leases([r + ":lease" for r in rkeys], token, self._lease_ms)
-        if held is DOWN:
+        if rkeys is None:
+            rkeys = [self.redis_key(k) for k in keys]
+        res = await self.cache.get_or_lease_many(rkeys, token, self._lease_ms, first=first)
+        if res is DOWN:
             await self._read_many(sql, keys, out, fill=False)
-            return
-        mine = [k for k, h in zip(keys, held, strict=True) if h]  # type: ignore[arg-type]
-        theirs = [k for k, h in zip(keys, held, strict=True) if not h]  # type: ignore[arg-type]
+            return -1
+        if first and all(type(r) is bytes for r in res):  # type: ignore[union-attr]
+            values = self._plain_values(res)  # type: ignore[arg-type]
+            if values is not None:  # every key a plain cached row (the cache warmed up)
+                self._m_hit.inc(len(values))
+                self._counts["hit"] += len(values)
+                self._many_miss_rate *= 1 - _RATE_WEIGHT
+                out.update(zip(keys, values, strict=True))
+                return len(keys)
+        mine: list[Hashable] = []
+        theirs: list[Hashable] = []
+        again: list[Hashable] = []  # an entry that is no value (invalid, corrupt, refresh)
+        served = 0
+        datas = [r if type(r) is bytes else None for r in res]  # type: ignore[union-attr]
+        decoded = self._decode_many(datas)
+        for k, rkey, r, data, value in zip(keys, rkeys, res, datas, decoded, strict=True):  # type: ignore[arg-type]
+            if data is not None:
+                if value is _CORRUPT:
+                    await self.cache.delete_if_equal(rkey, data)
+                    again.append(k)
+                elif value is _MISS:
+                    again.append(k)
+                else:
+                    served += 1
+                    if value is not None:
+                        out[k] = value
+            else:
+                (mine if r else theirs).append(k)
+        if first:
+            hits = sum(1 for k in keys if k in out)
+            self._m_hit.inc(hits)
+            self._counts["hit"] += hits
+            missed = len(keys) - served
+            self._rate_many(missed, len(keys))
+            if missed:
+                self._m_miss.inc(missed)
+                self._counts["miss"] += missed
+        if again:
+            held = await self.cache.acquire_leases(
+                [self.redis_key(k) + ":lease" for k in again], token, self._lease_ms
+            )
+            if held is DOWN:
+                await self._read_many(sql, again, out, fill=False)
+            else:
+                for k, h in zip(again, held, strict=True):  # type: ignore[arg-type]
+                    (mine if h else theirs).append(k)
         if mine:
             self._lease("acquired", len(mine))
             await self._read_many(sql, mine, out, fill=True, token=token)
         if theirs:
             await self._wait_many(sql, theirs, out)
+        return served
 
     async def _wait_many(self, sql: TableSQL, keys: list[Hashable], out: dict[Any, Any]) -> None:
         # Keys whose lease another loader holds: poll their entries (and leases) with backoff
@@ -628,16 +739,32 @@ class CachedStore(_StoreWrites):
         for k in keys:
             if k not in out:
                 items.append(self._tomb_item(self.redis_key(k), 0, self.settings.absent_ttl))
-        if not fill or self._clock.monotonic() - started > self.settings.backfill_age:
+        left = self._backfill_left(started)
+        if not fill or left <= 0:
             if token is not None:
                 await self.cache.release_leases([i[0] + ":lease" for i in items], token)
             return
-        if token is not None:
-            results = await self.cache.fenced_set_release_many(items, token)
-        else:
-            results = await self.cache.fenced_set_many(items)
+        # As a single backfill: the age holds when the sets run (see _backfill).
+        try:
+            if self.redis.idle_connection():
+                results = await self.cache.backfill_many(items, token, _deadline_ms(left))
+            else:
+                async with asyncio.timeout(left):
+                    results = await self.cache.backfill_many(items, token, _deadline_ms(left))
+        except TimeoutError:
+            self._m_refused.inc(len(items))
+            self._counts["refused"] += len(items)
+            if token is not None:
+                await self.cache.release_leases([i[0] + ":lease" for i in items], token)
+            return
         if results is not DOWN:
             self._counts["refused"] += results.count(False)  # type: ignore[union-attr]
+
+
+def _deadline_ms(left: float) -> int:
+    # The server compares it with its own clock (TIME): real wall time, not the store's
+    # injectable one.
+    return int((time.time() + left) * 1000)
 
 
 async def _finish_backfills(ref: weakref.ref[CachedStore]) -> None:
