@@ -63,6 +63,8 @@ async def test_recovery_backlog_larger_than_the_buffer_commits_only_what_was_sto
 
         # Recovery into a buffer of 20 rows: the first batch lands, then the database goes
         # down and the dead-letter store is full, so open() cannot finish (a second crash).
+        # One batch written at a time (max_concurrency=1): with more, the next swaps could
+        # commit before the first one's mark takes the database away, and recovery finish.
         hooked = _DownAfterFirstCommit(tmp_path / "j")
         hooked.commits = []
         hooked.proxy = proxy
@@ -77,6 +79,7 @@ async def test_recovery_backlog_larger_than_the_buffer_commits_only_what_was_sto
             retry=fast_retry(),
             replay_interval=None,
             close_timeout=5.0,
+            max_concurrency=1,
         )
         with pytest.raises(BufferFull):
             await buffer.open()
