@@ -249,10 +249,7 @@ class RedisClient:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            raise WrongEventLoop(
-                f"RedisClient({self.name!r}).client() needs a running event loop; "
-                "call it from a coroutine"
-            ) from None
+            raise self._no_loop("client") from None
         if self.cluster:
             raise ConfigError(
                 f"RedisClient({self.name!r}) talks to a Redis Cluster: use cluster_client() "
@@ -282,10 +279,7 @@ class RedisClient:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            raise WrongEventLoop(
-                f"RedisClient({self.name!r}).any_client() needs a running event loop; "
-                "call it from a coroutine"
-            ) from None
+            raise self._no_loop("any_client") from None
         entry = self._entries.get(loop)
         if entry is not None:
             return entry.redis
@@ -330,10 +324,7 @@ class RedisClient:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            raise WrongEventLoop(
-                f"RedisClient({self.name!r}).execute_command() needs a running event loop; "
-                "call it from a coroutine"
-            ) from None
+            raise self._no_loop("execute_command") from None
         entry = self._entries.get(loop)  # the fast path: one dict read, no lock
         if entry is None:
             redis = self._create(loop)
@@ -376,10 +367,7 @@ class RedisClient:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            raise WrongEventLoop(
-                f"RedisClient({self.name!r}).before_close() needs a running event loop; "
-                "call it from a coroutine"
-            ) from None
+            raise self._no_loop("before_close") from None
         entry = self._entries.get(loop)
         if entry is None:
             self._create(loop)
@@ -387,6 +375,12 @@ class RedisClient:
             if entry is None:  # closed meanwhile from another thread
                 raise ResourceClosed(f"RedisClient({self.name!r}) is closed; create a new one")
         entry.before_close.append(fn)
+
+    def _no_loop(self, method: str) -> WrongEventLoop:
+        return WrongEventLoop(
+            f"RedisClient({self.name!r}).{method}() needs a running event loop; "
+            "call it from a coroutine"
+        )
 
     async def _finish_users(self, entry: _Entry) -> None:
         # In entry's loop, the client still open: what registered with before_close, each
