@@ -560,7 +560,11 @@ class WriteBuffer:
             self._admit(st, row, size, record)
             return
         if self._journal is not None:
-            await self._wait_recovered(st)
+            recovered = self._recovered
+            if recovered is None or not recovered.is_set():
+                # Only while open() re-queues the journal: the common case costs no
+                # coroutine (_state() has just checked the buffer is open, no await since).
+                await self._wait_recovered(st)
         if not st.has_room(size):
             await self._wait_room(st, size)
         if self._journal is None:

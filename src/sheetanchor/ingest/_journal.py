@@ -488,6 +488,7 @@ class Journal:
         return marks
 
     async def _flush_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._pending or self._marks_pending:
             if self._fsync == "batch" and self._interval > 0:
                 await self._gather_group()
@@ -512,8 +513,10 @@ class Journal:
                     # thread round trip would cost more than the write itself).
                     self._write_group(frames, marks, stream_max, len(group), count)
                 else:
-                    await asyncio.to_thread(
-                        self._write_group, frames, marks, stream_max, len(group), count
+                    # run_in_executor, not to_thread: the worker needs no copy of the
+                    # loop's context, and this runs once per group.
+                    await loop.run_in_executor(
+                        None, self._write_group, frames, marks, stream_max, len(group), count
                     )
             except asyncio.CancelledError:
                 # The loop is shutting down under us: the thread may still finish the write,

@@ -68,9 +68,11 @@ class GroupAppender:
     stream's bounds until its group is enqueued or has failed, so the memory bound holds.
     """
 
-    __slots__ = ("_journal", "_nbytes", "_records", "_rows", "_st", "_waiters", "task")
+    __slots__ = ("_journal", "_loop", "_nbytes", "_records", "_rows", "_st", "_waiters", "task")
 
     def __init__(self, st: StreamState, journal: JournalLike) -> None:
+        # Made by the buffer's open(), on the loop every put comes from (the buffer checks).
+        self._loop = asyncio.get_running_loop()
         self._st = st
         self._journal = journal
         self._rows: list[Row] = []
@@ -89,7 +91,7 @@ class GroupAppender:
         st.reserved_rows += 1
         st.reserved_bytes += size
         st.reset_budget()
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         waiter: asyncio.Future[None] = loop.create_future()
         self._rows.append(row)
         self._records.append(record)
