@@ -109,6 +109,7 @@ class CopySink:
             f"INSERT INTO {self._qledger} (batch_id, stream, rows) VALUES ($1, $2, $3)"
         )
         self._ledger_probe = f"SELECT 1 FROM {self._qledger} WHERE batch_id = $1"
+        self._lock = f"; LOCK TABLE ONLY {self._qt} IN ROW EXCLUSIVE MODE"
         self._plain_stream = _PLAIN_NAME.match(self.stream) is not None
         # The generated COPY encoder (see _copyenc), compiled from the declared types and
         # enabled by prepare() only once the table's column types are exactly those.
@@ -225,6 +226,14 @@ class CopySink:
         encoder = self._encoder
         if encoder is not None and conn.get_settings().client_encoding.upper() not in _UTF8:
             encoder = None
+        if encoder is not None:
+            if use_ledger and begin is None:
+                encoder = None  # a parameterised ledger row: the transaction path as before
+            else:
+                # The COPY's own table lock, taken in the BEGIN query (no extra round trip):
+                # rows are sent only once the server can take them, so a COPY stuck behind
+                # a lock never counts as "sent" and never frees the stream's slot early.
+                begin = (begin or "BEGIN") + self._lock
         try:
             try:
                 await self._direct(conn, rows, begin, use_ledger, batch_id, sent, encoder)
