@@ -6,12 +6,13 @@ import datetime as dt
 import uuid
 import zoneinfo
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from _ingest_helpers import create_tick_table, table_name, tick, tick_stream
-from sheetanchor.ingest import CopySink, Stream
+from sheetanchor.ingest import CopySink, Stream, WriteBuffer
 from sheetanchor.ingest._validate import Validator
 from sheetanchor.postgres import Database, PoolSettings
 
@@ -167,3 +168,16 @@ async def test_tick_table_uses_the_fast_encoder_and_stays_idempotent(db: Databas
     assert (again.path, again.inserted) == ("staging", 0)
     got = await db.fetch(f"SELECT ts, symbol, price, volume FROM {table} ORDER BY volume")
     assert [tuple(r) for r in got] == rows
+
+
+async def test_write_buffer_streams_encode_fast_once_open(db: Database, tmp_path: Path) -> None:
+    table = table_name()
+    await create_tick_table(db, table)
+    stream = tick_stream(table)
+    async with WriteBuffer(db, [stream], deadletter_dir=tmp_path, replay_interval=None) as buf:
+        assert buf._states["ticks"].sink.fast_encoding
+        for i in range(300):
+            buf.put_nowait("ticks", tick(i))
+    validator = Validator(stream)
+    got = await db.fetch(f"SELECT ts, symbol, price, volume FROM {table} ORDER BY volume")
+    assert [tuple(r) for r in got] == [validator.validate(tick(i))[0] for i in range(300)]

@@ -13,6 +13,13 @@ The batch ledger (``sheetanchor_ingest_batches``) records the id of every batch 
 the fast path, in the same transaction. A batch that is offered again (a dead letter written
 after a COMMIT whose acknowledgement was lost) is then recognised with one primary-key probe
 instead of re-sending its rows; the natural key stays the guarantee, the ledger is a shortcut.
+
+Encoding: when ``prepare`` finds the table's column types exactly the stream's declared
+ones, the direct COPY packs rows with the encoder generated for the stream (``_copyenc``;
+~2,700 fewer client instructions per row of the benchmark's ticks than asyncpg's codecs)
+and takes the COPY's table lock in its ``BEGIN`` query. Anything else (other column types,
+a non-UTF-8 client encoding, a value the encoder cannot pack) goes through asyncpg's
+``copy_records_to_table`` as before.
 """
 
 from __future__ import annotations
