@@ -13,6 +13,13 @@ The batch ledger (``sheetanchor_ingest_batches``) records the id of every batch 
 the fast path, in the same transaction. A batch that is offered again (a dead letter written
 after a COMMIT whose acknowledgement was lost) is then recognised with one primary-key probe
 instead of re-sending its rows; the natural key stays the guarantee, the ledger is a shortcut.
+
+Encoding: when ``prepare`` finds the table's column types exactly the stream's declared
+ones, the direct COPY packs rows with the encoder generated for the stream (``_copyenc``;
+~2,700 fewer client instructions per row of the benchmark's ticks than asyncpg's codecs)
+and takes the COPY's table lock in its ``BEGIN`` query. Anything else (other column types,
+a non-UTF-8 client encoding, a value the encoder cannot pack) goes through asyncpg's
+``copy_records_to_table`` as before.
 """
 
 from __future__ import annotations
@@ -22,13 +29,14 @@ import contextlib
 import itertools
 import re
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, NamedTuple, Protocol
 
 import asyncpg
 
 from sheetanchor.errors import ConfigError
+from sheetanchor.ingest._copyenc import COPY_HEADER, COPY_TRAILER, RowEncoder, compile_encoder
 
 __all__ = ["LEDGER_TABLE", "ConnectionSource", "CopySink", "SinkOutcome"]
 
@@ -108,7 +116,23 @@ class CopySink:
             f"INSERT INTO {self._qledger} (batch_id, stream, rows) VALUES ($1, $2, $3)"
         )
         self._ledger_probe = f"SELECT 1 FROM {self._qledger} WHERE batch_id = $1"
+        self._lock = f"; LOCK TABLE ONLY {self._qt} IN ROW EXCLUSIVE MODE"
         self._plain_stream = _PLAIN_NAME.match(self.stream) is not None
+        # The generated COPY encoder (see _copyenc), compiled from the declared types and
+        # enabled by prepare() only once the table's column types are exactly those.
+        declared = describe["columns"]
+        self._encoder: RowEncoder | None = None
+        self._candidate: RowEncoder | None = None
+        if isinstance(declared, Mapping):
+            self._declared = {str(k): str(v) for k, v in declared.items()}
+            self._candidate = compile_encoder(
+                self._declared, frozenset(describe.get("nullable", ()))
+            )
+
+    @property
+    def fast_encoding(self) -> bool:
+        """True when the direct COPY encodes rows with the generated encoder."""
+        return self._encoder is not None
 
     # -- set-up -----------------------------------------------------------------------------
     async def prepare(self, conn: asyncpg.Connection) -> None:
@@ -124,14 +148,16 @@ class CopySink:
                 f"stream {self.stream!r}: table {self.schema}.{self.table} does not exist; "
                 "create it (with a unique index on the natural key) before opening the buffer"
             )
-        present = {
-            r[0]
+        types = {
+            r[0]: r[1]
             for r in await conn.fetch(
-                "SELECT attname FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 "
-                "AND NOT attisdropped",
+                "SELECT a.attname, t.typname FROM pg_attribute a "
+                "JOIN pg_type t ON t.oid = a.atttypid WHERE a.attrelid = $1 AND a.attnum > 0 "
+                "AND NOT a.attisdropped",
                 oid,
             )
         }
+        present = set(types)
         missing = [c for c in self.columns if c not in present]
         if missing:
             raise ConfigError(
@@ -150,6 +176,14 @@ class CopySink:
                 f"on exactly the natural key {list(self.natural_key)}; add one, e.g. "
                 f"PRIMARY KEY ({', '.join(self.natural_key)}), so writes are idempotent"
             )
+        # Our encoder packs each value as its declared type; a column of any other type
+        # (varchar, numeric, a domain, ...) is left to asyncpg, which encodes by the real one.
+        if self._candidate is not None and all(
+            types.get(c) == t for c, t in self._declared.items()
+        ):
+            self._encoder = self._candidate
+        else:
+            self._encoder = None
         if self.ledger:
             await self._create_ledger(conn)
 
@@ -196,19 +230,23 @@ class CopySink:
         """
         use_ledger = self.ledger and batch_id is not None
         begin = self._begin_with_ledger(batch_id, len(rows)) if use_ledger else None
-        records: Iterable[tuple[Any, ...]] = rows
-        if sent is not None:
-            records = itertools.chain(rows, _SetWhenReached(sent))
-        try:
-            if begin is not None:
-                await self._direct(conn, records, begin)
+        encoder = self._encoder
+        if encoder is not None and conn.get_settings().client_encoding.upper() not in _UTF8:
+            encoder = None
+        if encoder is not None:
+            if use_ledger and begin is None:
+                encoder = None  # a parameterised ledger row: the transaction path as before
             else:
-                async with conn.transaction():
-                    if use_ledger:
-                        await conn.execute(self._ledger_insert, batch_id, self.stream, len(rows))
-                    await conn.copy_records_to_table(
-                        self.table, records=records, columns=self.columns, schema_name=self.schema
-                    )
+                # The COPY's own table lock, taken in the BEGIN query (no extra round trip):
+                # rows are sent only once the server can take them, so a COPY stuck behind
+                # a lock never counts as "sent" and never frees the stream's slot early.
+                begin = (begin or "BEGIN") + self._lock
+        try:
+            try:
+                await self._direct(conn, rows, begin, use_ledger, batch_id, sent, encoder)
+            except _EncoderGaveUp:
+                # A value our encoder cannot pack (rolled back): asyncpg's codecs decide.
+                await self._direct(conn, rows, begin, use_ledger, batch_id, sent, None)
             return SinkOutcome("copy", len(rows))
         except asyncpg.UniqueViolationError as exc:
             if use_ledger and exc.table_name == LEDGER_TABLE:
@@ -246,22 +284,104 @@ class CopySink:
         )
 
     async def _direct(
-        self, conn: asyncpg.Connection, rows: Iterable[tuple[Any, ...]], begin: str
+        self,
+        conn: asyncpg.Connection,
+        rows: Sequence[tuple[Any, ...]],
+        begin: str | None,
+        use_ledger: bool,
+        batch_id: str | None,
+        sent: asyncio.Event | None,
+        encoder: RowEncoder | None,
     ) -> None:
-        """The direct COPY in one transaction opened by ``begin``; rolled back on an error.
+        """The direct COPY in one transaction; rolled back on an error.
 
-        Three round trips (``BEGIN`` + ledger row, COPY, ``COMMIT``). A cancellation is left
-        to the pool, which closes a connection given back mid-statement.
+        With ``begin`` (``BEGIN`` + ledger row as one query) three round trips: that, the
+        COPY, ``COMMIT``. A cancellation is left to the pool, which closes a connection
+        given back mid-statement. Raises ``_EncoderGaveUp`` (rolled back) when ``encoder``
+        could not pack a row.
         """
+        if begin is None:
+            async with conn.transaction():
+                if use_ledger:
+                    await conn.execute(self._ledger_insert, batch_id, self.stream, len(rows))
+                if not await self._copy(conn, rows, sent, encoder):
+                    raise _EncoderGaveUp  # leaves the transaction: rolled back
+            return
         try:
             await conn.execute(begin)
-            await conn.copy_records_to_table(
-                self.table, records=rows, columns=self.columns, schema_name=self.schema
-            )
+            if not await self._copy(conn, rows, sent, encoder):
+                await conn.execute("ROLLBACK")
+                raise _EncoderGaveUp
             await conn.execute("COMMIT")
+        except _EncoderGaveUp:
+            raise
         except Exception:
             if not conn.is_closed() and conn.is_in_transaction():
                 # The original error is the one that matters (bisect, retry or fall back).
                 with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
                     await conn.execute("ROLLBACK")
             raise
+
+    async def _copy(
+        self,
+        conn: asyncpg.Connection,
+        rows: Sequence[tuple[Any, ...]],
+        sent: asyncio.Event | None,
+        encoder: RowEncoder | None,
+    ) -> bool:
+        """COPY ``rows`` into the table; False when ``encoder`` gave up part-way.
+
+        Then the COPY has ended early (a valid stream with only some rows): the caller
+        must roll the transaction back. Ending it cleanly instead of raising inside the
+        COPY matters: asyncpg answers an exception from the source with a cancel request,
+        which could reach the server after the COPY and cancel the next statement.
+        """
+        if encoder is None:
+            records: Iterable[tuple[Any, ...]] = rows
+            if sent is not None:
+                records = itertools.chain(rows, _SetWhenReached(sent))
+            await conn.copy_records_to_table(
+                self.table, records=records, columns=self.columns, schema_name=self.schema
+            )
+            return True
+        ok = [True]
+        await conn.copy_to_table(
+            self.table,
+            source=_encoded(encoder, rows, ok, sent),
+            columns=self.columns,
+            schema_name=self.schema,
+            format="binary",
+        )
+        return ok[0]
+
+
+class _EncoderGaveUp(Exception):
+    """The generated encoder could not pack a row; the transaction was rolled back."""
+
+
+_UTF8 = ("UTF8", "UTF-8", "UNICODE")
+# Rows encoded per CopyData message: ~100 KB, so encoding and sending interleave and the
+# encoded bytes held at once stay small whatever batch_rows is.
+_ROWS_PER_MESSAGE = 2000
+
+
+async def _encoded(
+    encoder: RowEncoder,
+    rows: Sequence[tuple[Any, ...]],
+    ok: list[bool],
+    sent: asyncio.Event | None,
+) -> AsyncIterator[bytes]:
+    """The binary COPY stream of ``rows``; on a row ``encoder`` cannot pack, ``ok[0]`` is
+    set False and the stream ends early (header and trailer stay valid)."""
+    head = COPY_HEADER
+    for start in range(0, len(rows), _ROWS_PER_MESSAGE):
+        try:
+            data = encoder(rows[start : start + _ROWS_PER_MESSAGE])
+        except Exception:  # noqa: BLE001  any value it cannot pack: asyncpg's codecs decide
+            ok[0] = False
+            break
+        yield head + data if head else data
+        head = b""
+    if ok[0] and sent is not None:
+        sent.set()  # every row handed over; the trailer follows
+    yield head + COPY_TRAILER
