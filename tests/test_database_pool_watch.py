@@ -17,14 +17,17 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from sheetanchor.config import to_asyncpg_dsn
 from sheetanchor.postgres import Database, PoolSettings
-from sheetanchor.postgres._pool import IDLE_SINCE, WatchedPool
+from sheetanchor.postgres._pool import IDLE_SINCE, HandoffQueue, WatchedPool
 
 POOL = PoolSettings(size=1, max_overflow=0, timeout=0.5)
 
 
 def _idle(pool: Any) -> list[Any]:
-    """The connection records idle in ``pool``'s queue."""
-    return list(pool._pool._queue._queue)
+    """The connection records idle in ``pool``'s queue (the Database's, or SQLAlchemy's own)."""
+    queue = pool._pool
+    if isinstance(queue, HandoffQueue):
+        return list(queue.idle)
+    return list(queue._queue._queue)
 
 
 async def _take_and_drop(db: Database, held: list[AsyncSession]) -> None:

@@ -31,8 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import select
 import time
+from collections import deque
+from collections.abc import Sequence
 from typing import Any, cast
 
 import asyncpg
@@ -40,6 +43,7 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.pool import AsyncAdaptedQueuePool, PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 from sqlalchemy.util.concurrency import in_greenlet
+from sqlalchemy.util.queue import AsyncAdaptedQueue, Empty, Full
 
 from sheetanchor.postgres._errors import is_connection_error
 from sheetanchor.postgres._json import install_json_codecs
@@ -52,6 +56,7 @@ except ImportError:  # pragma: no cover - SQLAlchemy 2.0
 
 __all__ = [
     "IDLE_SINCE",
+    "HandoffQueue",
     "WatchedPool",
     "checkin_hook",
     "checkin_is_io_free",
@@ -73,11 +78,19 @@ _POLLER = "sheetanchor_poller"
 _RECYCLE_MARGIN = 1.0  # seconds: never race a recycle deadline on the fast path
 
 
+def _idle_records(pool: Any) -> Sequence[Any]:
+    """The records idle in ``pool``'s queue (a :class:`HandoffQueue`, or SQLAlchemy's own)."""
+    queue = pool._pool
+    if isinstance(queue, HandoffQueue):
+        return queue.idle
+    inner = queue.__dict__.get("_queue")  # created lazily by AsyncAdaptedQueue
+    return () if inner is None else inner._queue
+
+
 def _next_idle(pool: Any) -> Any:
-    queue = pool._pool.__dict__.get("_queue")  # created lazily by AsyncAdaptedQueue
-    if queue is None or not queue._queue:
+    items = _idle_records(pool)
+    if not items:
         return None
-    items = queue._queue
     return items[-1] if pool._pool.use_lifo else items[0]
 
 
@@ -142,9 +155,9 @@ def lease_without_io(pool: Any, idle_limit: float | None) -> Any:
         rec = _idle_without_io(pool, idle_limit)
         if rec is None:
             return None
-        queue = pool._pool.__dict__["_queue"]  # there: _next_idle found a record in it
+        queue = pool._pool
         taken = queue.get_nowait()
-    except (AttributeError, IndexError, KeyError, TypeError, asyncio.QueueEmpty):
+    except (AttributeError, IndexError, KeyError, TypeError, Empty):
         return None
     if taken is not rec:  # cannot happen within one loop; be safe rather than sorry
         queue.put_nowait(taken)
@@ -200,8 +213,8 @@ async def release_lease(
         rec.info[IDLE_SINCE] = time.monotonic()
         leaks.checkin(rec)
         try:
-            pool._pool._queue.put_nowait(rec)  # the asyncio.Queue: wakes a waiting checkout
-        except asyncio.QueueFull:
+            pool._pool.put_nowait(rec)  # to the longest-waiting checkout, if any
+        except Full:
             await greenlet_spawn(pool._do_return_conn, rec)
 
 
@@ -301,6 +314,141 @@ def checkin_hook(leaks: LeakTable) -> Any:
     return on_checkin
 
 
+# A waiter's future gets this instead of a record when its deadline passes.
+_TIMED_OUT: Any = object()
+
+
+class HandoffQueue(AsyncAdaptedQueue[Any]):
+    """The idle connection records of a :class:`WatchedPool`, served first come, first served.
+
+    SQLAlchemy's ``AsyncAdaptedQueue`` wraps an ``asyncio.Queue``: a connection coming back
+    wakes the longest waiter, but stays in the queue until that waiter runs. A task that gives
+    a connection back and asks for one again without awaiting in between (a loop of
+    ``db.session()`` blocks, of ``db.fetchval`` calls) takes it again first, so the woken
+    waiter finds nothing, queues up again, and can wait until the pool timeout while others
+    loop. (A plain ``AsyncSession`` is spared this only because its close runs in a task of its
+    own.) Here a record coming back goes straight to the longest waiter, and a checkout takes
+    an idle record only when nobody waits (an idle record and a waiter never coexist), so
+    waits are served in arrival order. No wake-up is wasted either.
+
+    Deadlines: one loop timer per queue, not one per wait: it fires at the earliest deadline,
+    ends the waits that are due (``Empty``, which the pool turns into its ``TimeoutError``)
+    and is set again for the next one.
+
+    Blocking ``get`` runs in SQLAlchemy's greenlet (the pool's checkout), like the queue it
+    replaces; everything else is synchronous and does no I/O.
+    """
+
+    def __init__(self, maxsize: int = 0, use_lifo: bool = False) -> None:
+        super().__init__(maxsize, use_lifo)
+        self.idle: deque[Any] = deque()
+        # (deadline on the loop's clock, future) of each waiting checkout, oldest first.
+        self.waiters: deque[tuple[float, asyncio.Future[Any]]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+
+    def empty(self) -> bool:
+        return not self.idle
+
+    def full(self) -> bool:
+        return 0 < self.maxsize <= len(self.idle)
+
+    def qsize(self) -> int:
+        return len(self.idle)
+
+    def put_nowait(self, item: Any) -> None:
+        """Hand ``item`` to the longest waiter, else keep it idle; ``Full`` if there is no room."""
+        waiters = self.waiters
+        while waiters:
+            _, fut = waiters.popleft()
+            if not fut.done():  # not timed out or cancelled (those leave, but be sure)
+                fut.set_result(item)
+                return
+        if 0 < self.maxsize <= len(self.idle):
+            raise Full()
+        self.idle.append(item)
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        # The pool only ever puts without blocking (a connection that finds no room is closed).
+        self.put_nowait(item)
+
+    def get_nowait(self) -> Any:
+        idle = self.idle
+        if not idle:
+            raise Empty()
+        return idle.pop() if self.use_lifo else idle.popleft()
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        idle = self.idle
+        if idle:  # nobody waits (they would have been handed it): take it
+            return idle.pop() if self.use_lifo else idle.popleft()
+        if not block:
+            raise Empty()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        deadline = math.inf if timeout is None else loop.time() + timeout
+        entry = (deadline, fut)
+        self.waiters.append(entry)
+        if deadline < self._timer_at:
+            self._arm(loop, deadline)
+        try:
+            item = _await(fut)
+        except BaseException:
+            self._give_up(entry)
+            raise
+        if item is _TIMED_OUT:
+            raise Empty()
+        return item
+
+    def _give_up(self, entry: tuple[float, asyncio.Future[Any]]) -> None:
+        # The waiting checkout was cancelled (or failed). A record handed to it just before
+        # that must not be lost: it goes to the next waiter, or back to the idle ones.
+        fut = entry[1]
+        if fut.done() and not fut.cancelled():
+            item = fut.result()
+            if item is not _TIMED_OUT:
+                self._pass_on(item)
+            return
+        fut.cancel()
+        with contextlib.suppress(ValueError):
+            self.waiters.remove(entry)
+
+    def _pass_on(self, item: Any) -> None:
+        try:
+            self.put_nowait(item)
+        except Full:
+            # Cannot happen while the record was out (it took no room), unless overflow
+            # connections came back meanwhile. It stays idle, one over: closing it here
+            # would be I/O in a cancelled checkout. It is still counted in the pool's
+            # overflow, so the pool's total never grows past its capacity.
+            self.idle.append(item)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = loop.call_at(when, self._expire, loop)
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        now = loop.time()
+        keep: deque[tuple[float, asyncio.Future[Any]]] = deque()
+        earliest = math.inf
+        for entry in self.waiters:
+            deadline, fut = entry
+            if fut.done():
+                continue
+            if deadline <= now:
+                fut.set_result(_TIMED_OUT)
+            else:
+                keep.append(entry)
+                earliest = min(earliest, deadline)
+        self.waiters = keep
+        if earliest < math.inf:
+            self._arm(loop, earliest)
+
+
 class WatchedPool(AsyncAdaptedQueuePool):
     """SQLAlchemy's asyncio pool doing the Database's checkout and checkin work itself.
 
@@ -320,11 +468,15 @@ class WatchedPool(AsyncAdaptedQueuePool):
     * On the way back (:meth:`_return_conn`, reached only from SQLAlchemy's checkin, not from
       a ``detach``): the idle stamp, and the leak watch forgets the checkout.
 
-    Until :meth:`watch` is called it is a plain ``AsyncAdaptedQueuePool``.
+    * Its queue is a :class:`HandoffQueue`: waiting checkouts are served in arrival order, a
+      connection coming back goes straight to the longest waiter.
+
+    Until :meth:`watch` is called it is an ``AsyncAdaptedQueuePool`` with that queue.
     ``recreate()`` (``engine.dispose()``) carries the watch over to the new pool, as it does
     the event listeners.
     """
 
+    _queue_class = HandoffQueue
     _sheetanchor_leaks: LeakTable | None = None
     _sheetanchor_idle_limit: float | None = None
 
@@ -419,8 +571,11 @@ def close_dead_loop_sockets(pool: Any) -> None:
     live loop). Uses private attributes of asyncio's selector transports and asyncpg, guarded:
     where they are missing (uvloop) the sockets are left to the garbage collector.
     """
-    queue = getattr(getattr(pool, "_pool", None), "__dict__", {}).get("_queue")
-    for rec in list(getattr(queue, "_queue", ())):
+    try:
+        idle = list(_idle_records(pool))
+    except AttributeError:
+        return
+    for rec in idle:
         driver = getattr(getattr(rec, "dbapi_connection", None), "driver_connection", None)
         transport = getattr(driver, "_transport", None)
         sock = getattr(transport, "_sock", None)
@@ -434,8 +589,10 @@ def close_dead_loop_sockets(pool: Any) -> None:
 
 
 def pool_waiters(pool: Any) -> int:
-    # Tasks blocked in the pool's asyncio queue (private, hence best effort).
+    # Tasks blocked in the pool's queue (private, hence best effort).
     queue = getattr(pool, "_pool", None)
+    if isinstance(queue, HandoffQueue):
+        return sum(1 for _, fut in queue.waiters if not fut.done())
     inner = getattr(queue, "__dict__", {}).get("_queue")
     getters = getattr(inner, "_getters", ())
     return sum(1 for fut in getters if not fut.done())
