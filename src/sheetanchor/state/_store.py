@@ -119,7 +119,6 @@ class CachedStore(_StoreWrites):
                 return value
         if data is DOWN:
             # Redis is skipped: one PostgreSQL read per key at a time, nothing cached.
-            self._m_skipped.inc()
             self._counts["skipped"] += 1
             return await self._flights.run(rkey, lambda: self._read(sql, key, rkey, fill=False))
         self._missed()
@@ -128,12 +127,10 @@ class CachedStore(_StoreWrites):
     def _hit(self, value: Any) -> None:
         self._miss_rate *= 1 - _RATE_WEIGHT
         if value is not None:
-            self._m_hit.inc()
             self._counts["hit"] += 1
 
     def _missed(self) -> None:
         self._miss_rate += _RATE_WEIGHT * (1 - self._miss_rate)
-        self._m_miss.inc()
         self._counts["miss"] += 1
 
     async def _get_lease_first(self, sql: TableSQL, key: Hashable, rkey: str) -> Any:
@@ -142,7 +139,6 @@ class CachedStore(_StoreWrites):
         token = f"{_TOKEN_PREFIX[0]}{next(_TOKENS)}"
         res = await self.cache.get_or_lease(rkey, lease_key, token, self._lease_ms)
         if res is DOWN:
-            self._m_skipped.inc()
             self._counts["skipped"] += 1
             return await self._flights.run(rkey, lambda: self._read(sql, key, rkey, fill=False))
         held: bool | None = None
@@ -249,7 +245,6 @@ class CachedStore(_StoreWrites):
         try:
             started = clock.monotonic()
             row = await self._pg(self.db.fetchrow, sql.read_one, key)
-            self._m_pg.inc()
             self._counts["pg"] += 1
             if self._hooks.after_db_read is not None:
                 await self._hooks.after_db_read(key, None if row is None else row[1])
@@ -286,17 +281,17 @@ class CachedStore(_StoreWrites):
         backfills = self._backfills
         limit = self.settings.max_backfills
         if self._closed or (len(backfills) >= limit and not (limit and self._pruned())):
-            self._m_backfill_inline.inc()
+            self._counts["backfill_inline"] += 1
             return None
         loop = asyncio.get_running_loop()
         last = self._backfill_loop
         if (last is None or last() is not loop) and not self._watch_loop(loop):
-            self._m_backfill_inline.inc()
+            self._counts["backfill_inline"] += 1
             return None
         task = loop.create_task(self._backfill(item, lease, started))
         backfills[task] = (item, lease, started)
         task.add_done_callback(self._backfill_done)
-        self._m_backfill_background.inc()
+        self._counts["backfill_background"] += 1
         return task
 
     def _watch_loop(self, loop: asyncio.AbstractEventLoop) -> bool:
@@ -317,7 +312,7 @@ class CachedStore(_StoreWrites):
         dead = [t for t in self._backfills if t.get_loop().is_closed()]
         for task in dead:
             del self._backfills[task]
-            self._m_backfill_dropped.inc()
+            self._counts["backfill_dropped"] += 1
         return len(self._backfills) < self.settings.max_backfills
 
     def _backfill_done(self, task: asyncio.Task[None]) -> None:
@@ -325,7 +320,7 @@ class CachedStore(_StoreWrites):
         if not task.cancelled():
             return
         if job is None:
-            self._m_backfill_dropped.inc()  # cut short twice: its lease expires on its own
+            self._counts["backfill_dropped"] += 1  # cut short twice: its lease expires on its own
             return
         # Cut short: asyncio.run cancels every task left when its loop ends (one loop per
         # Celery task), or someone cancelled it. The entry may be unwritten and the lease
@@ -381,7 +376,7 @@ class CachedStore(_StoreWrites):
             self._dropped(item)
         except Exception as exc:  # noqa: BLE001  logged and counted; the read already has its value
             released = False  # whether the script ran is unknown: release (by token) anyway
-            self._m_backfill_failed.inc()
+            self._counts["backfill_failed"] += 1
             _log.warning(
                 "cache %s: backfill of %s not written (%s: %s); the next read loads it again",
                 self.table,
@@ -396,7 +391,7 @@ class CachedStore(_StoreWrites):
                 except ResourceClosed:
                     self._dropped(item)
                 except Exception as exc:  # noqa: BLE001  logged and counted; it expires (PX)
-                    self._m_backfill_failed.inc()
+                    self._counts["backfill_failed"] += 1
                     _log.warning(
                         "cache %s: lease of %s not released (%s: %s); it expires on its own",
                         self.table,
@@ -420,7 +415,7 @@ class CachedStore(_StoreWrites):
     def _dropped(self, item: FencedItem) -> None:
         # The Redis client was closed before the store: not an outage, and the reader has
         # its value; counted, logged quietly.
-        self._m_backfill_dropped.inc()
+        self._counts["backfill_dropped"] += 1
         _log.debug(
             "cache %s: backfill of %s dropped: the Redis client is closed", self.table, item[0]
         )
@@ -479,13 +474,11 @@ class CachedStore(_StoreWrites):
         missing: list[Hashable] = []
         hits = 0
         if datas is DOWN:
-            self._m_skipped.inc(len(unique))
             self._counts["skipped"] += len(unique)
             await self._read_many(sql, unique, out, fill=False)
             return out
         values = self._plain_values(datas)  # type: ignore[arg-type]
         if values is not None:  # the common case: every key a plain cached row
-            self._m_hit.inc(len(values))
             self._counts["hit"] += len(values)
             if self._many_miss_rate:
                 self._many_miss_rate *= 1 - _RATE_WEIGHT
@@ -500,11 +493,9 @@ class CachedStore(_StoreWrites):
             elif value is not None:
                 out[k] = value
                 hits += 1
-        self._m_hit.inc(hits)
         self._counts["hit"] += hits
         self._rate_many(len(missing), len(unique))
         if missing:
-            self._m_miss.inc(len(missing))
             self._counts["miss"] += len(missing)
             await self._load_many(sql, missing, out, first=False)
         return out
@@ -521,7 +512,6 @@ class CachedStore(_StoreWrites):
         out: dict[Any, Any] = {}
         found = await self._load_many(sql, keys, out, first=True, rkeys=rkeys)
         if found < 0:
-            self._m_skipped.inc(len(keys))
             self._counts["skipped"] += len(keys)
         return out
 
@@ -551,7 +541,6 @@ class CachedStore(_StoreWrites):
         if first and all(type(r) is bytes for r in res):  # type: ignore[union-attr]
             values = self._plain_values(res)  # type: ignore[arg-type]
             if values is not None:  # every key a plain cached row (the cache warmed up)
-                self._m_hit.inc(len(values))
                 self._counts["hit"] += len(values)
                 self._many_miss_rate *= 1 - _RATE_WEIGHT
                 out.update(zip(keys, values, strict=True))
@@ -577,12 +566,10 @@ class CachedStore(_StoreWrites):
                 (mine if r else theirs).append(k)
         if first:
             hits = sum(1 for k in keys if k in out)
-            self._m_hit.inc(hits)
             self._counts["hit"] += hits
             missed = len(keys) - served
             self._rate_many(missed, len(keys))
             if missed:
-                self._m_miss.inc(missed)
                 self._counts["miss"] += missed
         if again:
             held = await self.cache.acquire_leases(
@@ -728,7 +715,6 @@ class CachedStore(_StoreWrites):
         assert self._codec is not None
         started = self._clock.monotonic()
         rows = await self._pg(self.db.fetch, sql.read_many, keys)
-        self._m_pg.inc()
         self._counts["pg"] += 1
         delta_ms = max(1, int((self._clock.monotonic() - started) * 1000))
         items: list[FencedItem] = []
