@@ -314,6 +314,8 @@ class _StoreCore:
 
     def _row_data(self, sql: TableSQL, row: Any) -> dict[str, Any]:
         # row = (key, version, *columns); JSON columns arrive as text.
+        if not sql.json_columns:
+            return dict(zip(sql.columns, row[2:], strict=True))  # no Python step per column
         return {
             c: (
                 orjson.loads(row[i + 2])
@@ -331,11 +333,11 @@ class _StoreCore:
         gives it: the JSON round trip of ``payload`` (the encoded ``data``; ``None``: not
         encoded yet). Skipped when it cannot change anything: every field a ``str``,
         ``int``, ``bool`` or ``None`` (text, integer and boolean columns)."""
-        assert self._codec is not None
         if set(map(type, data.values())) <= _JSON_IDENTITY:
-            return self._codec.from_mapping(data)
+            return data if self._schema is None else self._codec.from_mapping(data)  # type: ignore[union-attr]
         if payload is None:
             payload = orjson.dumps(data, default=_json_default)
+        assert self._codec is not None
         return self._codec.loads(payload)
 
     def _from_cache(self, data: bytes) -> Any:

@@ -28,6 +28,7 @@ from sheetanchor.state._cacheside import DOWN, FencedItem, _Down
 from sheetanchor.state._core import (
     _CORRUPT,
     _MISS,
+    _PG_ERRORS,
     _TOKEN_PREFIX,
     _TOKENS,
     PgExecutor,
@@ -104,12 +105,16 @@ class CachedStore(_StoreWrites):
         shares the loaded value instead of waiting.
         """
         sql = self._sql or await self.prepare()
-        rkey = self.redis_key(key)
+        rkey = f"{self.namespace}:{{{key}}}"  # redis_key(key), without a call
+        cache = self.cache
+        if cache.breaker.denies():
+            # Redis is skipped (seen here, without awaiting a call that would return DOWN):
+            # one PostgreSQL read per key at a time, nothing cached.
+            self._counts["skipped"] += 1
+            return await self._flights.run(rkey, self._read_skipped, sql, key)
         if self._miss_rate > _LEASE_FIRST_ABOVE:
             return await self._get_lease_first(sql, key, rkey)
-        cache = self.cache
-        # An open breaker is seen here, without awaiting a call that would return DOWN.
-        data = DOWN if cache.skipping() else await cache.get(rkey)
+        data = await cache.get(rkey)
         if data is not None and data is not DOWN:
             value = self._from_cache(data)  # type: ignore[arg-type]
             if value is _CORRUPT:
@@ -118,11 +123,10 @@ class CachedStore(_StoreWrites):
                 self._hit(value)
                 return value
         if data is DOWN:
-            # Redis is skipped: one PostgreSQL read per key at a time, nothing cached.
             self._counts["skipped"] += 1
-            return await self._flights.run(rkey, lambda: self._read(sql, key, rkey, fill=False))
+            return await self._flights.run(rkey, self._read_skipped, sql, key)
         self._missed()
-        return await self._flights.run(rkey, lambda: self._miss(sql, key, rkey))
+        return await self._flights.run(rkey, self._miss, sql, key, rkey)
 
     def _hit(self, value: Any) -> None:
         self._miss_rate *= 1 - _RATE_WEIGHT
@@ -140,7 +144,7 @@ class CachedStore(_StoreWrites):
         res = await self.cache.get_or_lease(rkey, lease_key, token, self._lease_ms)
         if res is DOWN:
             self._counts["skipped"] += 1
-            return await self._flights.run(rkey, lambda: self._read(sql, key, rkey, fill=False))
+            return await self._flights.run(rkey, self._read_skipped, sql, key)
         held: bool | None = None
         if isinstance(res, bytes):
             value = self._from_cache(res)
@@ -152,14 +156,19 @@ class CachedStore(_StoreWrites):
         else:
             held = bool(res)
         self._missed()
-        if held and self._flights.running(rkey):
-            # A local load already runs and waits for the lease (our reply came back after
-            # another caller's "taken"): hand the lease to it instead of making it wait.
-            await self.cache.release_lease(lease_key, token)
-            held = None
-        return await self._flights.run(
-            rkey, lambda: self._load(sql, key, rkey, lease_key, token, held)
-        )
+        if held:
+            if self._flights.running(rkey):
+                # A local load already runs and waits for the lease (our reply came back
+                # after another caller's "taken"): hand the lease to it instead of making it
+                # wait.
+                await self.cache.release_lease(lease_key, token)
+                held = None
+            else:
+                # We lead the flight (nothing awaited since it was seen not running): read
+                # now, as _load would.
+                self._counts["acquired"] += 1
+                return await self._flights.run(rkey, self._read, sql, key, rkey, (lease_key, token))
+        return await self._flights.run(rkey, self._load, sql, key, rkey, lease_key, token, held)
 
     async def _miss(self, sql: TableSQL, key: Hashable, rkey: str) -> Any:
         # Look again and try to take the load lease, in one round trip.
@@ -167,7 +176,7 @@ class CachedStore(_StoreWrites):
         token = f"{_TOKEN_PREFIX[0]}{next(_TOKENS)}"
         res = await self.cache.get_or_lease(rkey, lease_key, token, self._lease_ms)
         if res is DOWN:
-            return await self._read(sql, key, rkey, fill=False)
+            return await self._read_skipped(sql, key)
         held: bool | None = None
         if isinstance(res, bytes):
             value = self._from_cache(res)
@@ -175,8 +184,11 @@ class CachedStore(_StoreWrites):
                 await self.cache.delete_if_equal(rkey, res)
             elif value is not _MISS:
                 return value  # filled by someone else meanwhile
+        elif res:
+            self._counts["acquired"] += 1
+            return await self._read(sql, key, rkey, (lease_key, token))
         else:
-            held = bool(res)
+            held = False
         return await self._load(sql, key, rkey, lease_key, token, held)
 
     async def _load(
@@ -197,21 +209,21 @@ class CachedStore(_StoreWrites):
             if held is None:
                 got = await self.cache.acquire_lease(lease_key, token, int(s.lease_ttl * 1000))
                 if got is DOWN:
-                    return await self._read(sql, key, rkey, fill=False)
+                    return await self._read_skipped(sql, key)
                 held = bool(got)
             if held:
                 self._lease("acquired")
-                return await self._read(sql, key, rkey, fill=True, lease=(lease_key, token))
+                return await self._read(sql, key, rkey, (lease_key, token))
             held = None
             while True:
                 if clock.monotonic() >= deadline:
                     self._lease("timeout")
-                    return await self._read(sql, key, rkey, fill=True)
+                    return await self._read(sql, key, rkey, None)
                 await clock.sleep(delay)
                 delay = min(delay * 2, 0.05)
                 peek = await self.cache.peek(rkey, lease_key)
                 if peek is DOWN:
-                    return await self._read(sql, key, rkey, fill=False)
+                    return await self._read_skipped(sql, key)
                 data, lease_held = peek  # type: ignore[misc]
                 if data is not None:
                     value = self._from_cache(data)
@@ -223,40 +235,53 @@ class CachedStore(_StoreWrites):
                 if not lease_held:
                     break  # the holder is gone without a usable entry: try to take over
 
+    async def _read_skipped(self, sql: TableSQL, key: Hashable) -> Any:
+        """Redis is skipped: the row's value read from PostgreSQL, nothing cached.
+
+        The read path of an open breaker (its cost over a plain ``fetchrow`` is the goal of
+        the "Redis down" benchmark): no clock, no coroutine of ``_pg``'s, no entry built.
+        """
+        db = self.db
+        try:
+            row = await db.fetchrow(sql.read_one, key)
+        except _PG_ERRORS as exc:
+            row = await self._pg_again(exc, db.fetchrow, (sql.read_one, key))
+        self._counts["pg"] += 1
+        after_db_read = self._hooks.after_db_read
+        if after_db_read is not None:
+            await after_db_read(key, None if row is None else row[1])
+        if row is None:
+            return None
+        return self._row_value(self._row_data(sql, row), None)
+
     async def _read(
-        self,
-        sql: TableSQL,
-        key: Hashable,
-        rkey: str,
-        *,
-        fill: bool,
-        lease: tuple[str, str] | None = None,
+        self, sql: TableSQL, key: Hashable, rkey: str, lease: tuple[str, str] | None
     ) -> Any:
-        """Read the row from PostgreSQL; with ``fill``, backfill Redis through the fence.
+        """Read the row from PostgreSQL and backfill Redis through the fence.
 
         The backfill is written in the background when there is room (see
         :attr:`CacheSettings.max_backfills`): then a :class:`Landing` is returned, which the
         single-flight unwraps. With ``lease`` (key, token) the lease is released in every
         case: together with the backfill when there is one, else on its own.
         """
-        assert self._codec is not None
         clock = self._clock
         handed_over = False
         try:
             started = clock.monotonic()
-            row = await self._pg(self.db.fetchrow, sql.read_one, key)
+            db = self.db
+            try:
+                row = await db.fetchrow(sql.read_one, key)
+            except _PG_ERRORS as exc:
+                row = await self._pg_again(exc, db.fetchrow, (sql.read_one, key))
             self._counts["pg"] += 1
-            if self._hooks.after_db_read is not None:
-                await self._hooks.after_db_read(key, None if row is None else row[1])
+            after_db_read = self._hooks.after_db_read
+            if after_db_read is not None:
+                await after_db_read(key, None if row is None else row[1])
             if row is None:
-                if not fill:
-                    return None
                 value = None
                 item = self._tomb_item(rkey, 0, self.settings.absent_ttl)
             else:
                 data = self._row_data(sql, row)
-                if not fill:
-                    return self._row_value(data, None)
                 payload = orjson.dumps(data, default=_json_default)
                 value = self._row_value(data, payload)
                 delta_ms = max(1, int((clock.monotonic() - started) * 1000))
