@@ -15,15 +15,21 @@ from typing import Any
 import pytest
 from tests._store_helpers import make_items_table, table_name
 
+from sheetanchor.observe import REGISTRY
 from sheetanchor.postgres import Database
 from sheetanchor.redis import RedisClient
-from sheetanchor.state import CachedStore, CacheSettings, StoreHooks, _metrics
+from sheetanchor.state import CachedStore, CacheSettings, StoreHooks
 
 _BACKGROUND = CacheSettings(max_backfills=100)
 
 
 def _count(table: str, mode: str) -> float:
-    return float(_metrics.BACKFILLS.labels(table, mode)._value.get())
+    return (
+        REGISTRY.get_sample_value(
+            "sheetanchor_state_backfills_total", {"table": table, "mode": mode}
+        )
+        or 0.0
+    )
 
 
 @pytest.fixture

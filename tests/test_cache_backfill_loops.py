@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 from tests._store_helpers import make_items_table, table_name
 
+from sheetanchor.observe import REGISTRY
 from sheetanchor.postgres import Database
 from sheetanchor.redis import RedisClient
-from sheetanchor.state import CachedStore, CacheSettings, StoreHooks, _metrics
+from sheetanchor.state import CachedStore, CacheSettings, StoreHooks
 
 # A lease held by a dead holder would make the next reader wait this long, then time out.
 _SETTINGS = CacheSettings(lease_ttl=30.0, lease_wait=20.0)
@@ -43,7 +44,12 @@ def _occupy_the_pool(rc: RedisClient, held: list[asyncio.Task[Any]]) -> StoreHoo
 
 
 def _count(table: str, mode: str) -> float:
-    return float(_metrics.BACKFILLS.labels(table, mode)._value.get())
+    return (
+        REGISTRY.get_sample_value(
+            "sheetanchor_state_backfills_total", {"table": table, "mode": mode}
+        )
+        or 0.0
+    )
 
 
 def _setup(pg_url: str, table: str, rows: int) -> None:

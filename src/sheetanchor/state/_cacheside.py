@@ -236,20 +236,28 @@ class CacheSide:
 
     # -- one Redis call -----------------------------------------------------------------
 
-    async def _call(self, op: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    def _call(self, op: Callable[..., Awaitable[Any]], *args: Any) -> Awaitable[Any]:
         """``await op(rc, *args)`` behind the breaker: the result, or :data:`DOWN`.
 
         The first call of an operation goes through here: while the breaker is open it
         skips Redis; the probe (and a closed breaker with keys pending) writes the pending
         invalidations before anything is read. A failure is counted, the breaker is told,
         and the caller gets :data:`DOWN`.
+
+        Not a coroutine itself: with the breaker closed and nothing pending (the hot path:
+        one method call and one attribute read) it returns the admitted call's coroutine,
+        so a Redis call of the store costs no frame of its own here.
         """
-        # The hot path: one method call and one attribute read, then the Redis call.
         verdict = self.breaker.check()
-        # Open (DENY): Redis is skipped without a coroutine of its own.
-        if (verdict != ALLOW or self.pending.dirty) and (
-            verdict == DENY or not await self._admit(verdict)
-        ):
+        if verdict != ALLOW or self.pending.dirty:
+            return self._call_checked(verdict, op, args)
+        return self._call_admitted(op, *args)
+
+    async def _call_checked(
+        self, verdict: int, op: Callable[..., Awaitable[Any]], args: tuple[Any, ...]
+    ) -> Any:
+        # Open (DENY): Redis is skipped; a probe, or keys pending, must recover it first.
+        if verdict == DENY or not await self._admit(verdict):
             return DOWN
         return await self._call_admitted(op, *args)
 
@@ -296,16 +304,17 @@ class CacheSide:
         :data:`DOWN`. False does not promise Redis: the call itself checks again."""
         return self.breaker.denies()
 
-    async def get(self, rkey: str) -> bytes | _Down | None:
-        """GET, or :data:`DOWN` when Redis is skipped or failed."""
-        return cast(bytes | _Down | None, await self._call(_get, rkey))
+    def get(self, rkey: str) -> Awaitable[bytes | _Down | None]:
+        """GET, or :data:`DOWN` when Redis is skipped or failed (an awaitable: no
+        coroutine of its own on the hit path)."""
+        return self._call(_get, rkey)
 
-    async def get_or_lease(
+    def get_or_lease(
         self, rkey: str, lease_key: str, token: str, ttl_ms: int
-    ) -> bytes | int | _Down:
-        """The entry, or (when there is none) 1 if we took the lease, 0 if another holds it."""
-        res = await self._call(_get_or_lease, rkey, lease_key, token, ttl_ms)
-        return res if isinstance(res, (bytes, _Down)) else int(res)
+    ) -> Awaitable[bytes | int | _Down]:
+        """The entry, or (when there is none) 1 if we took the lease, 0 if another holds it
+        (the script's integer reply; an awaitable, as :meth:`get`)."""
+        return self._call(_get_or_lease, rkey, lease_key, token, ttl_ms)
 
     async def fenced_set_release(
         self, item: FencedItem, lease_key: str, token: str, deadline_ms: int = 0

@@ -118,18 +118,7 @@ class _StoreCore:
         "_flights",
         "_hooks",
         "_lease_ms",
-        "_m_absent",
-        "_m_backfill_background",
-        "_m_backfill_dropped",
-        "_m_backfill_failed",
-        "_m_backfill_inline",
-        "_m_corrupt",
-        "_m_hit",
-        "_m_lease",
-        "_m_miss",
-        "_m_pg",
         "_m_refused",
-        "_m_skipped",
         "_many_miss_rate",
         "_miss_rate",
         "_read_from",
@@ -199,10 +188,6 @@ class _StoreCore:
         self._backfill_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
         self._closed = False
         _metrics.BACKFILLS_INFLIGHT.labels(table).set_function(self._backfills.__len__)
-        self._m_backfill_background = _metrics.BACKFILLS.labels(table, "background")
-        self._m_backfill_inline = _metrics.BACKFILLS.labels(table, "inline")
-        self._m_backfill_failed = _metrics.BACKFILLS.labels(table, "failed")
-        self._m_backfill_dropped = _metrics.BACKFILLS.labels(table, "dropped")
         _metrics.FLIGHTS.labels(table).set_function(self._flights.inflight)
         self.cache = CacheSide(
             redis,
@@ -212,32 +197,10 @@ class _StoreCore:
             pending=PendingInvalidations(settings.max_pending),
             timeout=settings.timeout,
         )
-        lookups = _metrics.CACHE
-        self._m_hit = lookups.labels(table, "hit")
-        self._m_miss = lookups.labels(table, "miss")
-        self._m_absent = lookups.labels(table, "absent")
-        self._m_corrupt = lookups.labels(table, "corrupt")
-        self._m_skipped = lookups.labels(table, "skipped")
-        self._m_pg = _metrics.PG_READS.labels(table)
         self._m_refused = _metrics.FENCE_REFUSED.labels(table)
-        self._m_lease = {
-            o: _metrics.LEASE.labels(table, o) for o in ("acquired", "waited", "timeout")
-        }
-        self._counts = dict.fromkeys(
-            (
-                "hit",
-                "miss",
-                "absent",
-                "corrupt",
-                "skipped",
-                "pg",
-                "refused",
-                "acquired",
-                "waited",
-                "timeout",
-            ),
-            0,
-        )
+        # Plain ints (see _metrics.StoreCounters): the Prometheus lookups, database reads,
+        # leases and backfills are read from them at scrape time, and stats() too.
+        self._counts = _metrics.COUNTS.register(self, table)
 
     def __repr__(self) -> str:
         return f"CachedStore(table={self.table!r}, namespace={self.namespace!r})"
@@ -351,6 +314,8 @@ class _StoreCore:
 
     def _row_data(self, sql: TableSQL, row: Any) -> dict[str, Any]:
         # row = (key, version, *columns); JSON columns arrive as text.
+        if not sql.json_columns:
+            return dict(zip(sql.columns, row[2:], strict=True))  # no Python step per column
         return {
             c: (
                 orjson.loads(row[i + 2])
@@ -368,11 +333,11 @@ class _StoreCore:
         gives it: the JSON round trip of ``payload`` (the encoded ``data``; ``None``: not
         encoded yet). Skipped when it cannot change anything: every field a ``str``,
         ``int``, ``bool`` or ``None`` (text, integer and boolean columns)."""
-        assert self._codec is not None
         if set(map(type, data.values())) <= _JSON_IDENTITY:
-            return self._codec.from_mapping(data)
+            return data if self._schema is None else self._codec.from_mapping(data)  # type: ignore[union-attr]
         if payload is None:
             payload = orjson.dumps(data, default=_json_default)
+        assert self._codec is not None
         return self._codec.loads(payload)
 
     def _from_cache(self, data: bytes) -> Any:
@@ -404,13 +369,11 @@ class _StoreCore:
         if entry.kind == _entry.KIND_TOMBSTONE and entry.version == 0:
             # A cached "no such row". Deletion tombstones (version > 0) are not trusted for
             # reads (a re-insert may carry an older sequence value); they only fence.
-            self._m_absent.inc()
             self._counts["absent"] += 1
             return None
         return _MISS
 
     def _corrupt(self, exc: Exception | None = None) -> None:
-        self._m_corrupt.inc()
         self._counts["corrupt"] += 1
         _log.warning("cache %s: undecodable cached entry treated as a miss (%s)", self.table, exc)
 
@@ -426,7 +389,6 @@ class _StoreCore:
         )
 
     def _lease(self, outcome: str, n: int = 1) -> None:
-        self._m_lease[outcome].inc(n)
         self._counts[outcome] += n
 
     def _refused(self) -> None:

@@ -28,6 +28,7 @@ from sheetanchor.state._cacheside import DOWN, FencedItem, _Down
 from sheetanchor.state._core import (
     _CORRUPT,
     _MISS,
+    _PG_ERRORS,
     _TOKEN_PREFIX,
     _TOKENS,
     PgExecutor,
@@ -104,12 +105,16 @@ class CachedStore(_StoreWrites):
         shares the loaded value instead of waiting.
         """
         sql = self._sql or await self.prepare()
-        rkey = self.redis_key(key)
+        rkey = f"{self.namespace}:{{{key}}}"  # redis_key(key), without a call
+        cache = self.cache
+        if cache.breaker.denies():
+            # Redis is skipped (seen here, without awaiting a call that would return DOWN):
+            # one PostgreSQL read per key at a time, nothing cached.
+            self._counts["skipped"] += 1
+            return await self._flights.run(rkey, self._read_skipped, sql, key)
         if self._miss_rate > _LEASE_FIRST_ABOVE:
             return await self._get_lease_first(sql, key, rkey)
-        cache = self.cache
-        # An open breaker is seen here, without awaiting a call that would return DOWN.
-        data = DOWN if cache.skipping() else await cache.get(rkey)
+        data = await cache.get(rkey)
         if data is not None and data is not DOWN:
             value = self._from_cache(data)  # type: ignore[arg-type]
             if value is _CORRUPT:
@@ -118,22 +123,18 @@ class CachedStore(_StoreWrites):
                 self._hit(value)
                 return value
         if data is DOWN:
-            # Redis is skipped: one PostgreSQL read per key at a time, nothing cached.
-            self._m_skipped.inc()
             self._counts["skipped"] += 1
-            return await self._flights.run(rkey, lambda: self._read(sql, key, rkey, fill=False))
+            return await self._flights.run(rkey, self._read_skipped, sql, key)
         self._missed()
-        return await self._flights.run(rkey, lambda: self._miss(sql, key, rkey))
+        return await self._flights.run(rkey, self._miss, sql, key, rkey)
 
     def _hit(self, value: Any) -> None:
         self._miss_rate *= 1 - _RATE_WEIGHT
         if value is not None:
-            self._m_hit.inc()
             self._counts["hit"] += 1
 
     def _missed(self) -> None:
         self._miss_rate += _RATE_WEIGHT * (1 - self._miss_rate)
-        self._m_miss.inc()
         self._counts["miss"] += 1
 
     async def _get_lease_first(self, sql: TableSQL, key: Hashable, rkey: str) -> Any:
@@ -142,9 +143,8 @@ class CachedStore(_StoreWrites):
         token = f"{_TOKEN_PREFIX[0]}{next(_TOKENS)}"
         res = await self.cache.get_or_lease(rkey, lease_key, token, self._lease_ms)
         if res is DOWN:
-            self._m_skipped.inc()
             self._counts["skipped"] += 1
-            return await self._flights.run(rkey, lambda: self._read(sql, key, rkey, fill=False))
+            return await self._flights.run(rkey, self._read_skipped, sql, key)
         held: bool | None = None
         if isinstance(res, bytes):
             value = self._from_cache(res)
@@ -156,14 +156,19 @@ class CachedStore(_StoreWrites):
         else:
             held = bool(res)
         self._missed()
-        if held and self._flights.running(rkey):
-            # A local load already runs and waits for the lease (our reply came back after
-            # another caller's "taken"): hand the lease to it instead of making it wait.
-            await self.cache.release_lease(lease_key, token)
-            held = None
-        return await self._flights.run(
-            rkey, lambda: self._load(sql, key, rkey, lease_key, token, held)
-        )
+        if held:
+            if self._flights.running(rkey):
+                # A local load already runs and waits for the lease (our reply came back
+                # after another caller's "taken"): hand the lease to it instead of making it
+                # wait.
+                await self.cache.release_lease(lease_key, token)
+                held = None
+            else:
+                # We lead the flight (nothing awaited since it was seen not running): read
+                # now, as _load would.
+                self._counts["acquired"] += 1
+                return await self._flights.run(rkey, self._read, sql, key, rkey, (lease_key, token))
+        return await self._flights.run(rkey, self._load, sql, key, rkey, lease_key, token, held)
 
     async def _miss(self, sql: TableSQL, key: Hashable, rkey: str) -> Any:
         # Look again and try to take the load lease, in one round trip.
@@ -171,7 +176,7 @@ class CachedStore(_StoreWrites):
         token = f"{_TOKEN_PREFIX[0]}{next(_TOKENS)}"
         res = await self.cache.get_or_lease(rkey, lease_key, token, self._lease_ms)
         if res is DOWN:
-            return await self._read(sql, key, rkey, fill=False)
+            return await self._read_skipped(sql, key)
         held: bool | None = None
         if isinstance(res, bytes):
             value = self._from_cache(res)
@@ -179,8 +184,11 @@ class CachedStore(_StoreWrites):
                 await self.cache.delete_if_equal(rkey, res)
             elif value is not _MISS:
                 return value  # filled by someone else meanwhile
+        elif res:
+            self._counts["acquired"] += 1
+            return await self._read(sql, key, rkey, (lease_key, token))
         else:
-            held = bool(res)
+            held = False
         return await self._load(sql, key, rkey, lease_key, token, held)
 
     async def _load(
@@ -201,21 +209,21 @@ class CachedStore(_StoreWrites):
             if held is None:
                 got = await self.cache.acquire_lease(lease_key, token, int(s.lease_ttl * 1000))
                 if got is DOWN:
-                    return await self._read(sql, key, rkey, fill=False)
+                    return await self._read_skipped(sql, key)
                 held = bool(got)
             if held:
                 self._lease("acquired")
-                return await self._read(sql, key, rkey, fill=True, lease=(lease_key, token))
+                return await self._read(sql, key, rkey, (lease_key, token))
             held = None
             while True:
                 if clock.monotonic() >= deadline:
                     self._lease("timeout")
-                    return await self._read(sql, key, rkey, fill=True)
+                    return await self._read(sql, key, rkey, None)
                 await clock.sleep(delay)
                 delay = min(delay * 2, 0.05)
                 peek = await self.cache.peek(rkey, lease_key)
                 if peek is DOWN:
-                    return await self._read(sql, key, rkey, fill=False)
+                    return await self._read_skipped(sql, key)
                 data, lease_held = peek  # type: ignore[misc]
                 if data is not None:
                     value = self._from_cache(data)
@@ -227,41 +235,53 @@ class CachedStore(_StoreWrites):
                 if not lease_held:
                     break  # the holder is gone without a usable entry: try to take over
 
+    async def _read_skipped(self, sql: TableSQL, key: Hashable) -> Any:
+        """Redis is skipped: the row's value read from PostgreSQL, nothing cached.
+
+        The read path of an open breaker (its cost over a plain ``fetchrow`` is the goal of
+        the "Redis down" benchmark): no clock, no coroutine of ``_pg``'s, no entry built.
+        """
+        db = self.db
+        try:
+            row = await db.fetchrow(sql.read_one, key)
+        except _PG_ERRORS as exc:
+            row = await self._pg_again(exc, db.fetchrow, (sql.read_one, key))
+        self._counts["pg"] += 1
+        after_db_read = self._hooks.after_db_read
+        if after_db_read is not None:
+            await after_db_read(key, None if row is None else row[1])
+        if row is None:
+            return None
+        return self._row_value(self._row_data(sql, row), None)
+
     async def _read(
-        self,
-        sql: TableSQL,
-        key: Hashable,
-        rkey: str,
-        *,
-        fill: bool,
-        lease: tuple[str, str] | None = None,
+        self, sql: TableSQL, key: Hashable, rkey: str, lease: tuple[str, str] | None
     ) -> Any:
-        """Read the row from PostgreSQL; with ``fill``, backfill Redis through the fence.
+        """Read the row from PostgreSQL and backfill Redis through the fence.
 
         The backfill is written in the background when there is room (see
         :attr:`CacheSettings.max_backfills`): then a :class:`Landing` is returned, which the
         single-flight unwraps. With ``lease`` (key, token) the lease is released in every
         case: together with the backfill when there is one, else on its own.
         """
-        assert self._codec is not None
         clock = self._clock
         handed_over = False
         try:
             started = clock.monotonic()
-            row = await self._pg(self.db.fetchrow, sql.read_one, key)
-            self._m_pg.inc()
+            db = self.db
+            try:
+                row = await db.fetchrow(sql.read_one, key)
+            except _PG_ERRORS as exc:
+                row = await self._pg_again(exc, db.fetchrow, (sql.read_one, key))
             self._counts["pg"] += 1
-            if self._hooks.after_db_read is not None:
-                await self._hooks.after_db_read(key, None if row is None else row[1])
+            after_db_read = self._hooks.after_db_read
+            if after_db_read is not None:
+                await after_db_read(key, None if row is None else row[1])
             if row is None:
-                if not fill:
-                    return None
                 value = None
                 item = self._tomb_item(rkey, 0, self.settings.absent_ttl)
             else:
                 data = self._row_data(sql, row)
-                if not fill:
-                    return self._row_value(data, None)
                 payload = orjson.dumps(data, default=_json_default)
                 value = self._row_value(data, payload)
                 delta_ms = max(1, int((clock.monotonic() - started) * 1000))
@@ -286,17 +306,17 @@ class CachedStore(_StoreWrites):
         backfills = self._backfills
         limit = self.settings.max_backfills
         if self._closed or (len(backfills) >= limit and not (limit and self._pruned())):
-            self._m_backfill_inline.inc()
+            self._counts["backfill_inline"] += 1
             return None
         loop = asyncio.get_running_loop()
         last = self._backfill_loop
         if (last is None or last() is not loop) and not self._watch_loop(loop):
-            self._m_backfill_inline.inc()
+            self._counts["backfill_inline"] += 1
             return None
         task = loop.create_task(self._backfill(item, lease, started))
         backfills[task] = (item, lease, started)
         task.add_done_callback(self._backfill_done)
-        self._m_backfill_background.inc()
+        self._counts["backfill_background"] += 1
         return task
 
     def _watch_loop(self, loop: asyncio.AbstractEventLoop) -> bool:
@@ -317,7 +337,7 @@ class CachedStore(_StoreWrites):
         dead = [t for t in self._backfills if t.get_loop().is_closed()]
         for task in dead:
             del self._backfills[task]
-            self._m_backfill_dropped.inc()
+            self._counts["backfill_dropped"] += 1
         return len(self._backfills) < self.settings.max_backfills
 
     def _backfill_done(self, task: asyncio.Task[None]) -> None:
@@ -325,7 +345,7 @@ class CachedStore(_StoreWrites):
         if not task.cancelled():
             return
         if job is None:
-            self._m_backfill_dropped.inc()  # cut short twice: its lease expires on its own
+            self._counts["backfill_dropped"] += 1  # cut short twice: its lease expires on its own
             return
         # Cut short: asyncio.run cancels every task left when its loop ends (one loop per
         # Celery task), or someone cancelled it. The entry may be unwritten and the lease
@@ -381,7 +401,7 @@ class CachedStore(_StoreWrites):
             self._dropped(item)
         except Exception as exc:  # noqa: BLE001  logged and counted; the read already has its value
             released = False  # whether the script ran is unknown: release (by token) anyway
-            self._m_backfill_failed.inc()
+            self._counts["backfill_failed"] += 1
             _log.warning(
                 "cache %s: backfill of %s not written (%s: %s); the next read loads it again",
                 self.table,
@@ -396,7 +416,7 @@ class CachedStore(_StoreWrites):
                 except ResourceClosed:
                     self._dropped(item)
                 except Exception as exc:  # noqa: BLE001  logged and counted; it expires (PX)
-                    self._m_backfill_failed.inc()
+                    self._counts["backfill_failed"] += 1
                     _log.warning(
                         "cache %s: lease of %s not released (%s: %s); it expires on its own",
                         self.table,
@@ -420,7 +440,7 @@ class CachedStore(_StoreWrites):
     def _dropped(self, item: FencedItem) -> None:
         # The Redis client was closed before the store: not an outage, and the reader has
         # its value; counted, logged quietly.
-        self._m_backfill_dropped.inc()
+        self._counts["backfill_dropped"] += 1
         _log.debug(
             "cache %s: backfill of %s dropped: the Redis client is closed", self.table, item[0]
         )
@@ -479,13 +499,11 @@ class CachedStore(_StoreWrites):
         missing: list[Hashable] = []
         hits = 0
         if datas is DOWN:
-            self._m_skipped.inc(len(unique))
             self._counts["skipped"] += len(unique)
             await self._read_many(sql, unique, out, fill=False)
             return out
         values = self._plain_values(datas)  # type: ignore[arg-type]
         if values is not None:  # the common case: every key a plain cached row
-            self._m_hit.inc(len(values))
             self._counts["hit"] += len(values)
             if self._many_miss_rate:
                 self._many_miss_rate *= 1 - _RATE_WEIGHT
@@ -500,11 +518,9 @@ class CachedStore(_StoreWrites):
             elif value is not None:
                 out[k] = value
                 hits += 1
-        self._m_hit.inc(hits)
         self._counts["hit"] += hits
         self._rate_many(len(missing), len(unique))
         if missing:
-            self._m_miss.inc(len(missing))
             self._counts["miss"] += len(missing)
             await self._load_many(sql, missing, out, first=False)
         return out
@@ -521,7 +537,6 @@ class CachedStore(_StoreWrites):
         out: dict[Any, Any] = {}
         found = await self._load_many(sql, keys, out, first=True, rkeys=rkeys)
         if found < 0:
-            self._m_skipped.inc(len(keys))
             self._counts["skipped"] += len(keys)
         return out
 
@@ -551,7 +566,6 @@ class CachedStore(_StoreWrites):
         if first and all(type(r) is bytes for r in res):  # type: ignore[union-attr]
             values = self._plain_values(res)  # type: ignore[arg-type]
             if values is not None:  # every key a plain cached row (the cache warmed up)
-                self._m_hit.inc(len(values))
                 self._counts["hit"] += len(values)
                 self._many_miss_rate *= 1 - _RATE_WEIGHT
                 out.update(zip(keys, values, strict=True))
@@ -577,12 +591,10 @@ class CachedStore(_StoreWrites):
                 (mine if r else theirs).append(k)
         if first:
             hits = sum(1 for k in keys if k in out)
-            self._m_hit.inc(hits)
             self._counts["hit"] += hits
             missed = len(keys) - served
             self._rate_many(missed, len(keys))
             if missed:
-                self._m_miss.inc(missed)
                 self._counts["miss"] += missed
         if again:
             held = await self.cache.acquire_leases(
@@ -728,7 +740,6 @@ class CachedStore(_StoreWrites):
         assert self._codec is not None
         started = self._clock.monotonic()
         rows = await self._pg(self.db.fetch, sql.read_many, keys)
-        self._m_pg.inc()
         self._counts["pg"] += 1
         delta_ms = max(1, int((self._clock.monotonic() - started) * 1000))
         items: list[FencedItem] = []
